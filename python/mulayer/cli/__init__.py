@@ -1,0 +1,5 @@
+"""Command line: ``mulayer <subcommand>``."""
+
+from .main import main
+
+__all__ = ["main"]

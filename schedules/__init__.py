@@ -1,0 +1,1 @@
+"""TIR schedule rules of mulayer (imported as ``mulayer.schedules``)."""

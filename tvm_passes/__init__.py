@@ -1,0 +1,1 @@
+"""Relax passes of mulayer (imported as ``mulayer.passes``)."""
