@@ -1,0 +1,248 @@
+"""ONNX in, Relax out: load a model, resolve its input shapes, import it with params bound.
+
+The result is the *canonical* form every later step expects: one ``main`` function, NCHW,
+weights as constants, batch-norm folded into the preceding conv where possible (otherwise
+decomposed into a per-channel multiply and add), constant sub-expressions folded (so a dense
+layer reads ``matmul(x, W)`` with a constant ``W`` of shape ``[in, out]``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from .errors import MuLayerError
+
+log = logging.getLogger(__name__)
+
+_ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.BOOL: "bool",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, static shape and dtype of one model input or output."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> TensorSpec:
+        return cls(raw["name"], tuple(int(d) for d in raw["shape"]), raw["dtype"])
+
+
+_SHAPE_ITEM = re.compile(r"^\s*([^:\s]+)\s*:\s*\[([^\]]*)\]\s*$")
+
+
+def parse_input_shapes(text: str | None) -> dict[str, list[int]]:
+    """Parse tvmc's ``--input-shapes`` grammar: ``"name:[1,3,224,224] other:[1,10]"``."""
+    if not text:
+        return {}
+    items = re.findall(r"[^\s,\[\]]+\s*:\s*\[[^\]]*\]", text)
+    leftover = re.sub(r"[^\s,\[\]]+\s*:\s*\[[^\]]*\]", "", text).strip(" ,;")
+    if leftover or not items:
+        raise MuLayerError(
+            f"--input-shapes {text!r} is malformed; expected e.g. \"input:[1,3,224,224]\" "
+            "(several separated by spaces)"
+        )
+    shapes: dict[str, list[int]] = {}
+    for item in items:
+        name, dims = _SHAPE_ITEM.match(item).groups()
+        try:
+            shape = [int(d) for d in dims.split(",") if d.strip()]
+        except ValueError:
+            raise MuLayerError(
+                f"--input-shapes: dims of {name!r} must be integers, got [{dims}]"
+            ) from None
+        if not shape or any(d <= 0 for d in shape):
+            raise MuLayerError(f"--input-shapes: dims of {name!r} must be positive, got [{dims}]")
+        shapes[name] = shape
+    return shapes
+
+
+def load_onnx(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
+    """Read and check an ONNX model, turning every failure into a clear ``MuLayerError``."""
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
+        path = Path(model)
+        if not path.exists():
+            raise MuLayerError(f"model file {str(path)!r} does not exist")
+        if path.is_dir():
+            raise MuLayerError(f"model path {str(path)!r} is a directory, not an ONNX file")
+        if path.stat().st_size == 0:
+            raise MuLayerError(f"model file {str(path)!r} is empty")
+        try:
+            proto = onnx.load(str(path))
+        except Exception as err:  # protobuf raises DecodeError, RuntimeError, ...
+            raise MuLayerError(
+                f"{str(path)!r} is not an ONNX model (it could not be parsed: "
+                f"{type(err).__name__})"
+            ) from None
+    if not proto.graph.node:
+        raise MuLayerError("the ONNX model has no nodes (is it an ONNX file?)")
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as err:  # onnx.checker.ValidationError and friends
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # Outputs without a declared shape are common in hand-written graphs and harmless.
+        if "Field 'shape' of 'type' is required" not in first:
+            raise MuLayerError(f"the ONNX model is invalid: {first}") from None
+    return proto
+
+
+def _check_supported_ops(proto: onnx.ModelProto) -> None:
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    supported = set(_get_convert_map()) | {"Constant", "If"}
+    for node in proto.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            raise MuLayerError(
+                f"unsupported op {node.domain}::{node.op_type} at node {node.name!r}: only the "
+                "default ONNX domain is supported"
+            )
+        if node.op_type not in supported:
+            raise MuLayerError(
+                f"unsupported op {node.op_type!r} at node {node.name or '(unnamed)'!r}; "
+                "TVM's ONNX frontend converts the standard ONNX ops (e.g. Conv, Gemm, Relu, "
+                "MaxPool, Concat, Add)"
+            )
+
+
+def graph_inputs(
+    proto: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None
+) -> list[TensorSpec]:
+    """The model's real inputs (initializers excluded) with every dim resolved."""
+    input_shapes = dict(input_shapes or {})
+    initializers = {init.name for init in proto.graph.initializer}
+    specs = []
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dtype = _ONNX_DTYPES.get(tensor_type.elem_type)
+        if dtype is None:
+            raise MuLayerError(
+                f"input {value.name!r} has an unsupported element type {tensor_type.elem_type}; "
+                f"supported: {', '.join(sorted(set(_ONNX_DTYPES.values())))}"
+            )
+        given = input_shapes.pop(value.name, None)
+        dims = tensor_type.shape.dim
+        if given is not None:
+            if len(given) != len(dims):
+                raise MuLayerError(
+                    f"--input-shapes gives {value.name!r} rank {len(given)} but the model's "
+                    f"input has rank {len(dims)}"
+                )
+            for i, (want, dim) in enumerate(zip(given, dims, strict=True)):
+                if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != want:
+                    raise MuLayerError(
+                        f"--input-shapes gives {value.name!r} dim {i} = {want} but the model "
+                        f"fixes it to {dim.dim_value}"
+                    )
+            shape = tuple(given)
+        else:
+            unresolved = [
+                (dim.dim_param or "?")
+                for dim in dims
+                if not (dim.HasField("dim_value") and dim.dim_value > 0)
+            ]
+            if unresolved:
+                raise MuLayerError(
+                    f"input {value.name!r} has dynamic dims ({', '.join(unresolved)}); give "
+                    f'static ones with --input-shapes "{value.name}:[1,3,224,224]"'
+                )
+            shape = tuple(dim.dim_value for dim in dims)
+        specs.append(TensorSpec(value.name, shape, dtype))
+    if input_shapes:
+        names = ", ".join(spec.name for spec in specs)
+        raise MuLayerError(
+            f"--input-shapes names unknown input(s) {', '.join(input_shapes)}; "
+            f"the model's inputs are {names}"
+        )
+    if not specs:
+        raise MuLayerError("the ONNX model has no inputs")
+    return specs
+
+
+def import_onnx(
+    model: str | Path | onnx.ModelProto, input_shapes: dict[str, list[int]] | str | None = None
+):
+    """Load ``model`` and return ``(canonical Relax IRModule, input specs)``."""
+    import tvm
+
+    if isinstance(input_shapes, str):
+        input_shapes = parse_input_shapes(input_shapes)
+    proto = load_onnx(model)
+    _check_supported_ops(proto)
+    inputs = graph_inputs(proto, input_shapes)
+    from tvm.relax.frontend.onnx import from_onnx
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mod = from_onnx(
+                proto,
+                shape_dict={spec.name: list(spec.shape) for spec in inputs},
+                dtype_dict={spec.name: spec.dtype for spec in inputs},
+                keep_params_in_input=False,
+            )
+    except MuLayerError:
+        raise
+    except Exception as err:  # the frontend raises many types; they all mean "bad model"
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise MuLayerError(f"TVM's ONNX frontend could not import the model: {first}") from None
+    try:
+        mod = canonicalize(mod)
+    except tvm.error.TVMError as err:
+        raise MuLayerError(f"the imported model could not be normalised: {err}") from None
+    return mod, inputs
+
+
+def canonicalize(mod):
+    """Fold batch-norm and constants; see the module docstring."""
+    import tvm
+    from tvm import relax
+
+    seq = tvm.transform.Sequential(
+        [
+            relax.transform.FoldBatchnormToConv2D(),
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.FoldConstant(),
+            relax.transform.CanonicalizeBindings(),
+            relax.transform.DeadCodeElimination(),
+        ]
+    )
+    return seq(mod)
+
+
+def output_specs(mod) -> list[TensorSpec]:
+    """Output names, shapes and dtypes of ``main`` (tuple outputs are numbered)."""
+    from tvm import relax
+
+    ret = mod["main"].ret_struct_info if hasattr(mod["main"], "ret_struct_info") else None
+    ret = ret if ret is not None else mod["main"].body.ty
+    fields = ret.fields if isinstance(ret, relax.TupleType) else [ret]
+    specs = []
+    for i, field in enumerate(fields):
+        shape = tuple(int(d) for d in field.shape.values)
+        name = f"output{i}" if len(fields) > 1 else "output"
+        specs.append(TensorSpec(name, shape, str(field.dtype)))
+    return specs
