@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
 from .errors import MuLayerError
+from .tensor_spec import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -30,22 +30,6 @@ _ONNX_DTYPES = {
     onnx.TensorProto.INT64: "int64",
     onnx.TensorProto.BOOL: "bool",
 }
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, static shape and dtype of one model input or output."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_json(cls, raw: dict) -> TensorSpec:
-        return cls(raw["name"], tuple(int(d) for d in raw["shape"]), raw["dtype"])
 
 
 _SHAPE_ITEM = re.compile(r"^\s*([^:\s]+)\s*:\s*\[([^\]]*)\]\s*$")
@@ -185,7 +169,7 @@ def graph_inputs(
 def import_onnx(
     model: str | Path | onnx.ModelProto, input_shapes: dict[str, list[int]] | str | None = None
 ):
-    """Load ``model`` and return ``(canonical Relax IRModule, input specs)``."""
+    """Load ``model`` and return ``(canonical Relax IRModule, input specs, output specs)``."""
     import tvm
 
     if isinstance(input_shapes, str):
@@ -213,7 +197,8 @@ def import_onnx(
         mod = canonicalize(mod)
     except tvm.error.TVMError as err:
         raise MuLayerError(f"the imported model could not be normalised: {err}") from None
-    return mod, inputs
+    names = [value.name for value in proto.graph.output]
+    return mod, inputs, output_specs(mod, names)
 
 
 def canonicalize(mod):
@@ -233,8 +218,8 @@ def canonicalize(mod):
     return seq(mod)
 
 
-def output_specs(mod) -> list[TensorSpec]:
-    """Output names, shapes and dtypes of ``main`` (tuple outputs are numbered)."""
+def output_specs(mod, names: list[str] | None = None) -> list[TensorSpec]:
+    """Output shapes and dtypes of ``main``, named by ``names`` (else numbered)."""
     from tvm import relax
 
     ret = mod["main"].ret_struct_info if hasattr(mod["main"], "ret_struct_info") else None
@@ -243,6 +228,6 @@ def output_specs(mod) -> list[TensorSpec]:
     specs = []
     for i, field in enumerate(fields):
         shape = tuple(int(d) for d in field.shape.values)
-        name = f"output{i}" if len(fields) > 1 else "output"
+        name = names[i] if names and len(names) == len(fields) else f"output{i}"
         specs.append(TensorSpec(name, shape, str(field.dtype)))
     return specs

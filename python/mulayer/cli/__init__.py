@@ -1,5 +1,10 @@
-"""Command line: ``mulayer <subcommand>``."""
+"""Command line: ``mulayer <subcommand>`` (one module per subcommand)."""
 
-from .main import main
+
+def main(argv: list[str] | None = None) -> int:
+    from .main import main as _main
+
+    return _main(argv)
+
 
 __all__ = ["main"]

@@ -1,0 +1,68 @@
+"""Lower a Relax module to a VM executable for one target (CPU fp32 or GPU fp16).
+
+Cooperative (two-device) modules are built by ``mulayer.passes``' build helper; this module
+covers the single-processor baselines.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import tvm
+from tvm import relax
+
+from .errors import MuLayerError
+
+log = logging.getLogger(__name__)
+
+
+def lower_for_target(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalize, fuse and schedule every PrimFunc of ``mod`` for ``target``."""
+    from mulayer.schedules import apply_schedules
+
+    seq = tvm.transform.Sequential(
+        [
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            relax.transform.DeadCodeElimination(),
+        ]
+    )
+    with target:
+        mod = seq(mod)
+    return apply_schedules(mod, target)
+
+
+def to_fp16(mod: tvm.IRModule) -> tvm.IRModule:
+    """Compute convs and matmuls in fp16 with fp32 accumulation; inputs and outputs stay fp32."""
+    return relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+
+
+def build_single(mod: tvm.IRModule, target: tvm.target.Target):
+    """Build ``mod`` for one processor and return the ``tvm.runtime.Executable``."""
+    mod = lower_for_target(mod, target)
+    try:
+        ex = tvm.compile(mod, target=target, relax_pipeline="default_build")
+    except tvm.error.TVMError as err:
+        raise RuntimeError(f"TVM failed to build for {target.kind.name}: {err}") from err
+    if target.kind.name in ("cuda", "opencl"):
+        check_device_module(ex, target.kind.name)
+    return ex
+
+
+def check_device_module(ex, kind: str) -> None:
+    """A GPU build must contain a device module (``default_build`` can silently emit host code)."""
+    kinds = {m.kind for m in _all_modules(ex.mod)}
+    if kind not in kinds:
+        raise MuLayerError(
+            f"the {kind} build produced no {kind} module (found: {', '.join(sorted(kinds))}); "
+            "the kernels were not scheduled for the GPU"
+        )
+
+
+def _all_modules(mod):
+    yield mod
+    for sub in mod.imports if hasattr(mod, "imports") else mod.imported_modules:
+        yield from _all_modules(sub)

@@ -1,0 +1,553 @@
+"""Calibration for the CPU's int8 slices: activation ranges and a per-channel accuracy budget.
+
+:func:`calibrate` runs the *canonical* fp32 module (see :mod:`mulayer.frontend`) on llvm over a
+few sample inputs. For every splittable layer (named as in :func:`mulayer.layers.splittable_layers`)
+it records
+
+- the range of the layer's input activation and from it an asymmetric per-tensor uint8
+  scale / zero point (what :class:`mulayer.passes.QuantizeCPU` quantizes the CPU part's input with);
+- the range of the layer's output after its channel-wise epilogue (bias add, per-channel multiply,
+  relu, clip): what the join of the two parts sees;
+- for conv2d and dense layers, per output channel, the energy of the fp32 result (``signal``) and
+  of the error of the int8 result (``noise``), simulated in numpy with exactly the quantization
+  QuantizeCPU applies (uint8 activations, int8 symmetric per-output-channel weights). Because the
+  weights are quantized per channel and the activations per tensor, the error of a channel does
+  not depend on how the layer is split, so the SQNR of *any* CPU slice is
+  ``10 log10(sum signal / sum noise)`` over its channels: that is the accuracy guard.
+
+The SQNR is measured on the conv/dense result before its epilogue (a bias adds signal but no
+noise, so this is the conservative figure).
+
+Stats are JSON with a schema version, written atomically. :func:`load_calibration_npz` reads the
+``--calibration samples.npz`` file of the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MuLayerError
+from .fileio import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_SCHEMA_VERSION = 1
+METHODS = ("minmax", "percentile")
+# Values kept per layer and sample for the percentile method (a random subsample beyond that).
+_PERCENTILE_KEEP = 1 << 16
+# Ops that are channel-wise epilogues of a layer: they follow it into its parts.
+_EPILOGUE_BINARY = ("relax.add", "relax.multiply")
+_EPILOGUE_UNARY = ("relax.nn.relu", "relax.clip")
+
+
+# ------------------------------------------------------------------------- quantization math
+def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
+    """Asymmetric uint8 ``(scale, zero_point)`` covering ``[lo, hi]`` (and 0, exactly)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / 255.0
+    if not math.isfinite(scale) or scale <= 0.0:
+        return 1.0, 0
+    # Stored as float32 so the module's constant and every reference agree bit for bit.
+    scale = float(np.float32(scale))
+    zero_point = int(np.clip(round(-lo / scale), 0, 255))
+    return scale, zero_point
+
+
+def quantize_activation(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """``clip(round(x / s) + zp, 0, 255)`` as uint8, the same arithmetic as the module's."""
+    q = np.rint(x.astype(np.float32) / np.float32(scale)) + np.float32(zero_point)
+    return np.clip(q, 0, 255).astype(np.uint8)
+
+
+def quantize_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output channel (``axis``): ``(int8 weight, float64 scales)``.
+
+    ``scale[c] = max|w_c| / 127``; an all-zero channel gets scale 1.
+    """
+    w = weight.astype(np.float64)
+    reduce_axes = tuple(a for a in range(w.ndim) if a != axis % w.ndim)
+    amax = np.abs(w).max(axis=reduce_axes)
+    scale = np.where(amax > 0, amax / 127.0, 1.0)
+    shape = [1] * w.ndim
+    shape[axis % w.ndim] = -1
+    q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """``10 log10(signal / noise)``; ``inf`` for an exact result."""
+    if noise <= 0.0:
+        return math.inf
+    if signal <= 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+# ------------------------------------------------------------------------------- the stats
+@dataclass
+class LayerStats:
+    """Calibration figures of one splittable layer."""
+
+    name: str
+    kind: str
+    input_min: float
+    input_max: float
+    input_scale: float
+    input_zero_point: int
+    output_min: float
+    output_max: float
+    # Per output channel: sum over samples of (fp32 result)^2 and of (int8 result - fp32)^2.
+    signal: list[float] | None = None
+    noise: list[float] | None = None
+
+    def sqnr_db(self, start: int = 0, stop: int | None = None) -> float | None:
+        """SQNR (dB) of the int8 result over output channels ``[start, stop)``; ``None`` when
+        the layer has no int8 simulation (pooling)."""
+        if self.signal is None or self.noise is None:
+            return None
+        return sqnr_db(sum(self.signal[start:stop]), sum(self.noise[start:stop]))
+
+
+@dataclass
+class CalibrationStats:
+    """Calibration of one model; see the module docstring."""
+
+    layers: dict[str, LayerStats] = field(default_factory=dict)
+    method: str = "minmax"
+    percentile: float = 99.99
+    num_samples: int = 0
+    schema_version: int = CALIBRATION_SCHEMA_VERSION
+
+    def __getitem__(self, name: str) -> LayerStats:
+        return self.layers[name]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True, allow_nan=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CalibrationStats:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise MuLayerError(f"calibration stats are not valid JSON: {err}") from None
+        if not isinstance(raw, dict):
+            raise MuLayerError("calibration stats must be a JSON object")
+        version = raw.get("schema_version")
+        if version != CALIBRATION_SCHEMA_VERSION:
+            raise MuLayerError(
+                f"calibration schema version {version!r} is not supported "
+                f"(this mulayer reads version {CALIBRATION_SCHEMA_VERSION})"
+            )
+        try:
+            layers = {name: LayerStats(**entry) for name, entry in raw["layers"].items()}
+            return cls(**{**raw, "layers": layers})
+        except (TypeError, KeyError, AttributeError) as err:
+            raise MuLayerError(f"calibration stats have a malformed entry: {err}") from None
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibrationStats:
+        path = Path(path)
+        if not path.is_file():
+            raise MuLayerError(f"calibration stats file {str(path)!r} does not exist")
+        return cls.from_json(path.read_text())
+
+
+# ------------------------------------------------------------------------------ the samples
+def _input_specs(func) -> list[tuple[str, tuple[int, ...], str]]:
+    specs = []
+    for param in func.params:
+        ty = param.ty
+        specs.append((param.name_hint, tuple(int(d) for d in ty.shape.values), str(ty.dtype)))
+    return specs
+
+
+def _split_samples(
+    name: str, array: np.ndarray, shape: tuple[int, ...], dtype: str, what: str
+) -> list[np.ndarray]:
+    """One input's samples: ``array`` has a leading sample axis (``[N, *shape]``); with a batch
+    of 1, ``[N, *shape[1:]]`` is accepted too."""
+    array = np.asarray(array)
+    if array.dtype.kind not in "fiub" or (np.dtype(dtype).kind == "f") != (array.dtype.kind == "f"):
+        raise MuLayerError(
+            f"{what}: input {name!r} has dtype {array.dtype}, expected {dtype} (the model's)"
+        )
+    if array.shape[1:] == shape:
+        samples = list(array)
+    elif shape and shape[0] == 1 and array.shape[1:] == shape[1:]:
+        samples = [s[None] for s in array]
+    else:
+        alt = f" or [N, {', '.join(map(str, shape[1:]))}]" if shape and shape[0] == 1 else ""
+        raise MuLayerError(
+            f"{what}: input {name!r} has shape {list(array.shape)}, expected "
+            f"[N, {', '.join(map(str, shape))}]{alt} (N = number of samples)"
+        )
+    if not samples:
+        raise MuLayerError(f"{what}: input {name!r} holds no samples (N = 0)")
+    return [s.astype(dtype) for s in samples]
+
+
+def _normalize_samples(
+    samples, specs: list[tuple[str, tuple[int, ...], str]], what: str
+) -> list[dict[str, np.ndarray]]:
+    names = [name for name, _, _ in specs]
+    if isinstance(samples, np.ndarray):
+        if len(specs) != 1:
+            raise MuLayerError(
+                f"{what}: a single array was given but the model has {len(specs)} inputs "
+                f"({', '.join(names)}); give one array per input name"
+            )
+        name, shape, dtype = specs[0]
+        return [{name: s} for s in _split_samples(name, samples, shape, dtype, what)]
+    if isinstance(samples, dict):  # one array per input, leading axis = sample
+        unknown = sorted(set(samples) - set(names))
+        missing = [n for n in names if n not in samples]
+        if unknown or missing:
+            raise MuLayerError(
+                f"{what}: input names {sorted(samples)} do not match the model's inputs "
+                f"{names}" + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+                + (f" (missing: {', '.join(missing)})" if missing else "")
+            )
+        per_input = {n: _split_samples(n, samples[n], s, d, what) for n, s, d in specs}
+        counts = {n: len(v) for n, v in per_input.items()}
+        if len(set(counts.values())) != 1:
+            raise MuLayerError(f"{what}: inputs hold different numbers of samples: {counts}")
+        return [{n: per_input[n][i] for n in names} for i in range(len(per_input[names[0]]))]
+    result = []
+    for i, sample in enumerate(samples):
+        if not isinstance(sample, dict):
+            sample = {names[0]: sample} if len(names) == 1 else sample
+        if not isinstance(sample, dict) or sorted(sample) != sorted(names):
+            got = sorted(sample) if isinstance(sample, dict) else type(sample).__name__
+            raise MuLayerError(f"{what}: sample {i} has inputs {got}, expected {names}")
+        one = {}
+        for name, shape, dtype in specs:
+            one[name] = _split_samples(name, np.asarray(sample[name])[None], shape, dtype, what)[0]
+        result.append(one)
+    if not result:
+        raise MuLayerError(f"{what}: no calibration samples were given")
+    return result
+
+
+def load_calibration_npz(path: str | Path, input_specs) -> dict[str, np.ndarray]:
+    """Read ``--calibration samples.npz``: one array per input name, leading axis = sample.
+
+    A file with a single array (any name) is accepted for a single-input model.
+    ``input_specs`` are :class:`mulayer.frontend.TensorSpec` (or ``(name, shape, dtype)``).
+    Returns ``{input name: [N, *shape] array}``, checked against the specs.
+    """
+    path = Path(path)
+    what = f"calibration file {str(path)!r}"
+    if not path.is_file():
+        raise MuLayerError(f"{what} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (ValueError, OSError, EOFError) as err:
+        raise MuLayerError(f"{what} is not a readable .npz archive ({err})") from None
+    specs = [
+        (s.name, tuple(s.shape), s.dtype) if hasattr(s, "name") else (s[0], tuple(s[1]), s[2])
+        for s in input_specs
+    ]
+    names = [name for name, _, _ in specs]
+    if len(arrays) == 1 and len(specs) == 1 and names[0] not in arrays:
+        arrays = {names[0]: next(iter(arrays.values()))}
+    samples = _normalize_samples(arrays, specs, what)
+    return {name: np.stack([s[name] for s in samples]) for name in names}
+
+
+# ------------------------------------------------------------------- finding the tensors
+def is_per_channel_const(expr, out_shape: tuple[int, ...]) -> bool:
+    """Whether ``expr`` is a constant that varies at most along axis 1 of ``out_shape``."""
+    from tvm import relax
+
+    if not isinstance(expr, relax.Constant):
+        return False
+    shape = tuple(expr.data.shape)
+    if len(shape) > len(out_shape):
+        return False
+    aligned = (1,) * (len(out_shape) - len(shape)) + shape
+    return all(d == 1 or (i == 1 and d == out_shape[1]) for i, d in enumerate(aligned))
+
+
+def epilogue_data(call, out_shape: tuple[int, ...]):
+    """The data operand of ``call`` if it is a channel-wise epilogue op (bias add, per-channel
+    multiply, relu, clip) of a tensor shaped ``out_shape``, else ``None``."""
+    from tvm import relax
+
+    if not isinstance(call, relax.Call):
+        return None
+    op = getattr(call.op, "name", None)
+    if op in _EPILOGUE_UNARY:
+        return call.args[0]
+    if op in _EPILOGUE_BINARY:
+        a, b = call.args
+        if is_per_channel_const(b, out_shape):
+            return a
+        if is_per_channel_const(a, out_shape):
+            return b
+    return None
+
+
+def _use_counts(func) -> dict:
+    from tvm import relax
+
+    counts: dict = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Var):
+            counts[expr] = counts.get(expr, 0) + 1
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return counts
+
+
+def _layer_tensors(func, layers) -> dict[str, tuple]:
+    """``{layer: (call, input var, output var after the epilogue)}`` of ``func``'s layers."""
+    from tvm import relax
+
+    by_var = {layer.var: layer for layer in layers}
+    counts = _use_counts(func)
+    found: dict[str, list] = {}
+    tails: dict = {}  # current tail var -> layer name
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            if not isinstance(binding, relax.VarBinding):
+                continue
+            var, value = binding.var, binding.value
+            layer = by_var.get(var.name_hint)
+            if layer is not None and layer.name not in found:
+                found[layer.name] = [value, value.args[0], var]
+                tails[var] = layer.name
+                continue
+            data = epilogue_data(value, shapes.get(value.args[0], ())) if value.args else None
+            if isinstance(value, relax.Call) and value.args:
+                data = next(
+                    (
+                        d
+                        for d in [epilogue_data(value, shapes[t]) for t in tails]
+                        if d is not None and d in tails
+                    ),
+                    None,
+                )
+            if data is not None and counts.get(data, 0) == 1:  # nothing else reads the tail
+                name = tails.pop(data)
+                found[name][2] = var
+                tails[var] = name
+    return {name: tuple(v) for name, v in found.items()}
+
+
+# ------------------------------------------------------------------- numpy reference ops
+def conv2d_nchw(x: np.ndarray, w: np.ndarray, strides, padding, dilation, groups: int):
+    """A float32 NCHW/OIHW conv2d (im2col through einsum), for the int8 simulation."""
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    pt, pl, pb, pr = padding
+    sh, sw = strides
+    dh, dw = dilation
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    eh, ew = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    win = np.lib.stride_tricks.sliding_window_view(xp, (eh, ew), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [n, c, oh, ow, kh, kw]
+    oh, ow = win.shape[2], win.shape[3]
+    win = win.reshape(n, groups, cg, oh, ow, kh, kw)
+    wg = w.reshape(groups, o // groups, cg, kh, kw)
+    out = np.einsum("ngchwij,gocij->ngohw", win, wg, optimize=True)
+    return out.reshape(n, o, oh, ow)
+
+
+def _conv_attrs(call) -> dict:
+    attrs = call.attrs
+    padding = [int(p) for p in attrs.padding]
+    if len(padding) == 2:
+        padding = padding * 2
+    elif len(padding) == 1:
+        padding = padding * 4
+    return {
+        "strides": [int(s) for s in attrs.strides],
+        "padding": padding,
+        "dilation": [int(d) for d in attrs.dilation],
+        "groups": int(attrs.groups),
+    }
+
+
+def _layer_result(kind: str, call, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    if kind == "conv2d":
+        return conv2d_nchw(x, w, **_conv_attrs(call))
+    return x @ w
+
+
+# ------------------------------------------------------------------------ range observers
+class _Range:
+    def __init__(self, method: str, percentile: float, rng: np.random.Generator):
+        self.method, self.percentile, self.rng = method, percentile, rng
+        self.lo, self.hi = math.inf, -math.inf
+        self.kept: list[np.ndarray] = []
+
+    def add(self, x: np.ndarray) -> None:
+        flat = x.ravel().astype(np.float32)
+        self.lo = min(self.lo, float(flat.min()))
+        self.hi = max(self.hi, float(flat.max()))
+        if self.method == "percentile":
+            if flat.size > _PERCENTILE_KEEP:
+                flat = self.rng.choice(flat, _PERCENTILE_KEEP, replace=False)
+            self.kept.append(flat)
+
+    def bounds(self) -> tuple[float, float]:
+        if self.method == "minmax" or not self.kept:
+            return self.lo, self.hi
+        values = np.concatenate(self.kept)
+        lo = float(np.percentile(values, 100.0 - self.percentile))
+        hi = float(np.percentile(values, self.percentile))
+        return lo, hi
+
+
+# ------------------------------------------------------------------------------ calibrate
+def _instrumented(mod, tensors: dict[str, tuple]):
+    """``main`` returning its own result followed by every layer's input and output tensor."""
+    import tvm
+    from tvm import relax
+
+    mod = relax.transform.ToNonDataflow()(mod)
+    func = mod["main"]
+    by_name = {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            by_name[binding.var.name_hint] = binding.var
+    params = {p.name_hint: p for p in func.params}
+    extra, order = [], []
+    for name, (_, inp, out) in tensors.items():
+        inp_var = by_name.get(inp.name_hint) or params.get(inp.name_hint)
+        out_var = by_name[out.name_hint]
+        if inp_var is None:
+            continue
+        extra += [inp_var, out_var]
+        order.append(name)
+    body = relax.SeqExpr(func.body.blocks, relax.Tuple([func.body.body, *extra]))
+    new = relax.Function(func.params, body, attrs=func.attrs)
+    return tvm.IRModule({"main": new}), order
+
+
+def calibrate(
+    mod,
+    samples: list[dict[str, np.ndarray]] | dict[str, np.ndarray] | np.ndarray,
+    method: str = "minmax",
+    percentile: float = 99.99,
+    seed: int = 0,
+) -> CalibrationStats:
+    """Calibrate the int8 CPU slices of the canonical module ``mod`` on ``samples``.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        The canonical fp32 module (:func:`mulayer.frontend.import_onnx`), before SplitChannels.
+    samples : list of dicts, dict or array
+        ``[{input name: array}, ...]``; or ``{input name: [N, *shape]}``; or, for a single-input
+        model, one ``[N, *shape]`` array (``[N, *shape[1:]]`` when the batch is 1).
+    method : "minmax" or "percentile"
+        How the input range of each layer is chosen: the observed extremes, or the
+        ``100 - percentile`` and ``percentile`` percentiles (clips a long tail).
+    percentile : float
+        Used by the "percentile" method.
+    seed : int
+        Seeds the subsampling of the percentile method.
+
+    Returns
+    -------
+    CalibrationStats
+    """
+    import tvm
+    from tvm import relax
+
+    from .layers import splittable_layers
+
+    if method not in METHODS:
+        raise MuLayerError(f"calibration method {method!r} is not one of {', '.join(METHODS)}")
+    if not 50.0 < float(percentile) <= 100.0:
+        raise MuLayerError(f"calibration percentile {percentile!r} must be in (50, 100]")
+    func = mod["main"]
+    batches = _normalize_samples(samples, _input_specs(func), "calibration samples")
+    layers = splittable_layers(func)
+    kinds = {layer.name: layer.kind for layer in layers}
+    tensors = _layer_tensors(func, layers)
+    inst, order = _instrumented(mod, tensors)
+
+    start = time.perf_counter()
+    exe = tvm.compile(inst, target="llvm")
+    vm = relax.VirtualMachine(exe, tvm.cpu())
+    log.info("calibration module compiled in %.1f s", time.perf_counter() - start)
+
+    def run(sample: dict[str, np.ndarray]) -> list[np.ndarray]:
+        args = [tvm.runtime.tensor(sample[p.name_hint]) for p in func.params]
+        result = vm["main"](*args)
+        return [result[i].numpy() for i in range(1, len(result))]
+
+    # Pass 1: ranges. Pass 2 (below) needs the input scales, so it runs the samples again
+    # rather than holding every activation of every sample in memory.
+    rng = np.random.default_rng(seed)
+    in_ranges = {name: _Range(method, percentile, rng) for name in order}
+    out_ranges = {name: _Range(method, percentile, rng) for name in order}
+    for sample in batches:
+        outs = run(sample)
+        for i, name in enumerate(order):
+            in_ranges[name].add(outs[2 * i])
+            out_ranges[name].add(outs[2 * i + 1])
+
+    stats = CalibrationStats(method=method, percentile=float(percentile), num_samples=len(batches))
+    for name in order:
+        lo, hi = in_ranges[name].bounds()
+        out_lo, out_hi = out_ranges[name].bounds()
+        scale, zp = activation_qparams(lo, hi)
+        stats.layers[name] = LayerStats(
+            name=name,
+            kind=kinds[name],
+            input_min=lo,
+            input_max=hi,
+            input_scale=scale,
+            input_zero_point=zp,
+            output_min=out_lo,
+            output_max=out_hi,
+        )
+
+    # Pass 2: per-channel signal and int8 error of every conv/dense layer.
+    quant = [n for n in order if kinds[n] in ("conv2d", "dense")]
+    weights = {}
+    for name in quant:
+        call = tensors[name][0]
+        w = call.args[1].data.numpy().astype(np.float32)
+        axis = 0 if kinds[name] == "conv2d" else 1
+        wq, ws = quantize_weight(w, axis)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        weights[name] = (w, (wq * ws.reshape(shape)).astype(np.float32))
+        stats.layers[name].signal = [0.0] * w.shape[axis]
+        stats.layers[name].noise = [0.0] * w.shape[axis]
+    if quant:
+        for sample in batches:
+            outs = run(sample)
+            for i, name in enumerate(order):
+                if name not in weights:
+                    continue
+                entry = stats.layers[name]
+                x = outs[2 * i].astype(np.float32)
+                scale, zp = entry.input_scale, entry.input_zero_point
+                xq = (quantize_activation(x, scale, zp).astype(np.float32) - zp) * np.float32(scale)
+                w, wdq = weights[name]
+                ref = _layer_result(kinds[name], tensors[name][0], x, w).astype(np.float64)
+                got = _layer_result(kinds[name], tensors[name][0], xq, wdq).astype(np.float64)
+                reduce = (0, 2, 3) if ref.ndim == 4 else tuple(a for a in range(ref.ndim) if a != 1)
+                sig = (ref**2).sum(axis=reduce)
+                err = ((got - ref) ** 2).sum(axis=reduce)
+                entry.signal = [a + float(b) for a, b in zip(entry.signal, sig, strict=True)]
+                entry.noise = [a + float(b) for a, b in zip(entry.noise, err, strict=True)]
+    log.info("calibrated %d layers on %d samples", len(order), len(batches))
+    return stats

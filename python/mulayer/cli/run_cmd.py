@@ -1,0 +1,105 @@
+"""``mulayer run OUT (--inputs in.npz | --random) [--output out.npz] [--repeat N] [--json]``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MuLayerError
+from ..fileio import atomic_write, check_output_path
+from .output import print_json, print_table
+
+EXAMPLE = """example:
+  mulayer run resnet18.mulayer --random --repeat 100
+  mulayer run model.mulayer --inputs x.npz --output y.npz --json
+"""
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run a compiled artifact and report its latency",
+        description="Run an artifact on given or random inputs; print the median latency.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("artifact", help="artifact written by mulayer compile")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--inputs", help=".npz with one array per model input (by name)")
+    source.add_argument("--random", action="store_true", help="random normal inputs")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --random (default 0)")
+    parser.add_argument("--output", help="write the outputs to this .npz")
+    parser.add_argument("--repeat", type=int, default=20, help="timed runs (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    parser.add_argument("--json", action="store_true", help="print a JSON object")
+    parser.set_defaults(handler=run)
+
+
+def load_npz_inputs(path: str) -> dict[str, np.ndarray]:
+    """Read a .npz of inputs keyed by input name."""
+    file = Path(path)
+    if not file.is_file():
+        raise MuLayerError(f"inputs file {path!r} does not exist")
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (ValueError, OSError) as err:
+        raise MuLayerError(f"inputs file {path!r} is not a readable .npz: {err}") from None
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    atomic_write(path, write)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..artifact import load_artifact
+
+    if args.repeat < 1:
+        raise MuLayerError(f"--repeat must be at least 1, got {args.repeat}")
+    if args.warmup < 0:
+        raise MuLayerError(f"--warmup must be 0 or more, got {args.warmup}")
+    if args.output:
+        check_output_path(Path(args.output))
+    model = load_artifact(args.artifact)
+    inputs = model.random_inputs(args.seed) if args.random else load_npz_inputs(args.inputs)
+    for name, array in inputs.items():
+        if np.issubdtype(np.asarray(array).dtype, np.floating) and not np.all(np.isfinite(array)):
+            raise MuLayerError(f"input {name!r} contains NaN or Inf values")
+    outputs = model.run(inputs)
+    timing = model.benchmark(inputs, repeat=args.repeat, warmup=args.warmup)
+    if args.output:
+        save_npz(Path(args.output), outputs)
+    result = {
+        "artifact": args.artifact,
+        "mode": model.mode,
+        "median_ms": timing.median_ms,
+        "mean_ms": timing.mean_ms,
+        "min_ms": timing.min_ms,
+        "p90_ms": timing.p90_ms,
+        "runs": timing.runs,
+        "outputs": [
+            {"name": name, "shape": list(value.shape), "dtype": str(value.dtype)}
+            for name, value in outputs.items()
+        ],
+    }
+    if args.json:
+        print_json(result)
+        return 0
+    rows = [
+        [name, list(value.shape), str(value.dtype), float(value.min()), float(value.max())]
+        for name, value in outputs.items()
+    ]
+    print_table(["output", "shape", "dtype", "min", "max"], rows)
+    print(
+        f"\n{model.mode}: median {timing.median_ms:.3f} ms over {timing.runs} runs "
+        f"(min {timing.min_ms:.3f}, p90 {timing.p90_ms:.3f})"
+    )
+    if args.output:
+        print(f"wrote {args.output}")
+    return 0
