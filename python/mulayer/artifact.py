@@ -122,17 +122,19 @@ def load_artifact(path: str | Path):
     """Load an artifact into a callable :class:`mulayer.executor.LoadedModel`."""
     import tvm
 
-    from .executor import LoadedModel
+    from .executor import LoadedModel, make_device
 
     metadata, members = read_metadata(path)
     check_runtime_compatible(metadata, path)
+    for kind in metadata.get("vm_devices", ["cpu"]):
+        make_device(kind)  # a clear error before the library load fails on a missing runtime
     workdir = Path(tempfile.mkdtemp(prefix="mulayer-"))
     try:
         lib_path = workdir / LIB_NAME
         lib_path.write_bytes(members[LIB_NAME])
         try:
             lib = tvm.runtime.load_module(str(lib_path))
-        except tvm.error.TVMError as err:
+        except RuntimeError as err:  # TVM errors derive from RuntimeError
             raise MuLayerError(f"artifact {str(path)!r}: the library failed to load: {err}") from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)  # the loaded library stays mapped

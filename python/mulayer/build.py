@@ -45,7 +45,7 @@ def build_single(mod: tvm.IRModule, target: tvm.target.Target):
     mod = lower_for_target(mod, target)
     try:
         ex = tvm.compile(mod, target=target, relax_pipeline="default_build")
-    except tvm.error.TVMError as err:
+    except RuntimeError as err:  # TVM errors derive from RuntimeError
         raise RuntimeError(f"TVM failed to build for {target.kind.name}: {err}") from err
     if target.kind.name in ("cuda", "opencl"):
         check_device_module(ex, target.kind.name)
@@ -54,7 +54,7 @@ def build_single(mod: tvm.IRModule, target: tvm.target.Target):
 
 def check_device_module(ex, kind: str) -> None:
     """A GPU build must contain a device module (``default_build`` can silently emit host code)."""
-    kinds = {m.kind for m in _all_modules(ex.mod)}
+    kinds = {m.kind for m in all_modules(ex.mod)}
     if kind not in kinds:
         raise MuLayerError(
             f"the {kind} build produced no {kind} module (found: {', '.join(sorted(kinds))}); "
@@ -62,7 +62,7 @@ def check_device_module(ex, kind: str) -> None:
         )
 
 
-def _all_modules(mod):
+def all_modules(mod):
     yield mod
     for sub in mod.imports if hasattr(mod, "imports") else mod.imported_modules:
-        yield from _all_modules(sub)
+        yield from all_modules(sub)

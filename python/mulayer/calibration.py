@@ -103,7 +103,8 @@ class LayerStats:
     input_zero_point: int
     output_min: float
     output_max: float
-    # Per output channel: sum over samples of (fp32 result)^2 and of (int8 result - fp32)^2.
+    # Per output channel: sum over samples of (fp32 result)^2 and of (int8 result - fp32)^2,
+    # each sample scaled by 1 / (its total fp32 energy in this layer) so samples weigh the same.
     signal: list[float] | None = None
     noise: list[float] | None = None
 
@@ -167,7 +168,7 @@ def _input_specs(func) -> list[tuple[str, tuple[int, ...], str]]:
     specs = []
     for param in func.params:
         ty = param.ty
-        specs.append((param.name_hint, tuple(int(d) for d in ty.shape.values), str(ty.dtype)))
+        specs.append((param.name, tuple(int(d) for d in ty.shape.values), str(ty.dtype)))
     return specs
 
 
@@ -214,7 +215,8 @@ def _normalize_samples(
         if unknown or missing:
             raise MuLayerError(
                 f"{what}: input names {sorted(samples)} do not match the model's inputs "
-                f"{names}" + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+                f"{names}"
+                + (f" (unknown: {', '.join(unknown)})" if unknown else "")
                 + (f" (missing: {', '.join(missing)})" if missing else "")
             )
         per_input = {n: _split_samples(n, samples[n], s, d, what) for n, s, d in specs}
@@ -268,11 +270,11 @@ def load_calibration_npz(path: str | Path, input_specs) -> dict[str, np.ndarray]
 # ------------------------------------------------------------------- finding the tensors
 def is_per_channel_const(expr, out_shape: tuple[int, ...]) -> bool:
     """Whether ``expr`` is a constant that varies at most along axis 1 of ``out_shape``."""
-    from tvm import relax
+    from tvm.ir.expr import Constant
 
-    if not isinstance(expr, relax.Constant):
+    if not isinstance(expr, Constant):
         return False
-    shape = tuple(expr.data.shape)
+    shape = tuple(expr.value.shape)
     if len(shape) > len(out_shape):
         return False
     aligned = (1,) * (len(out_shape) - len(shape)) + shape
@@ -298,51 +300,58 @@ def epilogue_data(call, out_shape: tuple[int, ...]):
     return None
 
 
-def _use_counts(func) -> dict:
+def _count_uses(expr, counts: dict) -> None:
     from tvm import relax
 
-    counts: dict = {}
-
-    def visit(expr):
-        if isinstance(expr, relax.Var):
-            counts[expr] = counts.get(expr, 0) + 1
-
-    relax.analysis.post_order_visit(func.body, visit)
-    return counts
+    if isinstance(expr, relax.Var):
+        counts[expr] = counts.get(expr, 0) + 1
+    elif isinstance(expr, relax.Call):
+        for arg in expr.args:
+            _count_uses(arg, counts)
+    elif isinstance(expr, relax.Tuple):
+        for item in expr.fields:
+            _count_uses(item, counts)
+    elif isinstance(expr, relax.TupleGetItem):
+        _count_uses(expr.tuple_value, counts)
 
 
 def _layer_tensors(func, layers) -> dict[str, tuple]:
-    """``{layer: (call, input var, output var after the epilogue)}`` of ``func``'s layers."""
+    """``{layer: (call, input expr, output var after the epilogue)}`` of ``func``'s layers.
+
+    A layer's epilogue is the run of channel-wise ops that each read the previous result as
+    its only use (what SplitChannels moves into the parts).
+    """
     from tvm import relax
 
     by_var = {layer.var: layer for layer in layers}
-    counts = _use_counts(func)
+    bindings = [
+        b for block in func.body.blocks for b in block.bindings if isinstance(b, relax.VarBinding)
+    ]
+    counts: dict = {}
+    for binding in bindings:
+        _count_uses(binding.value, counts)
+    _count_uses(func.body.body, counts)
     found: dict[str, list] = {}
-    tails: dict = {}  # current tail var -> layer name
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            if not isinstance(binding, relax.VarBinding):
+    tails: dict = {}  # var holding a layer's result so far -> layer
+    for binding in bindings:
+        var, value = binding.var, binding.value
+        layer = by_var.get(var.name)
+        if layer is not None and layer.name not in found:
+            found[layer.name] = [value, value.args[0], var]
+            tails[var] = layer
+            continue
+        if not isinstance(value, relax.Call):
+            continue
+        for arg in value.args:
+            owner = tails.get(arg) if isinstance(arg, relax.Var) else None
+            if owner is None or counts.get(arg, 0) != 1:
                 continue
-            var, value = binding.var, binding.value
-            layer = by_var.get(var.name_hint)
-            if layer is not None and layer.name not in found:
-                found[layer.name] = [value, value.args[0], var]
-                tails[var] = layer.name
-                continue
-            data = epilogue_data(value, shapes.get(value.args[0], ())) if value.args else None
-            if isinstance(value, relax.Call) and value.args:
-                data = next(
-                    (
-                        d
-                        for d in [epilogue_data(value, shapes[t]) for t in tails]
-                        if d is not None and d in tails
-                    ),
-                    None,
-                )
-            if data is not None and counts.get(data, 0) == 1:  # nothing else reads the tail
-                name = tails.pop(data)
-                found[name][2] = var
-                tails[var] = name
+            data = epilogue_data(value, owner.output_shape)
+            if data is not None and data.same_as(arg):
+                del tails[arg]
+                tails[var] = owner
+                found[owner.name][2] = var
+                break
     return {name: tuple(v) for name, v in found.items()}
 
 
@@ -422,17 +431,20 @@ def _instrumented(mod, tensors: dict[str, tuple]):
     by_name = {}
     for block in func.body.blocks:
         for binding in block.bindings:
-            by_name[binding.var.name_hint] = binding.var
-    params = {p.name_hint: p for p in func.params}
+            by_name[binding.var.name] = binding.var
+    params = {p.name: p for p in func.params}
     extra, order = [], []
     for name, (_, inp, out) in tensors.items():
-        inp_var = by_name.get(inp.name_hint) or params.get(inp.name_hint)
-        out_var = by_name[out.name_hint]
-        if inp_var is None:
+        if not isinstance(inp, relax.Var):
             continue
+        inp_var = by_name.get(inp.name)
+        if inp_var is None:
+            inp_var = params[inp.name]
+        out_var = by_name[out.name]
         extra += [inp_var, out_var]
         order.append(name)
     body = relax.SeqExpr(func.body.blocks, relax.Tuple([func.body.body, *extra]))
+    body = relax.BlockBuilder().normalize(body)
     new = relax.Function(func.params, body, attrs=func.attrs)
     return tvm.IRModule({"main": new}), order
 
@@ -487,7 +499,7 @@ def calibrate(
     log.info("calibration module compiled in %.1f s", time.perf_counter() - start)
 
     def run(sample: dict[str, np.ndarray]) -> list[np.ndarray]:
-        args = [tvm.runtime.tensor(sample[p.name_hint]) for p in func.params]
+        args = [tvm.runtime.tensor(sample[p.name]) for p in func.params]
         result = vm["main"](*args)
         return [result[i].numpy() for i in range(1, len(result))]
 
@@ -523,7 +535,7 @@ def calibrate(
     weights = {}
     for name in quant:
         call = tensors[name][0]
-        w = call.args[1].data.numpy().astype(np.float32)
+        w = call.args[1].value.numpy().astype(np.float32)
         axis = 0 if kinds[name] == "conv2d" else 1
         wq, ws = quantize_weight(w, axis)
         shape = [1] * w.ndim
@@ -545,8 +557,10 @@ def calibrate(
                 ref = _layer_result(kinds[name], tensors[name][0], x, w).astype(np.float64)
                 got = _layer_result(kinds[name], tensors[name][0], xq, wdq).astype(np.float64)
                 reduce = (0, 2, 3) if ref.ndim == 4 else tuple(a for a in range(ref.ndim) if a != 1)
-                sig = (ref**2).sum(axis=reduce)
-                err = ((got - ref) ** 2).sum(axis=reduce)
+                # Each sample weighs the same: one loud sample must not hide the others' error.
+                weight = 1.0 / max(float((ref**2).sum()), 1e-30)
+                sig = (ref**2).sum(axis=reduce) * weight
+                err = ((got - ref) ** 2).sum(axis=reduce) * weight
                 entry.signal = [a + float(b) for a, b in zip(entry.signal, sig, strict=True)]
                 entry.noise = [a + float(b) for a, b in zip(entry.noise, err, strict=True)]
     log.info("calibrated %d layers on %d samples", len(order), len(batches))

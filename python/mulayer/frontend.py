@@ -195,7 +195,7 @@ def import_onnx(
         raise MuLayerError(f"TVM's ONNX frontend could not import the model: {first}") from None
     try:
         mod = canonicalize(mod)
-    except tvm.error.TVMError as err:
+    except RuntimeError as err:  # TVM errors derive from RuntimeError
         raise MuLayerError(f"the imported model could not be normalised: {err}") from None
     names = [value.name for value in proto.graph.output]
     return mod, inputs, output_specs(mod, names)
@@ -206,11 +206,14 @@ def canonicalize(mod):
     import tvm
     from tvm import relax
 
+    from mulayer.passes.canonicalize_clip import CanonicalizeClip
+
     seq = tvm.transform.Sequential(
         [
             relax.transform.FoldBatchnormToConv2D(),
             relax.transform.DecomposeOpsForInference(),
             relax.transform.FoldConstant(),
+            CanonicalizeClip(),
             relax.transform.CanonicalizeBindings(),
             relax.transform.DeadCodeElimination(),
         ]

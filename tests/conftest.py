@@ -1,0 +1,58 @@
+"""Shared fixtures; `gpu` tests skip where no CUDA GPU is present."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _has_cuda() -> bool:
+    import tvm
+
+    return bool(tvm.cuda(0).exist)
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(model_dir):
+    from mulayer.zoo import save_model
+
+    path = model_dir / "tiny.onnx"
+    save_model("tiny", path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def resnet18_onnx(model_dir):
+    from mulayer.zoo import save_model
+
+    path = model_dir / "resnet18.onnx"
+    save_model("resnet18", path)
+    return path
+
+
+def onnxruntime_reference(model_path, inputs):
+    """Outputs of onnxruntime (CPU fp32) for ``inputs``, in graph order."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)
+
+
+def max_rel_error(actual, expected) -> float:
+    import numpy as np
+
+    scale = float(np.abs(expected).max()) or 1.0
+    return float(np.abs(np.asarray(actual) - np.asarray(expected)).max()) / scale

@@ -1,0 +1,101 @@
+"""The Plan dataclass: validation, aligned splits, JSON round trip."""
+
+import json
+
+import pytest
+
+from mulayer import LayerDecision, MuLayerError, Plan
+from mulayer.plan import aligned_split
+
+
+def test_round_trip(tmp_path):
+    plan = Plan(
+        default_ratio=0.5,
+        align=16,
+        layers={
+            "conv2d.0": LayerDecision("split", "channel", 32, predicted_ms=0.1),
+            "dense.0": LayerDecision("gpu"),
+        },
+    )
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    assert Plan.load(path) == plan
+    assert json.loads(path.read_text())["schema_version"] == 1
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.01, float("nan"), "half"])
+def test_out_of_range_ratio(ratio):
+    with pytest.raises(MuLayerError, match="ratio"):
+        Plan(default_ratio=ratio)
+
+
+@pytest.mark.parametrize(
+    ("decision", "message"),
+    [
+        ({"placement": "tpu"}, "placement 'tpu'"),
+        ({"placement": "split", "axis": "width", "gpu_size": 8}, "axis 'width'"),
+        ({"placement": "split"}, "gpu_size"),
+        ({"placement": "split", "gpu_size": -8}, "gpu_size"),
+    ],
+)
+def test_bad_layer_decisions(decision, message):
+    raw = {"default_ratio": 0.5, "layers": {"conv2d.0": decision}}
+    with pytest.raises(MuLayerError, match=message):
+        Plan.from_json(json.dumps(raw))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"default_ratio": 0.5, "speed": 3}', "unknown field"),
+        ('{"schema_version": 99}', "schema version 99"),
+        ('{"layers": {"conv2d.0": {"where": "gpu"}}}', "malformed layer"),
+    ],
+)
+def test_bad_plan_files(text, message):
+    with pytest.raises(MuLayerError, match=message):
+        Plan.from_json(text)
+
+
+def test_check_layers_names_unknown():
+    plan = Plan(layers={"conv2d.99": LayerDecision("gpu")})
+    with pytest.raises(MuLayerError, match="conv2d.99"):
+        plan.check_layers(["conv2d.0", "conv2d.1"])
+    Plan(layers={"conv2d.1": LayerDecision("cpu")}).check_layers(["conv2d.0", "conv2d.1"])
+
+
+@pytest.mark.parametrize(
+    ("size", "ratio", "align", "expected"),
+    [
+        (64, 0.0, 8, 0),
+        (64, 1.0, 8, 64),
+        (64, 0.5, 8, 32),
+        (64, 0.25, 8, 16),
+        (100, 0.5, 8, 48),
+        (12, 0.5, 8, 12),  # too small to split: the larger share takes it all
+        (12, 0.4, 8, 0),
+        (1000, 0.333, 16, 336),
+    ],
+)
+def test_aligned_split(size, ratio, align, expected):
+    gpu = aligned_split(size, ratio, align)
+    assert gpu == expected
+    assert 0 <= gpu <= size
+    assert gpu in (0, size) or gpu % align == 0
+
+
+def test_gpu_size_follows_decisions():
+    plan = Plan(
+        default_ratio=0.5,
+        layers={
+            "conv2d.0": LayerDecision("gpu"),
+            "conv2d.1": LayerDecision("cpu"),
+            "conv2d.2": LayerDecision("split", gpu_size=24),
+        },
+    )
+    assert plan.gpu_size("conv2d.0", 64) == 64
+    assert plan.gpu_size("conv2d.1", 64) == 0
+    assert plan.gpu_size("conv2d.2", 64) == 24
+    assert plan.gpu_size("conv2d.3", 64) == 32
