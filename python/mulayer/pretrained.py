@@ -58,7 +58,8 @@ def _require(module: str, purpose: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise MuLayerError(f"{purpose} needs the package {module!r} ({exc}); {_EXTRA_HINT}") from exc
+        message = f"{purpose} needs the package {module!r} ({exc}); {_EXTRA_HINT}"
+        raise MuLayerError(message) from exc
 
 
 def models_extra_available() -> bool:

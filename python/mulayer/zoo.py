@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from .errors import MuLayerError
 from .fileio import atomic_write_bytes
@@ -48,12 +48,13 @@ class GraphBuilder:
     Each layer helper takes the name of an existing tensor, appends one node whose name is also
     the name of its output tensor, and returns that name.
 
-    Weights are He-initialised, then calibrated on a random input the way a trained net's
-    statistics are set: the builder runs every node in numpy as it is added, batch norms get
-    the running mean and variance they actually see, and convolutions and dense layers without
-    a batch norm are rescaled so that each output channel gets a chosen spread (data-dependent
-    init, Kraehenbuehl et al. 2015). Without this the per-channel means of a random net grow
-    layer after layer and swamp the signal.
+    Weights are He-initialised, then calibrated the way a trained net's statistics are set:
+    the builder runs every node in numpy as it is added, on a calibration batch of two random
+    images (one white noise, one photo-like), batch norms get the running mean and variance
+    they actually see, and convolutions and dense layers without a batch norm are rescaled so
+    that each output channel gets a chosen spread (data-dependent init, Kraehenbuehl et al.
+    2015). Without this the per-channel means of a random net grow layer after layer and swamp
+    the signal. As the statistics average both images, neither kind of input can drift far.
 
     Parameters
     ----------
@@ -70,18 +71,18 @@ class GraphBuilder:
         # Filled in place: copying VGG-16's 550 MB of weights between messages takes seconds.
         self.model = onnx.ModelProto()
         self.graph = self.model.graph
-        # The value of every tensor on the calibration input, without the batch axis.
-        calibration = np.random.default_rng([seed, 1]).standard_normal(input_shape[1:])
-        self.values: dict[str, np.ndarray] = {INPUT_NAME: calibration.astype(np.float32)}
+        # The value of every tensor on the calibration batch.
+        calibration = _calibration_batch(input_shape[1:], np.random.default_rng([seed, 1]))
+        self.values: dict[str, np.ndarray] = {INPUT_NAME: calibration}
         self._names: set[str] = {INPUT_NAME}
         self._clip_bounds: list[str] | None = None
 
     def shape(self, x: str) -> Shape:
-        """Shape of tensor ``x``, batch axis included."""
-        return (1, *self.values[x].shape)
+        """Shape of tensor ``x`` in the model (batch 1)."""
+        return (1, *self.values[x].shape[1:])
 
     def channels(self, x: str) -> int:
-        return self.values[x].shape[0]
+        return self.values[x].shape[1]
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -119,13 +120,13 @@ class GraphBuilder:
         self, y: np.ndarray, w: np.ndarray, out_std: float, shift_std: float, per_channel: bool
     ) -> tuple[np.ndarray, np.ndarray]:
         """Scale ``w`` (output channels first) in place and pick a bias so that its output
-        ``y`` (channels first) gets std ``out_std`` and a mean drawn with std
+        ``y`` (N, C, ...) gets std ``out_std`` and a mean drawn with std
         ``shift_std * out_std``, per channel or over the whole tensor.
 
         Returns the new output and the bias.
         """
-        c = y.shape[0]
-        flat = y.reshape(c, -1).astype(np.float64)
+        c = y.shape[1]
+        flat = np.moveaxis(y, 1, 0).reshape(c, -1).astype(np.float64)
         if per_channel:
             mean, std = flat.mean(axis=1), flat.std(axis=1)
         else:
@@ -133,7 +134,8 @@ class GraphBuilder:
         scale = out_std / np.maximum(std, 1e-6)
         bias = (self.rng.normal(0.0, shift_std, c) - mean / np.maximum(std, 1e-6)) * out_std
         w *= scale.astype(np.float32).reshape(-1, *([1] * (w.ndim - 1)))
-        return (flat * scale[:, None] + bias[:, None]).reshape(y.shape), bias
+        per_channel_shape = (1, c) + (1,) * (y.ndim - 2)
+        return y * scale.reshape(per_channel_shape) + bias.reshape(per_channel_shape), bias
 
     # -- layers ---------------------------------------------------------------------------
 
@@ -156,19 +158,19 @@ class GraphBuilder:
         ``out_std`` and a random mean of std ``shift_std * out_std``.
         """
         value = self.values[x]
-        c = value.shape[0]
+        c = value.shape[1]
         if c % groups or out_channels % groups:
             raise ValueError(f"{name}: {c} -> {out_channels} channels not divisible by {groups}")
         pad = kernel // 2 if padding is None else padding
         w = self._he_normal((out_channels, c // groups, kernel, kernel), c // groups * kernel**2)
         y = _conv2d(value, w, stride, pad)
-        inputs = [x, f"{name}.weight"]
         if bias:
-            y, b = self._normalize(y, w, out_std, shift_std, per_channel=y[0].size >= 16)
-            inputs.append(f"{name}.bias")
-        self.param(f"{name}.weight", w)
+            # Per channel where there are enough values to measure a channel's spread.
+            per_channel = y.size // out_channels >= 16
+            y, b = self._normalize(y, w, out_std, shift_std, per_channel=per_channel)
+        inputs = [x, self.param(f"{name}.weight", w)]
         if bias:
-            self.param(f"{name}.bias", b)
+            inputs.append(self.param(f"{name}.bias", b))
         return self.node(
             "Conv",
             inputs,
@@ -183,14 +185,16 @@ class GraphBuilder:
 
     def bn(self, x: str, name: str, gain: float = 1.0, eps: float = 1e-5) -> str:
         """Inference-mode BatchNormalization whose running statistics are those of its input
-        on the calibration input; its output has std about ``gain`` per channel."""
+        on the calibration batch; its output has std about ``gain`` per channel."""
         value = self.values[x]
-        c = value.shape[0]
-        flat = value.reshape(c, -1).astype(np.float64)
-        mean, var = flat.mean(axis=1), flat.var(axis=1)
+        c = value.shape[1]
+        mean = value.mean(axis=(0, 2, 3), dtype=np.float64)
+        var = value.var(axis=(0, 2, 3), dtype=np.float64)
         scale = gain * self.rng.uniform(0.8, 1.2, c)
         shift = gain * self.rng.normal(0.0, 0.1, c)
-        y = (flat - mean[:, None]) * (scale / np.sqrt(var + eps))[:, None] + shift[:, None]
+        per_channel = (1, c, 1, 1)
+        y = (value - mean.reshape(per_channel)) * (scale / np.sqrt(var + eps)).reshape(per_channel)
+        y += shift.reshape(per_channel)
         inputs = [x]
         for suffix, param in (
             ("weight", scale),
@@ -199,7 +203,7 @@ class GraphBuilder:
             ("running_var", var),
         ):
             inputs.append(self.param(f"{name}.{suffix}", param))
-        return self.node("BatchNormalization", inputs, name, y.reshape(value.shape), epsilon=eps)
+        return self.node("BatchNormalization", inputs, name, y, epsilon=eps)
 
     def relu(self, x: str, name: str) -> str:
         return self.node("Relu", [x], name, np.maximum(self.values[x], 0))
@@ -226,18 +230,20 @@ class GraphBuilder:
         return self.node("AveragePool", [x], name, y, **_pool_attrs(kernel, stride, padding))
 
     def global_avgpool(self, x: str, name: str) -> str:
-        y = self.values[x].mean(axis=(1, 2), keepdims=True)
+        y = self.values[x].mean(axis=(2, 3), keepdims=True)
         return self.node("GlobalAveragePool", [x], name, y)
 
     def flatten(self, x: str, name: str) -> str:
-        return self.node("Flatten", [x], name, self.values[x].reshape(-1), axis=1)
+        value = self.values[x]
+        return self.node("Flatten", [x], name, value.reshape(len(value), -1), axis=1)
 
     def gemm(self, x: str, name: str, out_features: int, out_std: float = 1.0) -> str:
         """Dense layer ``x @ W.T + b``, ``W`` laid out (out, in) as in PyTorch, scaled so the
-        output has std ``out_std`` (over all features: batch 1 has no per-feature spread)."""
+        output has std ``out_std`` over all features (two calibration images are too few to
+        measure each feature's spread)."""
         value = self.values[x]
-        w = self._he_normal((out_features, value.shape[0]), value.shape[0])
-        y, b = self._normalize(w @ value, w, out_std, 0.1, per_channel=False)
+        w = self._he_normal((out_features, value.shape[1]), value.shape[1])
+        y, b = self._normalize(value @ w.T, w, out_std, 0.1, per_channel=False)
         inputs = [x, self.param(f"{name}.weight", w), self.param(f"{name}.bias", b)]
         return self.node("Gemm", inputs, name, y, transB=1)
 
@@ -251,7 +257,7 @@ class GraphBuilder:
         shapes = [self.shape(x)[2:] for x in xs]
         if len(set(shapes)) != 1:
             raise ValueError(f"{name}: cannot concatenate spatial sizes {shapes}")
-        y = np.concatenate([self.values[x] for x in xs], axis=0)
+        y = np.concatenate([self.values[x] for x in xs], axis=1)
         return self.node("Concat", xs, name, y, axis=1)
 
     # -- composites -----------------------------------------------------------------------
@@ -301,60 +307,93 @@ class GraphBuilder:
         return model
 
 
+def _calibration_batch(shape: Shape, rng: np.random.Generator) -> np.ndarray:
+    """Two random images (2, C, H, W), each channel standardized: white noise, and 1/f
+    ("pink") noise whose channels share most of their signal, as a colour photo's do.
+
+    Calibrated on white noise alone, a deep net fed photos (whose neighbouring pixels agree)
+    grows about 1.3x per Inception block (GoogLeNet's logits reach std ~25); calibrated on
+    photo-like noise alone, white noise grows instead (SqueezeNet). Statistics over both keep
+    the mean square of every layer at 1 over the pair, so neither can stray far.
+    """
+    c, h, w = shape
+    f = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.fftfreq(w)[None, :])
+    f[0, 0] = 1.0 / max(h, w)
+
+    def pink(channels: int) -> np.ndarray:
+        noise = rng.standard_normal((channels, h, w))
+        return _standardize(np.fft.ifft2(np.fft.fft2(noise) / f).real)
+
+    photo_like = _standardize(0.8 * pink(1) + 0.6 * pink(c))
+    white = _standardize(rng.standard_normal((c, h, w)))
+    return np.stack([white, photo_like]).astype(np.float32)
+
+
+def _standardize(x: np.ndarray) -> np.ndarray:
+    """Zero mean, unit std per channel of a (C, H, W) array."""
+    x = x - x.mean(axis=(1, 2), keepdims=True)
+    return x / x.std(axis=(1, 2), keepdims=True)
+
+
 # -- numpy reference of the layers, batch 1, channels first ----------------------------------
 
 
 def _conv2d(x: np.ndarray, w: np.ndarray, stride: int, pad: int) -> np.ndarray:
-    """Convolution of ``x`` (C, H, W) by ``w`` (O, C/groups, K, K)."""
-    c = x.shape[0]
+    """Convolution of ``x`` (N, C, H, W) by ``w`` (O, C/groups, K, K)."""
+    n, c = x.shape[:2]
     out_channels, group_channels, k, _ = w.shape
     groups = c // group_channels
-    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad)))
-    oh = (xp.shape[1] - k) // stride + 1
-    ow = (xp.shape[2] - k) // stride + 1
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh = (xp.shape[2] - k) // stride + 1
+    ow = (xp.shape[3] - k) // stride + 1
+    # Each tap is (C, N * OH * OW): the input pixels that kernel position (i, j) sees.
     taps = [
-        xp[:, i : i + stride * oh : stride, j : j + stride * ow : stride].reshape(c, oh * ow)
+        xp[:, :, i : i + stride * oh : stride, j : j + stride * ow : stride]
+        .transpose(1, 0, 2, 3)
+        .reshape(c, -1)
         for i in range(k)
         for j in range(k)
     ]
     if group_channels == 1 and out_channels == c:
         # Depthwise: a weighted sum of the taps.
         y = sum(w[:, 0, i // k, i % k, None] * tap for i, tap in enumerate(taps))
-        return np.asarray(y, np.float32).reshape(c, oh, ow)
-    # im2col, rows ordered (channel, kernel row, kernel column) as in the weight's layout.
-    cols = np.stack(taps, axis=1)
-    per_group = out_channels // groups
-    y = np.empty((out_channels, oh * ow), np.float32)
-    for g in range(groups):
-        rows = slice(g * per_group, (g + 1) * per_group)
-        block = cols[g * group_channels : (g + 1) * group_channels].reshape(-1, oh * ow)
-        y[rows] = w[rows].reshape(per_group, -1) @ block
-    return y.reshape(out_channels, oh, ow)
+    else:
+        # im2col, rows ordered (channel, kernel row, kernel column) as in the weight's layout.
+        cols = np.stack(taps, axis=1)
+        per_group = out_channels // groups
+        y = np.empty((out_channels, n * oh * ow), np.float32)
+        for g in range(groups):
+            rows = slice(g * per_group, (g + 1) * per_group)
+            block = cols[g * group_channels : (g + 1) * group_channels].reshape(-1, n * oh * ow)
+            y[rows] = w[rows].reshape(per_group, -1) @ block
+    return np.asarray(y, np.float32).reshape(out_channels, n, oh, ow).transpose(1, 0, 2, 3)
 
 
 def _pool_size(size: int, kernel: int, stride: int, padding: int, ceil: bool) -> int:
     span = size + 2 * padding - kernel
     out = (-(-span // stride) if ceil else span // stride) + 1
-    # As in ONNX and PyTorch, the last window must start inside the input or its left padding.
     if ceil and (out - 1) * stride >= size + padding:
-        out -= 1
+        # The last window would start in the right padding: PyTorch and onnxruntime drop it,
+        # ONNX's shape inference keeps it. Refuse rather than build a model they disagree on.
+        raise ValueError(f"ceil-mode pool of {size} by {kernel}/{stride} pad {padding}: ambiguous")
     return out
 
 
 def _pool2d(
     x: np.ndarray, kernel: int, stride: int, padding: int, ceil: bool, average: bool
 ) -> np.ndarray:
-    """Max or average pool of ``x`` (C, H, W); padding never counts."""
-    _, h, w = x.shape
+    """Max or average pool of ``x`` (N, C, H, W); padding never counts."""
+    h, w = x.shape[2:]
     oh = _pool_size(h, kernel, stride, padding, ceil)
     ow = _pool_size(w, kernel, stride, padding, ceil)
     # Pad (with NaN, ignored below) far enough on the right for every window of a ceil pool.
     bottom = max(0, (oh - 1) * stride + kernel - h - padding)
     right = max(0, (ow - 1) * stride + kernel - w - padding)
-    xp = np.pad(x, ((0, 0), (padding, bottom), (padding, right)), constant_values=np.nan)
+    pads = ((0, 0), (0, 0), (padding, bottom), (padding, right))
+    xp = np.pad(x, pads, constant_values=np.nan)
     taps = np.stack(
         [
-            xp[:, i : i + stride * oh : stride, j : j + stride * ow : stride][:, :oh, :ow]
+            xp[:, :, i : i + stride * oh : stride, j : j + stride * ow : stride][..., :oh, :ow]
             for i in range(kernel)
             for j in range(kernel)
         ]
@@ -613,7 +652,8 @@ def build_model(name: str, seed: int = 0) -> onnx.ModelProto:
     name
         One of :data:`MODEL_NAMES`.
     seed
-        Seed of the weights; the same seed gives byte-identical models.
+        Seed of the weights; the same seed gives byte-identical models (on another CPU, the
+        BLAS kernels of the calibration pass may round differently in the last bit).
 
     Returns
     -------
