@@ -323,7 +323,12 @@ def _layer_tensors(func, layers) -> dict[str, tuple]:
     """
     from tvm import relax
 
-    by_var = {layer.var: layer for layer in layers}
+    from mulayer.layers import splittable_bindings
+
+    wanted = {layer.name for layer in layers}
+    by_var = {
+        binding.var: layer for layer, binding in splittable_bindings(func) if layer.name in wanted
+    }
     bindings = [
         b for block in func.body.blocks for b in block.bindings if isinstance(b, relax.VarBinding)
     ]
@@ -335,7 +340,7 @@ def _layer_tensors(func, layers) -> dict[str, tuple]:
     tails: dict = {}  # var holding a layer's result so far -> layer
     for binding in bindings:
         var, value = binding.var, binding.value
-        layer = by_var.get(var.name)
+        layer = by_var.get(var)
         if layer is not None and layer.name not in found:
             found[layer.name] = [value, value.args[0], var]
             tails[var] = layer

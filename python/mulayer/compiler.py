@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,16 +109,17 @@ def compile_model(
     """
     start = time.perf_counter()
     spec = parse_target(target) if isinstance(target, str) else target
+    if plan is not None and not spec.cooperative:
+        raise MuLayerError('a plan needs a cooperative target such as "mulayer, cuda, llvm"')
     # 1. ONNX → canonical Relax (params bound, BN folded, constants folded)
     mod, inputs, outputs = import_onnx(model, input_shapes)
     layers = splittable_layers(mod["main"])
+    extra: dict = {}
     # 2. Build for the processors the target names
     if spec.cooperative:
-        raise MuLayerError(
-            "cooperative targets (mulayer ...) are not available in this build yet; "
-            "use a single processor target such as llvm or cuda -arch=sm_90, llvm"
-        )
-    if spec.mode == "gpu":
+        plan = resolve_plan(plan, spec, [layer.name for layer in layers])
+        executable, extra = build_cooperative(mod, spec, plan, layers, calibration, inputs)
+    elif spec.mode == "gpu":
         executable = build_single(to_fp16(mod), spec.device_target())
     else:
         executable = build_single(mod, spec.host_target())
@@ -127,6 +129,85 @@ def compile_model(
         inputs=inputs,
         outputs=outputs,
         layers=layers,
-        plan=None,
+        plan=plan,
         build_seconds=time.perf_counter() - start,
+        extra_metadata=extra,
     )
+
+
+def resolve_plan(plan: Plan | str | Path | None, spec: TargetSpec, names: list[str]) -> Plan:
+    """The plan to build: ``--plan`` if given, else a uniform ``-ratio``."""
+    if plan is None:
+        if spec.mulayer.ratio is None:
+            raise MuLayerError(
+                "a cooperative target needs -ratio=R (share of channels on the GPU, 0..1) or "
+                '--plan plan.json, e.g. "mulayer -ratio=0.5, cuda, llvm"'
+            )
+        plan = Plan.uniform(spec.mulayer.ratio, align=spec.mulayer.align)
+    elif not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    plan.check_layers(names)
+    return plan
+
+
+def _calibration_stats(mod, calibration, inputs):
+    """Calibration stats from a ``.npz`` path, samples, or ready stats (``None``: no int8)."""
+    from .calibration import CalibrationStats, calibrate, load_calibration_npz
+
+    if calibration is None or isinstance(calibration, CalibrationStats):
+        return calibration
+    if isinstance(calibration, (str, Path)):
+        calibration = load_calibration_npz(calibration, inputs)
+    return calibrate(mod, calibration)
+
+
+def build_cooperative(mod, spec: TargetSpec, plan: Plan, layers, calibration, inputs):
+    """Split, quantize, cast, place and build a two-device module; return (executable, meta)."""
+    from mulayer.passes.build_helpers import build_two_device
+    from mulayer.passes.cast_gpu import CastGPU
+    from mulayer.passes.place_devices import PlaceDevices
+    from mulayer.passes.quantize_cpu import QuantizeCPU, precision_report
+    from mulayer.passes.split_channels import SplitChannels
+
+    gpu_target, cpu_target = spec.device_target(), spec.host_target()
+    stats = _calibration_stats(mod, calibration, inputs)
+    # 2a. Split each layer's output channels between the GPU part and the CPU part
+    mod = SplitChannels(plan)(mod)
+    # 2b. CPU parts in int8 (calibrated), with the accuracy guard keeping weak ones in float
+    if stats is not None:
+        mod = QuantizeCPU(stats, guard_db=spec.mulayer.guard_db)(mod)
+    else:
+        warnings.warn(
+            "no calibration data: the CPU parts stay in fp32; give --calibration samples.npz "
+            "(or calibration=...) for int8",
+            stacklevel=3,
+        )
+    # 2c. GPU parts in fp16 (fp32 accumulation)
+    mod = CastGPU()(mod)
+    # 2d. VDevices and explicit copies; GPU launches first
+    mod = PlaceDevices(gpu_target, cpu_target)(mod)
+    precision = precision_report(mod)
+    executable = build_two_device(mod, gpu_target, cpu_target)
+    decisions = {}
+    for layer in layers:
+        gpu = plan.gpu_size(layer.name, layer.out_channels)
+        placement = {0: "cpu", layer.out_channels: "gpu"}.get(
+            gpu, f"split {gpu}/{layer.out_channels - gpu}"
+        )
+        cpu_precision = precision.get(layer.name, {}).get(
+            "precision", "float32" if gpu < layer.out_channels else ""
+        )
+        decisions[layer.name] = {
+            "placement": placement,
+            "gpu_channels": gpu,
+            "precision": "/".join(
+                p
+                for p in (
+                    "float16" if gpu else "",
+                    cpu_precision if gpu < layer.out_channels else "",
+                )
+                if p
+            ),
+            **{k: v for k, v in precision.get(layer.name, {}).items() if k != "precision"},
+        }
+    return executable, {"precision": decisions, "calibrated": stats is not None}

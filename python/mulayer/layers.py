@@ -119,7 +119,12 @@ def _flops(kind: str, call: relax.Call, in_shape, out_shape, w_shape) -> int:
 
 def splittable_layers(func: relax.Function) -> list[Layer]:
     """All splittable layers of ``func`` in program order, named ``<kind>.<index>``."""
-    layers: list[Layer] = []
+    return [layer for layer, _ in splittable_bindings(func)]
+
+
+def splittable_bindings(func: relax.Function) -> list[tuple[Layer, relax.VarBinding]]:
+    """Each splittable layer of ``func`` with its binding (var names need not be unique)."""
+    layers: list[tuple[Layer, relax.VarBinding]] = []
     counters: dict[str, int] = {}
     for block in func.body.blocks:
         for binding in block.bindings:
@@ -143,21 +148,20 @@ def splittable_layers(func: relax.Function) -> list[Layer]:
                 in_elems *= d
             for d in out_shape:
                 out_elems *= d
-            layers.append(
-                Layer(
-                    name=f"{kind}.{index}",
-                    kind=kind,
-                    var=binding.var.name,
-                    input_shape=in_shape,
-                    output_shape=out_shape,
-                    weight_shape=w_shape,
-                    groups=int(getattr(attrs, "groups", 1) or 1) if kind == "conv2d" else 1,
-                    strides=strides,
-                    flops=_flops(kind, call, in_shape, out_shape, w_shape),
-                    bytes_in=in_elems * _dtype_bytes(call.args[0]),
-                    bytes_out=out_elems * _dtype_bytes(binding.var),
-                )
+            layer = Layer(
+                name=f"{kind}.{index}",
+                kind=kind,
+                var=binding.var.name,
+                input_shape=in_shape,
+                output_shape=out_shape,
+                weight_shape=w_shape,
+                groups=int(getattr(attrs, "groups", 1) or 1) if kind == "conv2d" else 1,
+                strides=strides,
+                flops=_flops(kind, call, in_shape, out_shape, w_shape),
+                bytes_in=in_elems * _dtype_bytes(call.args[0]),
+                bytes_out=out_elems * _dtype_bytes(binding.var),
             )
+            layers.append((layer, binding))
     return layers
 
 
