@@ -1,1 +1,47 @@
-"""TIR schedule rules of mulayer (imported as ``mulayer.schedules``)."""
+"""TIR schedule rules of mulayer (imported as ``mulayer.schedules``).
+
+The build calls :func:`apply_schedules` on a module after ``relax.transform.LegalizeOps()``
+(and, when it fuses, after AnnotateTIROpPattern / FuseOps / FuseTIR). Every PrimFunc is offered
+to the rules of its target in order; the first rule that returns a schedule wins (dlight
+convention: ``None`` means "not mine"); a fallback comes last.
+
+Contract of ``apply_schedules(mod, target) -> IRModule``
+--------------------------------------------------------
+- ``mod`` is not modified; a new module is returned. ``target`` may be a ``Target``, a dict or
+  a string. A PrimFunc's own ``target`` attribute (two-device modules) wins over it.
+- Signature: ``apply_schedules(mod, target, fold_packing=True)``; also available as the module
+  pass ``ApplySchedules(target, fold_packing=True)``.
+- PrimFuncs with ``tirx.is_scheduled`` (or ``tirx.is_host_func``) are left alone; every
+  function a rule schedules gets ``tirx.is_scheduled = True``; other attributes are kept.
+- Never raises for a rule failure: the failing rule is logged at DEBUG on the
+  ``mulayer.schedules`` logger and the next rule is tried. A CPU function whose rules all fail
+  stays unscheduled (correct, slow); GPU lists end with ``dlight.gpu.Fallback`` (thread
+  bindings are mandatory there).
+- No tuning: ResNet-50 schedules in ~4 s for llvm (plus ~4 s once per process for cuda, to
+  load TVM's tensor intrinsics).
+
+Weight packing (CPU). The conv/matmul rules repack the weight inside the PrimFunc (a block
+annotated ``meta_schedule.layout_rewrite_preproc``). With ``fold_packing=True`` (default),
+``apply_schedules`` then precomputes it for kernels whose weight is a constant at every call
+site (:func:`~.prepack.fold_weight_packing`: the kernel becomes ``<name>_prepacked`` and takes
+the packed constant). Weights that are parameters, and all kernels of two-device modules
+(``vdevice`` global info: TVM's SplitLayoutRewritePreproc breaks those), keep packing on every
+call: correct, slower for large weights (a 3x3 512->512 conv: 1.9 ms folded, 5.4 ms not).
+
+int8 stem. ``PadConvInputChannels`` (Relax pass, before LegalizeOps, after quantization)
+pads u8 x s8 convs with ``C % 4 != 0`` input channels (RGB stems) so that the VNNI rule applies.
+
+Rules, in order
+---------------
+llvm: :class:`~.cpu_int8.Conv2dInt8DotProduct`, :class:`~.cpu_int8.MatmulInt8DotProduct`
+(VNNI / Arm dot product), :class:`~.cpu_conv2d.Conv2dChannelVector`,
+:class:`~.cpu_conv2d.Conv2dWidthVector`, :class:`~.cpu_dense.MatmulCPU`,
+:class:`~.cpu_generic.CPUFallback` (pooling, elementwise, reductions).
+cuda/opencl: :class:`~.gpu_conv2d.Conv2dTensorCore` (cuda sm_70+), then dlight's
+Matmul, GEMV, Reduction, GeneralReduction, Fallback.
+"""
+
+from .apply import ApplySchedules, apply_schedules, cpu_rules, gpu_rules
+from .pad_channels import PadConvInputChannels
+
+__all__ = ["ApplySchedules", "PadConvInputChannels", "apply_schedules", "cpu_rules", "gpu_rules"]

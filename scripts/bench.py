@@ -43,8 +43,15 @@ def _median_ms(fn, repeat: int, warmup: int) -> float:
     return statistics.median(samples)
 
 
-def bench_model(name: str, targets: list[str], repeat: int, warmup: int, threads: int,
-                workdir: Path) -> list[dict]:
+def bench_model(
+    name: str,
+    targets: list[str],
+    repeat: int,
+    warmup: int,
+    threads: int,
+    workdir: Path,
+    calibration_samples: int,
+) -> list[dict]:
     import mulayer
     from mulayer.zoo import save_model
 
@@ -57,7 +64,14 @@ def bench_model(name: str, targets: list[str], repeat: int, warmup: int, threads
     reference = None
     for target in targets:
         start = time.perf_counter()
-        compiled = mulayer.compile(str(model_path), target=target)
+        calibration = None
+        if target.startswith("mulayer") and calibration_samples:
+            shape = session.get_inputs()[0].shape
+            rng = np.random.default_rng(1)
+            calibration = {
+                input_name: rng.standard_normal((calibration_samples, *shape[1:])).astype("float32")
+            }
+        compiled = mulayer.compile(str(model_path), target=target, calibration=calibration)
         build_s = time.perf_counter() - start
         artifact = workdir / f"{name}.mulayer"
         compiled.export(artifact)
@@ -68,24 +82,47 @@ def bench_model(name: str, targets: list[str], repeat: int, warmup: int, threads
         out = list(model(x).values())[0]
         error = float(np.abs(out - reference).max() / np.abs(reference).max())
         timing = model.benchmark(x, repeat=repeat, warmup=warmup)
-        rows.append({"model": name, "system": f"mulayer {compiled.spec.mode}", "target": target,
-                     "median_ms": timing.median_ms, "build_s": build_s, "rel_error": error})
-        print(f"{name:12s} {target:28s} {timing.median_ms:9.3f} ms  build {build_s:5.1f} s  "
-              f"err {error:.1e}", flush=True)
+        rows.append(
+            {
+                "model": name,
+                "system": f"mulayer {compiled.spec.mode}",
+                "target": target,
+                "median_ms": timing.median_ms,
+                "build_s": build_s,
+                "rel_error": error,
+            }
+        )
+        print(
+            f"{name:12s} {target:28s} {timing.median_ms:9.3f} ms  build {build_s:5.1f} s  "
+            f"err {error:.1e}",
+            flush=True,
+        )
     ort_ms = _median_ms(lambda: session.run(None, {input_name: x[input_name]}), repeat, warmup)
-    rows.append({"model": name, "system": "onnxruntime CPU fp32", "target": f"{threads} threads",
-                 "median_ms": ort_ms, "build_s": None, "rel_error": 0.0})
+    rows.append(
+        {
+            "model": name,
+            "system": "onnxruntime CPU fp32",
+            "target": f"{threads} threads",
+            "median_ms": ort_ms,
+            "build_s": None,
+            "rel_error": 0.0,
+        }
+    )
     print(f"{name:12s} {'onnxruntime CPU fp32':28s} {ort_ms:9.3f} ms", flush=True)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | system | target | median ms | build s | max rel. error vs ORT |",
-             "| --- | --- | --- | ---: | ---: | ---: |"]
+    lines = [
+        "| model | system | target | median ms | build s | max rel. error vs ORT |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
     for r in rows:
         build = "" if r["build_s"] is None else f"{r['build_s']:.1f}"
-        lines.append(f"| {r['model']} | {r['system']} | `{r['target']}` | {r['median_ms']:.3f} "
-                     f"| {build} | {r['rel_error']:.1e} |")
+        lines.append(
+            f"| {r['model']} | {r['system']} | `{r['target']}` | {r['median_ms']:.3f} "
+            f"| {build} | {r['rel_error']:.1e} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -97,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=4,
+        help="random samples to calibrate int8 CPU parts of mulayer targets",
+    )
     args = parser.parse_args(argv)
 
     import tvm
@@ -107,7 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            rows += bench_model(name, targets, args.repeat, args.warmup, args.threads, Path(tmp))
+            rows += bench_model(
+                name,
+                targets,
+                args.repeat,
+                args.warmup,
+                args.threads,
+                Path(tmp),
+                args.calibration_samples,
+            )
     machine = {
         "date": date.today().isoformat(),
         "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),

@@ -56,3 +56,12 @@ def max_rel_error(actual, expected) -> float:
 
     scale = float(np.abs(expected).max()) or 1.0
     return float(np.abs(np.asarray(actual) - np.asarray(expected)).max()) / scale
+
+
+def sqnr_db(actual, expected) -> float:
+    """Signal-to-noise ratio of ``actual`` against ``expected`` in dB."""
+    import numpy as np
+
+    expected = np.asarray(expected, dtype=np.float64)
+    noise = float(((np.asarray(actual, dtype=np.float64) - expected) ** 2).sum())
+    return float("inf") if noise == 0 else 10 * np.log10(float((expected**2).sum()) / noise)

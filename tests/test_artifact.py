@@ -148,7 +148,8 @@ def test_load_imports_no_compiler_modules(tiny_artifact):
         "import sys, mulayer\n"
         f"mulayer.load({str(tiny_artifact)!r})\n"
         "bad = [m for m in ('onnx', 'mulayer.frontend', 'mulayer.compiler', 'mulayer.build',"
-        " 'mulayer.passes', 'mulayer.schedules', 'mulayer.zoo', 'tvm.relax.frontend.onnx') if m in sys.modules]\n"
+        " 'mulayer.passes', 'mulayer.schedules', 'mulayer.zoo', 'tvm.relax.frontend.onnx')"
+        " if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tvm import relax
+from tvm.script import relax as R
+
 from mulayer import MuLayerError
 from mulayer.calibration import (
     CalibrationStats,
@@ -13,8 +16,6 @@ from mulayer.calibration import (
     quantize_activation,
 )
 from mulayer.frontend import TensorSpec
-from tvm import relax
-from tvm.script import relax as R
 
 SHAPE = (1, 3, 8, 8)
 

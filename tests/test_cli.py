@@ -61,8 +61,22 @@ def test_compile_run_inspect(tiny_onnx, tmp_path, capsys):
     x = rng.standard_normal((1, 3, 32, 32)).astype("float32")
     np.savez(inputs, input=x)
     outputs = tmp_path / "y.npz"
-    assert main(["run", str(artifact), "--inputs", str(inputs), "--output", str(outputs),
-                 "--repeat", "2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(artifact),
+                "--inputs",
+                str(inputs),
+                "--output",
+                str(outputs),
+                "--repeat",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["median_ms"] > 0
     assert report["outputs"][0]["shape"] == [1, 10]

@@ -42,10 +42,11 @@ import math
 
 import numpy as np
 import tvm
-from mulayer.calibration import CalibrationStats, quantize_weight
-from mulayer.passes.common import part_role
 from tvm import relax
 from tvm.ir.expr import Constant
+
+from mulayer.calibration import CalibrationStats, quantize_weight
+from mulayer.passes.common import part_role
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,16 @@ def compile(model, target: str = "llvm", **kwargs) -> CompiledModel:  # noqa: A0
     return compile_model(model, target=target, **kwargs)
 
 
+def calibrate(model, samples, method: str = "percentile", input_shapes=None):
+    """Calibrate the int8 CPU parts of an ONNX model on ``samples``; pass the result to
+    ``mulayer.compile(..., calibration=stats)``. See :func:`mulayer.calibration.calibrate`."""
+    from .calibration import calibrate as _calibrate
+    from .frontend import import_onnx
+
+    mod, _, _ = import_onnx(model, input_shapes)
+    return _calibrate(mod, samples, method=method)
+
+
 def load(path) -> LoadedModel:
     """Load an artifact written by ``CompiledModel.export``; needs only the TVM runtime."""
     from .artifact import load_artifact
@@ -33,4 +43,4 @@ def load(path) -> LoadedModel:
     return load_artifact(path)
 
 
-__all__ = ["MuLayerError", "Plan", "LayerDecision", "compile", "load", "__version__"]
+__all__ = ["MuLayerError", "Plan", "LayerDecision", "calibrate", "compile", "load", "__version__"]

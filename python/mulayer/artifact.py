@@ -100,9 +100,7 @@ def read_metadata(path: str | Path) -> tuple[dict, dict[str, bytes]]:
         if name not in members:
             raise MuLayerError(f"artifact {str(path)!r} is missing its member {name!r}")
         if _sha256(members[name]) != digest:
-            raise MuLayerError(
-                f"artifact {str(path)!r} is corrupt: checksum mismatch for {name!r}"
-            )
+            raise MuLayerError(f"artifact {str(path)!r} is corrupt: checksum mismatch for {name!r}")
     return metadata, members
 
 
@@ -135,7 +133,9 @@ def load_artifact(path: str | Path):
         try:
             lib = tvm.runtime.load_module(str(lib_path))
         except RuntimeError as err:  # TVM errors derive from RuntimeError
-            raise MuLayerError(f"artifact {str(path)!r}: the library failed to load: {err}") from None
+            raise MuLayerError(
+                f"artifact {str(path)!r}: the library failed to load: {err}"
+            ) from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)  # the loaded library stays mapped
     plan_json = members.get(PLAN_NAME, b"").decode() or None

@@ -158,7 +158,7 @@ def _calibration_stats(mod, calibration, inputs):
         return calibration
     if isinstance(calibration, (str, Path)):
         calibration = load_calibration_npz(calibration, inputs)
-    return calibrate(mod, calibration)
+    return calibrate(mod, calibration, method="percentile")
 
 
 def build_cooperative(mod, spec: TargetSpec, plan: Plan, layers, calibration, inputs):

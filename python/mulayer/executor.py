@@ -62,8 +62,14 @@ class Timing:
 class LoadedModel:
     """A compiled model ready to run: ``model(inputs) -> {output name: array}``."""
 
-    def __init__(self, lib, metadata: dict, inputs: list[TensorSpec], outputs: list[TensorSpec],
-                 plan_json: str | None = None) -> None:
+    def __init__(
+        self,
+        lib,
+        metadata: dict,
+        inputs: list[TensorSpec],
+        outputs: list[TensorSpec],
+        plan_json: str | None = None,
+    ) -> None:
         self.metadata = metadata
         self.inputs = inputs
         self.outputs = outputs

@@ -43,7 +43,7 @@ def parse_input_shapes(text: str | None) -> dict[str, list[int]]:
     leftover = re.sub(r"[^\s,\[\]]+\s*:\s*\[[^\]]*\]", "", text).strip(" ,;")
     if leftover or not items:
         raise MuLayerError(
-            f"--input-shapes {text!r} is malformed; expected e.g. \"input:[1,3,224,224]\" "
+            f'--input-shapes {text!r} is malformed; expected e.g. "input:[1,3,224,224]" '
             "(several separated by spaces)"
         )
     shapes: dict[str, list[int]] = {}
@@ -77,8 +77,7 @@ def load_onnx(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
             proto = onnx.load(str(path))
         except Exception as err:  # protobuf raises DecodeError, RuntimeError, ...
             raise MuLayerError(
-                f"{str(path)!r} is not an ONNX model (it could not be parsed: "
-                f"{type(err).__name__})"
+                f"{str(path)!r} is not an ONNX model (it could not be parsed: {type(err).__name__})"
             ) from None
     if not proto.graph.node:
         raise MuLayerError("the ONNX model has no nodes (is it an ONNX file?)")
@@ -170,7 +169,6 @@ def import_onnx(
     model: str | Path | onnx.ModelProto, input_shapes: dict[str, list[int]] | str | None = None
 ):
     """Load ``model`` and return ``(canonical Relax IRModule, input specs, output specs)``."""
-    import tvm
 
     if isinstance(input_shapes, str):
         input_shapes = parse_input_shapes(input_shapes)

@@ -273,9 +273,7 @@ def parse_target(text: str, extra_mulayer: dict[str, str] | None = None) -> Targ
     host_kind, host_opts = parts[-1]
     if host_kind != "llvm":
         if len(parts) == 2:
-            raise MuLayerError(
-                f"the last target is the host and must be llvm, got {host_kind!r}"
-            )
+            raise MuLayerError(f"the last target is the host and must be llvm, got {host_kind!r}")
         host = _llvm({}, detected)  # a lone GPU target gets the detected host CPU
         device_kind, device_opts = host_kind, host_opts
     else:

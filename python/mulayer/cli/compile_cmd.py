@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     }
     spec = parse_target(args.target, extra_mulayer=extra)
     if args.plan and not spec.cooperative:
-        raise MuLayerError("--plan needs a cooperative target such as \"mulayer, cuda, llvm\"")
+        raise MuLayerError('--plan needs a cooperative target such as "mulayer, cuda, llvm"')
     quiet = args.json
     with step(f"compiling {args.model} for {spec.mode} ({args.target})", quiet):
         compiled = compile_model(
@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         for note in spec.detected:
             print(f"note: {note}")
-        print(f"wrote {output} ({spec.mode}, {len(compiled.layers)} splittable layers, "
-              f"built in {compiled.build_seconds:.1f} s)")
+        print(
+            f"wrote {output} ({spec.mode}, {len(compiled.layers)} splittable layers, "
+            f"built in {compiled.build_seconds:.1f} s)"
+        )
     return 0

@@ -27,8 +27,12 @@ def add_parser(subparsers) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default="tiny", choices=("tiny", *BENCHMARK_MODELS),
-                        help="bundled model (default: tiny)")
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        choices=("tiny", *BENCHMARK_MODELS),
+        help="bundled model (default: tiny)",
+    )
     parser.add_argument("--repeat", type=int, default=20, help="timed runs (default 20)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows")
     parser.set_defaults(handler=run)
@@ -73,9 +77,13 @@ def run(args: argparse.Namespace) -> int:
                 reference = list(_reference(model_path, inputs).values())
             outputs = list(model.run(inputs).values())
             scale = max(float(np.abs(ref).max()) for ref in reference) or 1.0
-            error = max(
-                float(np.abs(out - ref).max()) for out, ref in zip(outputs, reference, strict=True)
-            ) / scale
+            error = (
+                max(
+                    float(np.abs(out - ref).max())
+                    for out, ref in zip(outputs, reference, strict=True)
+                )
+                / scale
+            )
             timing = model.benchmark(inputs, repeat=args.repeat)
             rows.append(
                 {
@@ -93,7 +101,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"model {args.model}, reference onnxruntime (CPU fp32)\n")
         print_table(
             ["config", "target", "build s", "median ms", "max rel. error", "check"],
-            [[r["config"], r["target"], r["build_s"], r["median_ms"], f"{r['rel_error']:.2e}",
-              r["check"]] for r in rows],
+            [
+                [
+                    r["config"],
+                    r["target"],
+                    r["build_s"],
+                    r["median_ms"],
+                    f"{r['rel_error']:.2e}",
+                    r["check"],
+                ]
+                for r in rows
+            ],
         )
     return 0 if all(r["check"] == "ok" for r in rows) else 1

@@ -57,8 +57,10 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.is_file():
         raise MuLayerError(f"{args.path!r} does not exist or is not a file")
-    report = _artifact_report(args.path) if zipfile.is_zipfile(path) else _model_report(
-        args.path, args.input_shapes
+    report = (
+        _artifact_report(args.path)
+        if zipfile.is_zipfile(path)
+        else _model_report(args.path, args.input_shapes)
     )
     if args.json:
         print_json(report)
@@ -66,8 +68,10 @@ def run(args: argparse.Namespace) -> int:
     if report["kind"] == "artifact":
         target = report["target"]
         print(f"artifact {args.path}: {report['mode']} build, target {target['text']!r}")
-        print(f"  mulayer {report['mulayer_version']}, TVM {report['tvm_version']}, "
-              f"schema v{report['schema_version']}")
+        print(
+            f"  mulayer {report['mulayer_version']}, TVM {report['tvm_version']}, "
+            f"schema v{report['schema_version']}"
+        )
     for direction in ("inputs", "outputs"):
         for spec in report[direction]:
             print(f"  {direction[:-1]} {spec['name']}: {spec['dtype']}{spec['shape']}")
@@ -84,10 +88,15 @@ def run(args: argparse.Namespace) -> int:
                 layer["flops"] / 1e6,
                 decision.get("placement", report.get("mode", "")),
                 decision.get("precision", ""),
+                "" if decision.get("sqnr_db") is None else round(decision["sqnr_db"], 1),
+                decision.get("reason", ""),
             ]
         )
     print()
-    print_table(["layer", "input", "output", "weight", "MFLOP", "placement", "precision"], rows)
+    print_table(
+        ["layer", "input", "output", "weight", "MFLOP", "placement", "precision", "SQNR dB", "why"],
+        rows,
+    )
     total = sum(layer["flops"] for layer in report["layers"])
     print(f"\n{len(rows)} splittable layers, {total / 1e9:.3f} GFLOP")
     return 0

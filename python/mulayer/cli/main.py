@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 import traceback
+import warnings
 
 from ..errors import MuLayerError
 from . import compile_cmd, demo_cmd, inspect_cmd, run_cmd
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\n"
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

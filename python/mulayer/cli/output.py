@@ -22,8 +22,10 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], file=N
     ]
 
     def line(values):
-        out = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric,
-                                                                        strict=True)]
+        out = [
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ]
         return "  ".join(out).rstrip()
 
     print(line(list(headers)), file=file)

@@ -1,0 +1,41 @@
+"""Top-1 / top-5 agreement of a compiled model with the fp32 reference on real photos.
+
+Used by ``scripts/eval_accuracy.py`` and the ``models`` tests (needs the ``models`` extra).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Agreement:
+    """How often a model's predictions agree with the fp32 reference's."""
+
+    top1_equal: int
+    top5_overlap: float  # mean share of the reference top-5 found in the model's top-5
+    photos: int
+
+    def row(self) -> str:
+        return f"{self.top1_equal}/{self.photos} top-1, {100 * self.top5_overlap:.0f}% top-5"
+
+
+def top_k(logits: np.ndarray, k: int) -> list[int]:
+    return [int(i) for i in np.argsort(-logits.reshape(-1))[:k]]
+
+
+def agreement(run, reference, photos: dict[str, np.ndarray]) -> Agreement:
+    """Compare ``run(x) -> logits`` with ``reference(x) -> logits`` on every photo."""
+    equal, overlap = 0, 0.0
+    for image in photos.values():
+        ours, ref = run(image), reference(image)
+        equal += top_k(ours, 1) == top_k(ref, 1)
+        overlap += len(set(top_k(ours, 5)) & set(top_k(ref, 5))) / 5
+    return Agreement(equal, overlap / len(photos), len(photos))
+
+
+def correct_top1(run, photos: dict[str, np.ndarray], labels: dict[str, tuple[int, ...]]) -> int:
+    """Photos whose top-1 class is one of their accepted labels."""
+    return sum(top_k(run(photos[name]), 1)[0] in labels[name] for name in photos)

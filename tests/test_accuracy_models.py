@@ -1,0 +1,43 @@
+"""Int8/fp16 accuracy on the real pretrained nets and bundled photos (needs the models extra)."""
+
+import pytest
+
+pytest.importorskip("torch")
+
+import mulayer  # noqa: E402
+from mulayer.accuracy import agreement  # noqa: E402
+
+from .conftest import onnxruntime_reference  # noqa: E402
+
+pytestmark = [pytest.mark.models, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def photos():
+    from mulayer.pretrained import load_photos
+
+    return load_photos()
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_pretrained", "efficientnet_lite0"])
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_int8_keeps_top1_and_top5(name, ratio, photos, tmp_path):
+    from mulayer.pretrained import save_pretrained
+
+    path = save_pretrained(name, tmp_path / f"{name}.onnx")
+    compiled = mulayer.compile(
+        str(path),
+        target=f"mulayer -ratio={ratio}, llvm, llvm",
+        calibration={"input": photos.calibration_batch()},  # disjoint from the test photos
+    )
+    precision = compiled.metadata()["precision"]
+    assert sum("int8" in d["precision"] for d in precision.values()) > len(precision) // 2
+    compiled.export(tmp_path / "m.mulayer")
+    model = mulayer.load(tmp_path / "m.mulayer")
+    result = agreement(
+        lambda x: next(iter(model(x).values())),
+        lambda x: onnxruntime_reference(path, {"input": x})[0],
+        photos.test,
+    )
+    assert result.top1_equal == result.photos
+    assert result.top5_overlap >= 0.95

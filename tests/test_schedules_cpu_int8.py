@@ -1,0 +1,257 @@
+"""CPU int8 (u8 x s8 -> s32) rules: bit-exact numerics, dot-product instructions in the asm."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import tvm
+
+from mulayer.schedules import apply_schedules
+from mulayer.schedules._util import has_cpu_feature
+from mulayer.schedules.cpu_int8 import Conv2dInt8DotProduct, MatmulInt8DotProduct
+from mulayer.schedules.testing import (
+    ConvCase,
+    build_prim_func,
+    conv2d_module,
+    conv2d_reference,
+    matmul_module,
+    prim_funcs,
+    requant_reference,
+    run_poisoned,
+    standard_pipeline,
+)
+
+HOST = tvm.target.Target(
+    {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2}
+)
+# Runs on any x86-64 with AVX2: exercises the int32 vector fallbacks.
+NO_VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
+AVX_VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake", "num-cores": 2})
+host_has_vnni = pytest.mark.skipif(
+    not has_cpu_feature(HOST, "avx512vnni"), reason="host CPU lacks AVX-512 VNNI"
+)
+host_has_avx2 = pytest.mark.skipif(not has_cpu_feature(HOST, "avx2"), reason="needs AVX2")
+
+INT8_CONV_CASES = [
+    ConvCase(64, 28, 28, 64),  # VNNI, 3x3
+    ConvCase(32, 14, 14, 48, k=1, pad=0),  # VNNI, pointwise, 3 channel tiles
+    ConvCase(16, 15, 15, 32, stride=2),  # VNNI, strided, odd size
+    ConvCase(64, 9, 9, 64, groups=4),  # VNNI, grouped (16 in / 16 out per group)
+    ConvCase(16, 12, 12, 32, dilation=2, pad=2, n=2),  # VNNI, dilated, batch 2
+    ConvCase(32, 11, 11, 40),  # 40 output channels: 8-lane VNNI (AVX512VL)
+    ConvCase(1152, 4, 4, 1024, k=1, pad=0),  # weights > 1 MB: channel tiles outer
+    ConvCase(3, 20, 20, 16, k=7, stride=2, pad=3),  # 3 input channels: fallback
+    ConvCase(32, 18, 18, 32, groups=32),  # depthwise: fallback
+    ConvCase(12, 9, 9, 20),  # 20 output channels: fallback
+]
+
+
+def _int8_inputs(case: ConvCase, rng):
+    x = rng.integers(0, 256, (case.n, case.c, case.h, case.w)).astype("uint8")
+    w = rng.integers(-128, 128, (case.f, case.c // case.groups, case.k, case.k)).astype("int8")
+    b = rng.integers(-5000, 5000, (1, case.f, 1, 1)).astype("int32")
+    return x, w, b
+
+
+def _conv_int8(case: ConvCase, target, epilogue: str):
+    mod = conv2d_module(case, dtype="uint8", w_dtype="int8", out_dtype="int32", epilogue=epilogue)
+    mod = apply_schedules(standard_pipeline(mod), target, fold_packing=False)
+    (func,) = prim_funcs(mod).values()
+    assert func.attrs.get("tirx.is_scheduled")
+    return func
+
+
+@host_has_vnni
+@pytest.mark.parametrize("case", INT8_CONV_CASES, ids=str)
+def test_conv2d_int8_bit_exact(case: ConvCase):
+    x, w, b = _int8_inputs(case, np.random.default_rng())
+    lib = build_prim_func(_conv_int8(case, HOST, "bias"), HOST)
+    oh, ow = case.out_hw
+    out = run_poisoned(lib, [x, w, b], (case.n, case.f, oh, ow), "int32")
+    ref = conv2d_reference(x, w, case, "int64") + b
+    np.testing.assert_array_equal(out, ref)
+
+
+@host_has_vnni
+@pytest.mark.parametrize("case", [INT8_CONV_CASES[0], INT8_CONV_CASES[8]], ids=str)
+def test_conv2d_int8_requantize_epilogue(case: ConvCase):
+    x, w, b = _int8_inputs(case, np.random.default_rng())
+    lib = build_prim_func(_conv_int8(case, HOST, "requant"), HOST)
+    oh, ow = case.out_hw
+    scale = np.linspace(1e-4, 2e-3, case.f, dtype="float32").reshape(1, case.f, 1, 1)
+    out = run_poisoned(lib, [x, w, b, scale], (case.n, case.f, oh, ow), "uint8")
+    acc = conv2d_reference(x, w, case, "int64").astype("int32")
+    np.testing.assert_array_equal(out, requant_reference(acc, b))
+
+
+@host_has_avx2
+@pytest.mark.parametrize("case", [INT8_CONV_CASES[0], INT8_CONV_CASES[7]], ids=str)
+def test_conv2d_int8_without_vnni_bit_exact(case: ConvCase):
+    x, w, b = _int8_inputs(case, np.random.default_rng())
+    func = _conv_int8(case, NO_VNNI, "bias")
+    lib = build_prim_func(func, NO_VNNI)
+    assert "vpdpbusd" not in lib.inspect_source("asm")
+    oh, ow = case.out_hw
+    out = run_poisoned(lib, [x, w, b], (case.n, case.f, oh, ow), "int32")
+    np.testing.assert_array_equal(out, conv2d_reference(x, w, case, "int64") + b)
+
+
+@pytest.mark.parametrize(
+    ("target", "case", "expect"),
+    [
+        (VNNI, INT8_CONV_CASES[0], True),
+        (VNNI, INT8_CONV_CASES[8], False),  # depthwise: no dot product
+        (AVX_VNNI, ConvCase(16, 10, 10, 8), True),  # 256-bit AVX-VNNI, 8 channels
+        (NO_VNNI, INT8_CONV_CASES[0], False),
+    ],
+    ids=["vnni", "vnni-depthwise", "avx-vnni", "haswell"],
+)
+def test_conv2d_int8_asm_uses_vpdpbusd(target, case, expect):
+    func = _conv_int8(case, target, "bias")
+    asm = build_prim_func(func, target).inspect_source("asm")
+    assert ("vpdpbusd" in asm) == expect
+    claimed = Conv2dInt8DotProduct().apply(
+        prim_funcs(
+            standard_pipeline(conv2d_module(case, dtype="uint8", w_dtype="int8", out_dtype="int32"))
+        ).popitem()[1],
+        target,
+        False,
+    )
+    assert (claimed is not None) == expect
+
+
+@pytest.mark.parametrize(
+    ("mattr", "instr"),
+    [(["+neon", "+dotprod"], "sdot"), (["+neon", "+dotprod", "+i8mm"], "usdot")],
+)
+def test_conv2d_int8_aarch64_dot_product_asm(mattr, instr):
+    target = tvm.target.Target(
+        {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": mattr, "num-cores": 4}
+    )
+    func = _conv_int8(ConvCase(32, 10, 10, 16), target, "bias")
+    asm = build_prim_func(func, target).inspect_source("asm")
+    assert re.search(rf"\b{instr}\b", asm)
+
+
+def test_sdot_emulation_identity():
+    """The +dotprod path computes u8*s8 as (a^0x80 as s8)*b + 64*b + 64*b: check the algebra."""
+    a = np.arange(256, dtype=np.int64)
+    b = np.arange(-128, 128, dtype=np.int64)
+    shifted = (a ^ 0x80).astype(np.uint8).view(np.int8).astype(np.int64)
+    np.testing.assert_array_equal(
+        np.outer(shifted, b) + 2 * np.outer(np.full(256, 64), b), np.outer(a, b)
+    )
+
+
+@host_has_vnni
+@pytest.mark.parametrize(
+    ("m", "k", "n", "vnni"),
+    [(1, 512, 1008, True), (7, 36, 32, True), (16, 256, 64, True), (3, 30, 20, False)],
+)
+def test_matmul_int8_bit_exact(m, k, n, vnni):
+    rng = np.random.default_rng()
+    x = rng.integers(0, 256, (m, k)).astype("uint8")
+    w = rng.integers(-128, 128, (k, n)).astype("int8")
+    b = rng.integers(-5000, 5000, (n,)).astype("int32")
+    mod = matmul_module(m, k, n, dtype="uint8", w_dtype="int8", out_dtype="int32")
+    raw = standard_pipeline(mod)
+    assert (
+        MatmulInt8DotProduct().apply(prim_funcs(raw).popitem()[1], HOST, False) is not None
+    ) == vnni
+    (func,) = prim_funcs(apply_schedules(raw, HOST, fold_packing=False)).values()
+    lib = build_prim_func(func, HOST)
+    assert ("vpdpbusd" in lib.inspect_source("asm")) == vnni
+    out = run_poisoned(lib, [x, w, b], (m, n), "int32")
+    np.testing.assert_array_equal(out, x.astype("int64") @ w.astype("int64") + b)
+
+
+@pytest.mark.skipif(not has_cpu_feature(HOST, "avxvnni"), reason="host CPU lacks AVX-VNNI")
+def test_conv2d_int8_avx_vnni_256_bit_exact():
+    """8-lane AVX-VNNI (no AVX-512) on the host: alderlake's feature set is a subset here."""
+    case = ConvCase(16, 10, 10, 24)
+    x, w, b = _int8_inputs(case, np.random.default_rng())
+    lib = build_prim_func(_conv_int8(case, AVX_VNNI, "bias"), AVX_VNNI)
+    assert "vpdpbusd" in lib.inspect_source("asm")
+    out = run_poisoned(lib, [x, w, b], (1, 24, 10, 10), "int32")
+    np.testing.assert_array_equal(out, conv2d_reference(x, w, case, "int64") + b)
+
+
+@host_has_vnni
+def test_int8_weight_prepack_folds():
+    from tvm import relax
+
+    case = ConvCase(32, 12, 12, 32)
+    x, w, b = _int8_inputs(case, np.random.default_rng())
+    mod = conv2d_module(
+        case,
+        dtype="uint8",
+        w_dtype="int8",
+        out_dtype="int32",
+        epilogue="bias",
+        params={"w": w, "b": b},
+    )
+    mod = apply_schedules(standard_pipeline(mod), HOST)
+    assert all("weight_prepack" not in name for name in prim_funcs(mod))
+    assert any(name.endswith("_prepacked") for name in prim_funcs(mod))
+    vm = relax.VirtualMachine(tvm.compile(mod, target=HOST), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(out, conv2d_reference(x, w, case, "int64") + b)
+
+
+@host_has_vnni
+def test_pad_input_channels_enables_dot_product_on_stem():
+    from tvm import relax
+
+    from mulayer.schedules.pad_channels import PadConvInputChannels
+
+    case = ConvCase(3, 20, 20, 16, k=7, stride=2, pad=3)
+    x, w, b = _int8_inputs(case, np.random.default_rng())
+    mod = conv2d_module(case, "uint8", "int8", "int32", epilogue="bias", params={"w": w, "b": b})
+    mod = standard_pipeline(PadConvInputChannels()(mod))
+    conv = next(f for name, f in prim_funcs(mod).items() if "conv2d" in name)
+    assert Conv2dInt8DotProduct().apply(conv, HOST, False) is not None
+    vm = relax.VirtualMachine(tvm.compile(apply_schedules(mod, HOST), target=HOST), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(out, conv2d_reference(x, w, case, "int64") + b)
+
+
+def _quantizer_form(c: int, h: int, f: int, rng) -> tuple[tvm.IRModule, np.ndarray]:
+    """What QuantizeCPU emits: quantize, pad with the zero point, conv, correct, dequantize."""
+    from tvm import relax
+
+    s, zp = 0.05, 7
+    wq = rng.integers(-128, 128, (f, c, 3, 3)).astype("int8")
+    corr = (zp * wq.astype(np.int64).sum(axis=(1, 2, 3))).astype(np.int32).reshape(1, f, 1, 1)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType((1, c, h, h), "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            q = bb.emit(relax.op.round(relax.op.divide(xv, relax.const(np.float32(s)))))
+            q = bb.emit(relax.op.clip(relax.op.add(q, relax.const(np.float32(zp))), 0, 255))
+            q = bb.emit(relax.op.astype(q, "uint8"))
+            q = bb.emit(relax.op.nn.pad(q, [0, 0, 0, 0, 1, 1, 1, 1], pad_value=float(zp)))
+            acc = bb.emit(relax.op.nn.conv2d(q, relax.const(wq), out_dtype="int32"))
+            acc = bb.emit(relax.op.subtract(acc, relax.const(corr)))
+            y = bb.emit(relax.op.astype(acc, "float32"))
+            scale = np.full((1, f, 1, 1), s * 0.01, "float32")
+            out = bb.emit_output(bb.emit(relax.op.multiply(y, relax.const(scale))))
+        bb.emit_func_output(out)
+    return bb.get(), rng.standard_normal((1, c, h, h)).astype("float32")
+
+
+@host_has_vnni
+def test_quantizer_form_is_bit_exact_against_unscheduled():
+    from tvm import relax
+
+    mod, x = _quantizer_form(32, 12, 48, np.random.default_rng())
+    mod = standard_pipeline(mod)
+    ref = relax.VirtualMachine(tvm.compile(mod, target=HOST), tvm.cpu())
+    sched = apply_schedules(mod, HOST)
+    conv = next(f for name, f in prim_funcs(mod).items() if name.startswith("fused_conv2d"))
+    assert Conv2dInt8DotProduct().apply(conv, HOST, False) is not None
+    vm = relax.VirtualMachine(tvm.compile(sched, target=HOST), tvm.cpu())
+    xt = tvm.runtime.tensor(x)
+    np.testing.assert_array_equal(vm["main"](xt).numpy(), ref["main"](xt).numpy())
