@@ -24,19 +24,11 @@ import tvm
 from tvm import relax
 from tvm.ir.expr import Constant
 
+from mulayer.layers import static_shape
+
 from ._util import logger
 
 CHANNEL_MULTIPLE = 4
-
-
-def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    try:
-        return tuple(int(d) for d in ty.shape.values)
-    except (TypeError, AttributeError):
-        return None
 
 
 @relax.expr_functor.mutator
@@ -64,7 +56,7 @@ class _PadChannels(relax.PyExprMutator):
             or str(weight.value.dtype) != "int8"
         ):
             return call
-        shape = _static_shape(data)
+        shape = static_shape(data)
         if shape is None or shape[1] % self._multiple == 0:
             return call
         extra = -shape[1] % self._multiple

@@ -43,6 +43,46 @@ def _median_ms(fn, repeat: int, warmup: int) -> float:
     return statistics.median(samples)
 
 
+def _bench_target(
+    name, target, model_path, session, input_name, calibration_samples, repeat, warmup, workdir
+):
+    import mulayer
+
+    calibration = None
+    if target.startswith("mulayer") and calibration_samples:
+        shape = session.get_inputs()[0].shape
+        rng = np.random.default_rng(1)
+        calibration = {
+            input_name: rng.standard_normal((calibration_samples, *shape[1:])).astype("float32")
+        }
+    start = time.perf_counter()
+    compiled = mulayer.compile(str(model_path), target=target, calibration=calibration)
+    build_s = time.perf_counter() - start
+    artifact = workdir / f"{name}.mulayer"
+    compiled.export(artifact)
+    model = mulayer.load(artifact)
+    x = model.random_inputs(seed=0)
+    reference = session.run(None, x)[0]
+    out = list(model(x).values())[0]
+    error = float(np.abs(out - reference).max() / np.abs(reference).max())
+    timing = model.benchmark(x, repeat=repeat, warmup=warmup)
+    print(
+        f"{name:12s} {target:28s} {timing.median_ms:9.3f} ms  build {build_s:5.1f} s  "
+        f"err {error:.1e}",
+        flush=True,
+    )
+    return {
+        "model": name,
+        "system": f"mulayer {compiled.spec.mode}",
+        "target": target,
+        "median_ms": timing.median_ms,
+        "build_s": build_s,
+        "rel_error": error,
+        "calibrated": calibration is not None,
+        "inputs": x,
+    }
+
+
 def bench_model(
     name: str,
     targets: list[str],
@@ -52,7 +92,6 @@ def bench_model(
     workdir: Path,
     calibration_samples: int,
 ) -> list[dict]:
-    import mulayer
     from mulayer.zoo import save_model
 
     model_path = workdir / f"{name}.onnx"
@@ -61,42 +100,43 @@ def bench_model(
     input_name = session.get_inputs()[0].name
     rows = []
     x = None
-    reference = None
     for target in targets:
-        start = time.perf_counter()
-        calibration = None
-        if target.startswith("mulayer") and calibration_samples:
-            shape = session.get_inputs()[0].shape
-            rng = np.random.default_rng(1)
-            calibration = {
-                input_name: rng.standard_normal((calibration_samples, *shape[1:])).astype("float32")
-            }
-        compiled = mulayer.compile(str(model_path), target=target, calibration=calibration)
-        build_s = time.perf_counter() - start
-        artifact = workdir / f"{name}.mulayer"
-        compiled.export(artifact)
-        model = mulayer.load(artifact)
-        if x is None:
-            x = model.random_inputs(seed=0)
-            reference = session.run(None, x)[0]
-        out = list(model(x).values())[0]
-        error = float(np.abs(out - reference).max() / np.abs(reference).max())
-        timing = model.benchmark(x, repeat=repeat, warmup=warmup)
-        rows.append(
-            {
-                "model": name,
-                "system": f"mulayer {compiled.spec.mode}",
-                "target": target,
-                "median_ms": timing.median_ms,
-                "build_s": build_s,
-                "rel_error": error,
-            }
-        )
-        print(
-            f"{name:12s} {target:28s} {timing.median_ms:9.3f} ms  build {build_s:5.1f} s  "
-            f"err {error:.1e}",
-            flush=True,
-        )
+        try:
+            row = _bench_target(
+                name,
+                target,
+                model_path,
+                session,
+                input_name,
+                calibration_samples,
+                repeat,
+                warmup,
+                workdir,
+            )
+        except Exception as err:  # a benchmark reports a failed build or run and goes on
+            message = str(err).strip().splitlines()[-1][:160] if str(err).strip() else ""
+            print(f"{name:12s} {target:28s} FAILED: {type(err).__name__}: {message}", flush=True)
+            rows.append(
+                {
+                    "model": name,
+                    "system": "mulayer",
+                    "target": target,
+                    "median_ms": None,
+                    "build_s": None,
+                    "rel_error": None,
+                    "error": f"{type(err).__name__}: {message}",
+                }
+            )
+            continue
+        inputs = row.pop("inputs")
+        x = inputs if x is None else x
+        rows.append(row)
+    if x is None:
+        x = {
+            input_name: np.random.default_rng(0)
+            .standard_normal([int(d) for d in session.get_inputs()[0].shape])
+            .astype("float32")
+        }
     ort_ms = _median_ms(lambda: session.run(None, {input_name: x[input_name]}), repeat, warmup)
     rows.append(
         {
@@ -118,11 +158,12 @@ def markdown(rows: list[dict]) -> str:
         "| --- | --- | --- | ---: | ---: | ---: |",
     ]
     for r in rows:
+        head = f"| {r['model']} | {r['system']} | `{r['target']}` |"
+        if r["median_ms"] is None:
+            lines.append(f"{head} failed: {r['error']} | | |")
+            continue
         build = "" if r["build_s"] is None else f"{r['build_s']:.1f}"
-        lines.append(
-            f"| {r['model']} | {r['system']} | `{r['target']}` | {r['median_ms']:.3f} "
-            f"| {build} | {r['rel_error']:.1e} |"
-        )
+        lines.append(f"{head} {r['median_ms']:.3f} | {build} | {r['rel_error']:.1e} |")
     return "\n".join(lines) + "\n"
 
 

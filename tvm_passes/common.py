@@ -116,17 +116,6 @@ def join_of(var: relax.Var | str) -> str | None:
 
 
 # ----------------------------------------------------------------------------- IR utilities
-def static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
-    """The static shape of a tensor expression, or ``None`` when unknown or dynamic."""
-    ty = getattr(expr, "ty", None)
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    try:
-        return tuple(int(d) for d in ty.shape.values)
-    except (TypeError, AttributeError):
-        return None
-
-
 def op_name(expr: relax.Expr) -> str | None:
     """``"relax.nn.conv2d"`` for a call of a Relax op, else ``None``."""
     if isinstance(expr, relax.Call):

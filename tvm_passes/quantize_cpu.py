@@ -46,20 +46,13 @@ from tvm import relax
 from tvm.ir.expr import Constant
 
 from mulayer.calibration import CalibrationStats, quantize_weight
+from mulayer.layers import static_shape
 from mulayer.passes.common import part_role
 
 log = logging.getLogger(__name__)
 
 PRECISION_ATTR = "mulayer.precision"
 _QUANTIZABLE = {"relax.nn.conv2d": "conv2d", "relax.matmul": "dense"}
-def _shape(expr: relax.Expr) -> tuple[int, ...] | None:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    try:
-        return tuple(int(d) for d in ty.shape.values)
-    except (TypeError, AttributeError):
-        return None
 
 
 @relax.expr_functor.mutator
@@ -86,7 +79,7 @@ class _Quantizer(relax.PyExprMutator):
         if not isinstance(weight, Constant):
             self._keep(layer, "the weight is not a constant")
             return None
-        data_shape, w_shape = _shape(data), _shape(weight)
+        data_shape, w_shape = static_shape(data), static_shape(weight)
         if data_shape is None or w_shape is None or str(data.ty.dtype) != "float32":
             self._keep(layer, "the input is not a static-shape float32 tensor")
             return None
@@ -137,7 +130,7 @@ class _Quantizer(relax.PyExprMutator):
         q = self._emit(relax.op.astype(q, "uint8"), qin)
 
         # Step 2. The op on uint8 x int8 with int32 accumulation.
-        out_shape = [1] * len(_shape(call))
+        out_shape = [1] * len(static_shape(call))
         out_shape[1] = -1
         if kind == "conv2d":
             attrs = call.attrs

@@ -41,7 +41,8 @@ class Layer:
         return asdict(self)
 
 
-def _shape(expr: relax.Expr) -> tuple[int, ...] | None:
+def static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
+    """The static shape of a tensor expression, or ``None`` when unknown or dynamic."""
     ty = expr.ty if hasattr(expr, "ty") else None
     if not isinstance(ty, relax.TensorType) or ty.shape is None:
         return None
@@ -72,18 +73,18 @@ def classify(call: relax.Expr) -> str | None:
             attrs.data_layout == "NCHW"
             and attrs.kernel_layout == "OIHW"
             and isinstance(call.args[1], Constant)
-            and _shape(call.args[0]) is not None
+            and static_shape(call.args[0]) is not None
         ):
             return "conv2d"
         return None
     if op_name == "relax.matmul":
         weight = call.args[1]
-        x_shape = _shape(call.args[0])
-        if isinstance(weight, Constant) and len(_shape(weight) or ()) == 2 and x_shape:
+        x_shape = static_shape(call.args[0])
+        if isinstance(weight, Constant) and len(static_shape(weight) or ()) == 2 and x_shape:
             return "dense" if len(x_shape) == 2 else None
         return None
     if op_name in ("relax.nn.max_pool2d", "relax.nn.avg_pool2d"):
-        if call.attrs.layout == "NCHW" and _shape(call.args[0]) is not None:
+        if call.attrs.layout == "NCHW" and static_shape(call.args[0]) is not None:
             return op_name.split(".")[-1]
         return None
     if op_name == "relax.nn.adaptive_avg_pool2d":
@@ -92,7 +93,7 @@ def classify(call: relax.Expr) -> str | None:
             return "global_avg_pool2d"
         return None
     if op_name == "relax.mean":
-        shape = _shape(call.args[0])
+        shape = static_shape(call.args[0])
         axes = [int(a) for a in call.attrs.axis] if call.attrs.axis is not None else None
         if shape and len(shape) == 4 and axes in ([2, 3], [-2, -1]) and call.attrs.keepdims:
             return "global_avg_pool2d"
@@ -134,11 +135,11 @@ def splittable_bindings(func: relax.Function) -> list[tuple[Layer, relax.VarBind
             if kind is None:
                 continue
             call = binding.value
-            in_shape = _shape(call.args[0])
-            out_shape = _shape(binding.var)
+            in_shape = static_shape(call.args[0])
+            out_shape = static_shape(binding.var)
             if in_shape is None or out_shape is None:
                 continue
-            w_shape = _shape(call.args[1]) if kind in ("conv2d", "dense") else None
+            w_shape = static_shape(call.args[1]) if kind in ("conv2d", "dense") else None
             index = counters.get(kind, 0)
             counters[kind] = index + 1
             attrs = call.attrs
