@@ -34,7 +34,7 @@ from tvm import relax
 from tvm.ir.expr import Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from mulayer.layers import Layer, classify, splittable_layers
+from mulayer.layers import Layer, classify, splittable_layers, static_shape
 from mulayer.plan import Plan
 
 from .common import (
@@ -45,7 +45,6 @@ from .common import (
     join_name,
     op_name,
     part_name,
-    static_shape,
 )
 
 log = logging.getLogger(__name__)
