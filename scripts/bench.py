@@ -24,14 +24,6 @@ from pathlib import Path
 import numpy as np
 
 
-def _ort_session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def _median_ms(fn, repeat: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
@@ -47,6 +39,7 @@ def _bench_target(
     name, target, model_path, session, input_name, calibration_samples, repeat, warmup, workdir
 ):
     import mulayer
+    from mulayer.reference import max_rel_error
 
     calibration = None
     if target.startswith("mulayer") and calibration_samples:
@@ -64,7 +57,7 @@ def _bench_target(
     x = model.random_inputs(seed=0)
     reference = session.run(None, x)[0]
     out = list(model(x).values())[0]
-    error = float(np.abs(out - reference).max() / np.abs(reference).max())
+    error = max_rel_error(out, reference)
     timing = model.benchmark(x, repeat=repeat, warmup=warmup)
     print(
         f"{name:12s} {target:28s} {timing.median_ms:9.3f} ms  build {build_s:5.1f} s  "
@@ -92,11 +85,12 @@ def bench_model(
     workdir: Path,
     calibration_samples: int,
 ) -> list[dict]:
+    from mulayer.reference import onnxruntime_session
     from mulayer.zoo import save_model
 
     model_path = workdir / f"{name}.onnx"
     save_model(name, model_path)
-    session = _ort_session(model_path, threads)
+    session = onnxruntime_session(model_path, threads)
     input_name = session.get_inputs()[0].name
     rows = []
     x = None

@@ -22,9 +22,9 @@ import numpy as np
 
 
 def ort_runner(path: Path):
-    import onnxruntime as ort
+    from mulayer.reference import onnxruntime_session
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(path)
     return lambda x: session.run(None, {"input": x})[0]
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from mulayer.reference import max_rel_error, onnxruntime_outputs
+
+__all__ = ["max_rel_error", "onnxruntime_reference", "sqnr_db"]
+
 
 def _has_cuda() -> bool:
     import tvm
@@ -45,17 +49,7 @@ def resnet18_onnx(model_dir):
 
 def onnxruntime_reference(model_path, inputs):
     """Outputs of onnxruntime (CPU fp32) for ``inputs``, in graph order."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    return session.run(None, inputs)
-
-
-def max_rel_error(actual, expected) -> float:
-    import numpy as np
-
-    scale = float(np.abs(expected).max()) or 1.0
-    return float(np.abs(np.asarray(actual) - np.asarray(expected)).max()) / scale
+    return onnxruntime_outputs(model_path, inputs)
 
 
 def sqnr_db(actual, expected) -> float:

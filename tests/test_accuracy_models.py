@@ -6,8 +6,7 @@ pytest.importorskip("torch")
 
 import mulayer  # noqa: E402
 from mulayer.accuracy import agreement  # noqa: E402
-
-from .conftest import onnxruntime_reference  # noqa: E402
+from mulayer.reference import onnxruntime_session  # noqa: E402
 
 pytestmark = [pytest.mark.models, pytest.mark.slow]
 
@@ -34,9 +33,10 @@ def test_int8_keeps_top1_and_top5(name, ratio, photos, tmp_path):
     assert sum("int8" in d["precision"] for d in precision.values()) > len(precision) // 2
     compiled.export(tmp_path / "m.mulayer")
     model = mulayer.load(tmp_path / "m.mulayer")
+    reference = onnxruntime_session(path)
     result = agreement(
         lambda x: next(iter(model(x).values())),
-        lambda x: onnxruntime_reference(path, {"input": x})[0],
+        lambda x: reference.run(None, {"input": x})[0],
         photos.test,
     )
     assert result.top1_equal == result.photos

@@ -6,8 +6,8 @@ TVM 0.27 work-arounds (DESIGN §2, §6):
 - LegalizeOps drops the vdevice of some calls (conv2d): every op's legalization is wrapped so
   the ``call_tir`` it returns keeps the call's vdevice, and the PrimFunc gets that target.
 - FuseOps/FuseTIR drop PrimFunc targets, so nothing is fused here.
-- PrimFuncs are scheduled by ``mulayer.schedules.apply_schedules`` when it is available,
-  otherwise the GPU ones by dlight's default rules (CPU ones may stay unscheduled).
+- PrimFuncs are scheduled by ``mulayer.schedules.apply_schedules`` (each PrimFunc's own
+  ``target`` attribute picks its rules).
 
 Known cost: the Relax VM puts every constant on its first device (the GPU, first in the
 ``vdevice`` list), so GPU weights are resident but, on a real GPU, constants read by CPU parts are
@@ -18,15 +18,13 @@ vdevice); with llvm as the "GPU" both sides share one device and nothing is copi
 
 from __future__ import annotations
 
-import logging
-
 import tvm
 from tvm import relax
 from tvm.target import Target
 
-from .place_devices import PlaceDevices, make_vdevices
+from mulayer.schedules import apply_schedules
 
-log = logging.getLogger(__name__)
+from .place_devices import PlaceDevices, make_vdevices
 
 
 def keep_vdevice(legalize):
@@ -68,27 +66,6 @@ def legalize_keeping_vdevices(mod: tvm.IRModule) -> tvm.IRModule:
     return relax.transform.LegalizeOps(custom)(mod)
 
 
-def _schedule(mod: tvm.IRModule, gpu_target: Target) -> tvm.IRModule:
-    try:
-        from mulayer.schedules import apply_schedules
-
-        return apply_schedules(mod, gpu_target)
-    except (ImportError, AttributeError) as err:
-        log.debug("mulayer.schedules unavailable (%s): dlight default GPU rules", err)
-    from tvm.s_tir import dlight as dl
-
-    if gpu_target.kind.name in ("llvm", "c"):
-        return mod
-    with gpu_target:
-        return dl.ApplyDefaultSchedule(
-            dl.gpu.Matmul(),
-            dl.gpu.GEMV(),
-            dl.gpu.Reduction(),
-            dl.gpu.GeneralReduction(),
-            dl.gpu.Fallback(),
-        )(mod)
-
-
 def build_two_device(mod: tvm.IRModule, gpu_target, cpu_target) -> tvm.runtime.Executable:
     """Compile a module for a GPU VDevice and a CPU VDevice into one VM executable.
 
@@ -110,7 +87,7 @@ def build_two_device(mod: tvm.IRModule, gpu_target, cpu_target) -> tvm.runtime.E
         mod = PlaceDevices(gpu_target, cpu_target)(mod)
     mod = relax.transform.RealizeVDevice()(mod)
     mod = legalize_keeping_vdevices(mod)
-    mod = _schedule(mod, vdevices["gpu"].target)
+    mod = apply_schedules(mod, vdevices["gpu"].target)
     return tvm.compile(mod, target=None)
 
 

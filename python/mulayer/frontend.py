@@ -223,8 +223,7 @@ def output_specs(mod, names: list[str] | None = None) -> list[TensorSpec]:
     """Output shapes and dtypes of ``main``, named by ``names`` (else numbered)."""
     from tvm import relax
 
-    ret = mod["main"].ret_struct_info if hasattr(mod["main"], "ret_struct_info") else None
-    ret = ret if ret is not None else mod["main"].body.ty
+    ret = mod["main"].body.ty
     fields = ret.fields if isinstance(ret, relax.TupleType) else [ret]
     specs = []
     for i, field in enumerate(fields):

@@ -6,8 +6,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from .output import print_json, print_table
 
 EXAMPLE = """example:
@@ -49,17 +47,10 @@ def demo_targets() -> list[tuple[str, str, float]]:
     return configs
 
 
-def _reference(model_path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    names = [output.name for output in session.get_outputs()]
-    return dict(zip(names, session.run(None, inputs), strict=True))
-
-
 def run(args: argparse.Namespace) -> int:
     from .. import compile as compile_model
     from .. import load
+    from ..reference import max_rel_error, onnxruntime_outputs
     from ..zoo import save_model
 
     rows = []
@@ -74,15 +65,10 @@ def run(args: argparse.Namespace) -> int:
             model = load(artifact)
             inputs = model.random_inputs(seed=0)
             if reference is None:
-                reference = list(_reference(model_path, inputs).values())
+                reference = onnxruntime_outputs(model_path, inputs)
             outputs = list(model.run(inputs).values())
-            scale = max(float(np.abs(ref).max()) for ref in reference) or 1.0
-            error = (
-                max(
-                    float(np.abs(out - ref).max())
-                    for out, ref in zip(outputs, reference, strict=True)
-                )
-                / scale
+            error = max(
+                max_rel_error(out, ref) for out, ref in zip(outputs, reference, strict=True)
             )
             timing = model.benchmark(inputs, repeat=args.repeat)
             rows.append(
