@@ -8,12 +8,13 @@ TVM 0.27 work-arounds (DESIGN §2, §6):
 - FuseOps/FuseTIR drop PrimFunc targets, so nothing is fused here.
 - PrimFuncs are scheduled by ``mulayer.schedules.apply_schedules`` (each PrimFunc's own
   ``target`` attribute picks its rules).
+- The static memory planner shares storage across devices: the VM lowering adds
+  :class:`~mulayer.passes.separate_device_storage.SeparateDeviceStorage` after it.
 
-Known cost: the Relax VM puts every constant on its first device (the GPU, first in the
-``vdevice`` list), so GPU weights are resident but, on a real GPU, constants read by CPU parts are
-copied device-to-host on every call (PlaceDevices' ``const<n>_to_cpu``). The fix is to make the
-CPU weights parameters the executor keeps in host memory (or a VM that places constants by
-vdevice); with llvm as the "GPU" both sides share one device and nothing is copied.
+Constants: the Relax VM puts every constant on its first device (the GPU). GPU weights are
+therefore resident; the constants CPU parts read are lifted by
+:class:`~mulayer.passes.lift_cpu_weights.LiftCPUWeights` into ``main`` parameters that the
+runtime copies to the host once (``vm["mulayer_cpu_weights"]()``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import tvm
 from tvm import relax
 from tvm.target import Target
 
-from mulayer.schedules import apply_schedules
-
+from .common import part_role
 from .place_devices import PlaceDevices, make_vdevices
+
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
 
 def keep_vdevice(legalize):
@@ -82,13 +84,46 @@ def build_two_device(mod: tvm.IRModule, gpu_target, cpu_target) -> tvm.runtime.E
     tvm.runtime.Executable
         Run it with ``relax.VirtualMachine(ex, devices(gpu_target))``.
     """
+    from .pipeline import lower_two_device
+
     vdevices = make_vdevices(gpu_target, cpu_target)
     if "vdevice" not in mod.global_infos:
         mod = PlaceDevices(gpu_target, cpu_target)(mod)
-    mod = relax.transform.RealizeVDevice()(mod)
-    mod = legalize_keeping_vdevices(mod)
-    mod = apply_schedules(mod, vdevices["gpu"].target)
-    return tvm.compile(mod, target=None)
+    return compile_lowered(lower_two_device(mod, vdevices["gpu"].target))
+
+
+def compile_lowered(mod: tvm.IRModule) -> tvm.runtime.Executable:
+    """VM executable of a module :func:`~mulayer.passes.pipeline.lower_two_device` returned."""
+    from .pipeline import vm_lowering
+
+    return tvm.compile(mod, target=None, relax_pipeline=vm_lowering())
+
+
+def kernel_sites(mod: tvm.IRModule) -> list[list[str]]:
+    """``[symbol, binding, side]`` of every kernel ``main`` calls, in program order.
+
+    ``mod`` is a lowered two-device module; the executor's tracer matches the VM's kernel calls
+    to these sites so that intervals carry part names (``conv2d_3_cpu``).
+    """
+    sites = []
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if not (isinstance(value, relax.Call) and value.op.same_as(_CALL_TIR)):
+                continue
+            sites.append([value.args[0].name_hint, binding.var.name, _side(binding)])
+    return sites
+
+
+def _side(binding: relax.VarBinding) -> str:
+    """The part's side by name; else by the output's device kind (a CPU kind reads "cpu", so
+    on the llvm + llvm stand-in, joins and other unnamed bindings read "cpu")."""
+    part = part_role(binding.var)
+    if part is not None:
+        return part[1]
+    vdevice = getattr(binding.var.ty, "vdevice", None)
+    kind = vdevice.target.kind.name if vdevice is not None else "llvm"
+    return "cpu" if kind in ("llvm", "c") else "gpu"
 
 
 def devices(gpu_target) -> list[tvm.runtime.Device]:

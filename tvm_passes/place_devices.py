@@ -24,8 +24,8 @@ Wherever a tensor is read on the other side, an explicit ``R.to_vdevice`` copy
 emits each layer's GPU part before its CPU part, so the GPU launch comes first, the CPU work
 overlaps it, and the device-to-host copy of the GPU part is emitted at the join, after the CPU
 work. The VM keeps every constant on its first device (the GPU): when the two sides are
-different kinds of device, constants read on the CPU are copied there on every call
-(``const<n>_to_cpu``): a known cost, see build_helpers.
+different kinds of device, constants read on the CPU get a copy ``const<n>_to_cpu``, which
+:class:`~mulayer.passes.lift_cpu_weights.LiftCPUWeights` then turns into a once-per-load copy.
 PrimFuncs called with ``call_tir`` are cloned per side with that side's ``target`` attribute.
 """
 
@@ -68,28 +68,36 @@ class PlaceDevices:
     gpu_target, cpu_target : tvm.target.Target | dict | str
         E.g. ``{"kind": "cuda", "arch": "sm_90"}`` and ``{"kind": "llvm"}``; the GPU side may
         itself be an llvm target (the cooperative path then runs on a CPU-only machine).
+    copy_constants : bool, optional
+        Emit ``const<n>_to_cpu`` copies for constants read on the CPU; default: when the two
+        sides are different kinds of device (``True`` exercises that path on llvm + llvm).
     """
 
-    def __init__(self, gpu_target, cpu_target):
+    def __init__(self, gpu_target, cpu_target, copy_constants: bool | None = None):
         self.vdevices = make_vdevices(gpu_target, cpu_target)
+        self.copy_constants = copy_constants
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         func = mod["main"]
         if not all(isinstance(b, relax.DataflowBlock) for b in func.body.blocks):
             log.debug("PlaceDevices: main has a non-dataflow block; left unplaced")
             return mod
-        return _Placer(mod, self.vdevices).run()
+        return _Placer(mod, self.vdevices, self.copy_constants).run()
 
 
 class _Placer:
     """Rebuilds ``main`` binding by binding (placement needs a whole-function view first)."""
 
-    def __init__(self, mod: tvm.IRModule, vdevices: dict[str, relax.VDevice]):
+    def __init__(self, mod: tvm.IRModule, vdevices: dict, copy_constants: bool | None):
         self.mod = mod
         self.func = mod["main"]
         self.vdevices = vdevices
         gpu_kind = vdevices["gpu"].target.kind.name
-        self.copy_consts = gpu_kind != vdevices["cpu"].target.kind.name
+        self.copy_consts = (
+            gpu_kind != vdevices["cpu"].target.kind.name
+            if copy_constants is None
+            else copy_constants
+        )
         self.bindings = [b for block in self.func.body.blocks for b in block.bindings]
         self.side: dict[relax.Var, str] = {p: "cpu" for p in self.func.params}
 

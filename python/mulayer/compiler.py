@@ -95,6 +95,7 @@ def compile_model(
     plan: Plan | str | Path | None = None,
     calibration=None,
     input_shapes: dict[str, list[int]] | str | None = None,
+    cuda_graph: bool = True,
 ) -> CompiledModel:
     """Compile an ONNX model (path or ``onnx.ModelProto``) for ``target``.
 
@@ -106,6 +107,9 @@ def compile_model(
     plan : a :class:`Plan` (or its JSON file) for cooperative targets; overrides ``-ratio``.
     calibration : calibration samples for the CPU int8 parts (cooperative targets).
     input_shapes : static shapes for dynamic inputs (``{"input": [1, 3, 224, 224]}``).
+    cuda_graph : GPU-only CUDA builds capture their kernels in a CUDA graph (TVM's
+        ``RewriteCUDAGraph``), launched once per call instead of once per kernel. Cooperative
+        builds do not: TVM's capture would record the CPU kernels too (see docs/results.md).
     """
     start = time.perf_counter()
     spec = parse_target(target) if isinstance(target, str) else target
@@ -120,7 +124,10 @@ def compile_model(
         plan = resolve_plan(plan, spec, [layer.name for layer in layers])
         executable, extra = build_cooperative(mod, spec, plan, layers, calibration, inputs)
     elif spec.mode == "gpu":
-        executable = build_single(to_fp16(mod), spec.device_target())
+        use_graph = cuda_graph and spec.device["kind"] == "cuda"
+        extra["cuda_graph"] = use_graph
+        with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": use_graph}):
+            executable = build_single(to_fp16(mod), spec.device_target())
     else:
         executable = build_single(mod, spec.host_target())
     return CompiledModel(
@@ -163,31 +170,29 @@ def _calibration_stats(mod, calibration, inputs):
 
 def build_cooperative(mod, spec: TargetSpec, plan: Plan, layers, calibration, inputs):
     """Split, quantize, cast, place and build a two-device module; return (executable, meta)."""
-    from mulayer.passes.build_helpers import build_two_device
-    from mulayer.passes.cast_gpu import CastGPU
-    from mulayer.passes.place_devices import PlaceDevices
-    from mulayer.passes.quantize_cpu import QuantizeCPU, precision_report
-    from mulayer.passes.split_channels import SplitChannels
+    from mulayer.passes.build_helpers import compile_lowered, kernel_sites
+    from mulayer.passes.lift_cpu_weights import WEIGHTS_FUNC
+    from mulayer.passes.pipeline import cooperative_passes, lower_two_device
+    from mulayer.passes.place_devices import make_vdevices
+    from mulayer.passes.quantize_cpu import precision_report
 
     gpu_target, cpu_target = spec.device_target(), spec.host_target()
     stats = _calibration_stats(mod, calibration, inputs)
-    # 2a. Split each layer's output channels between the GPU part and the CPU part
-    mod = SplitChannels(plan)(mod)
-    # 2b. CPU parts in int8 (calibrated), with the accuracy guard keeping weak ones in float
-    if stats is not None:
-        mod = QuantizeCPU(stats, guard_db=spec.mulayer.guard_db)(mod)
-    else:
+    if stats is None:
         warnings.warn(
             "no calibration data: the CPU parts stay in fp32; give --calibration samples.npz "
             "(or calibration=...) for int8",
             stacklevel=3,
         )
-    # 2c. GPU parts in fp16 (fp32 accumulation)
-    mod = CastGPU()(mod)
-    # 2d. VDevices and explicit copies; GPU launches first
-    mod = PlaceDevices(gpu_target, cpu_target)(mod)
+    # Split each layer's output channels, CPU parts in int8 (calibrated, guarded), GPU parts in
+    # fp16, VDevices and copies (GPU launches first), CPU weights copied to the host once.
+    passes = cooperative_passes(plan, gpu_target, cpu_target, stats, spec.mulayer.guard_db)
+    mod = passes(mod)
     precision = precision_report(mod)
-    executable = build_two_device(mod, gpu_target, cpu_target)
+    cpu_weights = len(mod["main"].params) - len(inputs)
+    mod = lower_two_device(mod, make_vdevices(gpu_target, cpu_target)["gpu"].target)
+    sites = kernel_sites(mod)
+    executable = compile_lowered(mod)
     decisions = {}
     for layer in layers:
         gpu = plan.gpu_size(layer.name, layer.out_channels)
@@ -210,4 +215,7 @@ def build_cooperative(mod, spec: TargetSpec, plan: Plan, layers, calibration, in
             ),
             **{k: v for k, v in precision.get(layer.name, {}).items() if k != "precision"},
         }
-    return executable, {"precision": decisions, "calibrated": stats is not None}
+    meta = {"precision": decisions, "calibrated": stats is not None, "kernel_sites": sites}
+    if cpu_weights:
+        meta["cpu_weights"] = {"function": WEIGHTS_FUNC, "count": cpu_weights}
+    return executable, meta

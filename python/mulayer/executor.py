@@ -1,8 +1,14 @@
-"""Run a loaded artifact: validate inputs, place them, call the Relax VM, time it.
+"""Run a loaded artifact: validate inputs, place them, call the Relax VM, time it, trace it.
 
-Runtime side only: imports the TVM runtime, never the compiler or onnx. One ``LoadedModel`` may be
-called from several threads: calls are serialised by a lock (the VM keeps per-call frames that
-must not interleave). For parallel throughput load one model per thread.
+Runtime side only: imports the TVM runtime, never the compiler or onnx. The stock Relax VM runs
+an artifact: GPU kernels are launched asynchronously, so the CPU parts that follow them in
+program order run while the GPU computes; copies happen where PlaceDevices put them. The CPU
+parts' weights are copied to the host once, at load (``vm["mulayer_cpu_weights"]()``), and
+passed to every call after the inputs.
+
+Concurrency: one ``LoadedModel`` may be called from several threads; calls are serialised by a
+lock (the VM keeps per-call frames and a memory plan that must not interleave), so results equal
+serial calls. For parallel throughput load one model per thread.
 """
 
 from __future__ import annotations
@@ -79,6 +85,8 @@ class LoadedModel:
         self._vm = VirtualMachine(lib, self.devices)
         self._main = self._vm["main"]
         self._lock = threading.Lock()
+        weights = metadata.get("cpu_weights")
+        self._weights = list(self._vm[weights["function"]]()) if weights else []
 
     @property
     def mode(self) -> str:
@@ -133,7 +141,7 @@ class LoadedModel:
 
     def _invoke(self, device_inputs: list):
         with self._lock:
-            result = self._main(*device_inputs)
+            result = self._main(*device_inputs, *self._weights)
             for device in self.devices:
                 device.sync()
         return result
@@ -164,3 +172,29 @@ class LoadedModel:
             self._invoke(device_inputs)
             samples.append((time.perf_counter() - start) * 1e3)
         return Timing.from_samples(samples)
+
+    def trace(self, inputs=None, warmup: int = 3):
+        """Run once under the VM instrument; return ``(chrome_trace_dict, TraceSummary)``.
+
+        See :mod:`mulayer.trace` for what is recorded and how GPU intervals are timed.
+        """
+        from .trace import Recorder
+
+        device_inputs = self._upload(self.check_inputs(inputs or self.random_inputs(0)))
+        for _ in range(warmup):
+            self._invoke(device_inputs)
+        gpu_kind = self.metadata["vm_devices"][0] if len(self.devices) > 1 else None
+        recorder = Recorder(self.metadata.get("kernel_sites", []), gpu_kind)
+        with self._lock:
+            self._vm.set_instrument(recorder)
+            try:
+                recorder.start()
+                self._main(*device_inputs, *self._weights)
+                for device in self.devices:
+                    device.sync()
+                wall = recorder.finish()
+            finally:
+                self._vm.set_instrument(None)
+        summary = recorder.summary(wall)
+        info = {"mode": self.mode, "vm_devices": self.metadata["vm_devices"]}
+        return recorder.chrome_trace(summary, info), summary

@@ -1,0 +1,156 @@
+"""The two-device build: storage per device, CPU weights resident, pipeline, trace (no GPU)."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+import mulayer
+from mulayer.frontend import import_onnx
+from mulayer.passes.build_helpers import compile_lowered, kernel_sites
+from mulayer.passes.lift_cpu_weights import WEIGHTS_FUNC, LiftCPUWeights, cpu_weight_bindings
+from mulayer.passes.pipeline import cooperative_passes, lower_two_device
+from mulayer.passes.place_devices import PlaceDevices
+from mulayer.passes.separate_device_storage import SeparateDeviceStorage
+from mulayer.passes.split_channels import SplitChannels
+from mulayer.trace import write_trace
+
+from .conftest import max_rel_error, onnxruntime_reference
+
+CUDA = {"kind": "cuda", "arch": "sm_90"}
+LLVM = {"kind": "llvm"}
+
+
+@pytest.fixture(scope="module")
+def tiny_mod(tiny_onnx):
+    mod, _, _ = import_onnx(str(tiny_onnx))
+    return mod
+
+
+def _planned_memory(mod):
+    """``mod`` lowered up to and including TVM's static memory planner."""
+    t = relax.transform
+    seq = tvm.transform.Sequential(
+        [
+            t.RewriteDataflowReshape(),
+            t.ToNonDataflow(),
+            t.RemovePurityChecking(),
+            t.CallTIRRewrite(),
+            t.StaticPlanBlockMemory(),
+        ]
+    )
+    return seq(mod)
+
+
+def _cross_device_tensors(mod) -> list[str]:
+    """Tensors whose device index differs from the device of the storage they live in."""
+    storage_device, crossing = {}, []
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if not isinstance(value, relax.Call):
+                continue
+            op = getattr(value.op, "name", None)
+            if op == "relax.memory.alloc_storage":
+                storage_device[binding.var] = int(value.args[1].value)
+            elif op == "relax.memory.alloc_tensor" and storage_device[value.args[0]] != int(
+                value.args[4].value
+            ):
+                crossing.append(binding.var.name)
+    return crossing
+
+
+def test_storage_is_never_shared_across_devices(tiny_mod):
+    mod = cooperative_passes(mulayer.Plan.uniform(0.5), CUDA, LLVM)(tiny_mod)
+    planned = _planned_memory(lower_two_device(mod, tvm.target.Target(CUDA)))
+    # TVM's planner alone does share (the defect this pass exists for) ...
+    assert _cross_device_tensors(planned)
+    # ... and after SeparateDeviceStorage no tensor lives in another device's storage.
+    assert _cross_device_tensors(SeparateDeviceStorage()(planned)) == []
+
+
+def test_cpu_weights_are_lifted_out_of_main(tiny_mod):
+    placed = PlaceDevices(CUDA, LLVM)(SplitChannels(mulayer.Plan.uniform(0.5))(tiny_mod))
+    copies = cpu_weight_bindings(placed["main"])
+    assert copies, "a cuda + llvm split must read constants on the CPU"
+    lifted = LiftCPUWeights()(placed)
+    main = lifted["main"]
+    assert cpu_weight_bindings(main) == []
+    assert int(main.attrs["num_input"]) == 1
+    assert len(main.params) == 1 + len(copies)
+    weights = lifted[WEIGHTS_FUNC]
+    assert len(weights.params) == 0
+    assert len(cpu_weight_bindings(weights)) == len(copies)
+
+
+def test_lifted_weights_run_with_the_same_numbers(tiny_onnx, tiny_mod):
+    """Force the constant copies on llvm + llvm: main(x, *weights) equals onnxruntime."""
+    split = SplitChannels(mulayer.Plan.uniform(0.5))(tiny_mod)
+    placed = PlaceDevices(LLVM, LLVM, copy_constants=True)(split)
+    lifted = LiftCPUWeights()(placed)
+    ex = compile_lowered(lower_two_device(lifted, tvm.target.Target(LLVM)))
+    vm = relax.VirtualMachine(ex, [tvm.cpu(), tvm.cpu()])
+    weights = list(vm[WEIGHTS_FUNC]())
+    assert len(weights) == len(cpu_weight_bindings(placed["main"]))
+    x = np.random.default_rng().standard_normal((1, 3, 32, 32)).astype("float32")
+    out = vm["main"](tvm.runtime.tensor(x), *weights).numpy()
+    ref = onnxruntime_reference(tiny_onnx, {"input": x})[0]
+    assert max_rel_error(out, ref) < 1e-5
+
+
+def test_relax_get_pipeline_mulayer_builds_for_the_stock_vm(tiny_onnx, tiny_mod):
+    pipeline = relax.get_pipeline(
+        "mulayer", plan=mulayer.Plan.uniform(0.5), gpu_target=LLVM, cpu_target=LLVM
+    )
+    ex = tvm.compile(tiny_mod, target=None, relax_pipeline=pipeline)
+    vm = relax.VirtualMachine(ex, [tvm.cpu(), tvm.cpu()])
+    x = np.random.default_rng().standard_normal((1, 3, 32, 32)).astype("float32")
+    out = vm["main"](tvm.runtime.tensor(x)).numpy()
+    ref = onnxruntime_reference(tiny_onnx, {"input": x})[0]
+    assert np.all(np.isfinite(out))
+    assert max_rel_error(out, ref) < 2e-2  # GPU parts in fp16
+
+
+def test_kernel_sites_name_both_sides(tiny_mod):
+    mod = cooperative_passes(mulayer.Plan.uniform(0.5), CUDA, LLVM)(tiny_mod)
+    sites = kernel_sites(lower_two_device(mod, tvm.target.Target(CUDA)))
+    by_part = {part: (symbol, side) for symbol, part, side in sites}
+    assert by_part["conv2d_0_gpu"][1] == "gpu" and by_part["conv2d_0_gpu"][0].endswith("_cuda")
+    assert by_part["conv2d_0_cpu"][1] == "cpu" and by_part["conv2d_0_cpu"][0].endswith("_llvm")
+
+
+@pytest.fixture(scope="module")
+def coop_artifact(tiny_onnx, tmp_path_factory):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = mulayer.compile(str(tiny_onnx), target="mulayer -ratio=0.5, llvm, llvm")
+    path = tmp_path_factory.mktemp("coop") / "tiny.mulayer"
+    compiled.export(path)
+    return path
+
+
+def test_trace_has_named_intervals_on_both_sides(coop_artifact, tmp_path):
+    model = mulayer.load(coop_artifact)
+    inputs = model.random_inputs(seed=3)
+    trace, summary = model.trace(inputs, warmup=1)
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    names = {e["name"] for e in spans}
+    assert {"conv2d_0_gpu", "conv2d_0_cpu", "conv2d_0_join"} <= names
+    sites = model.metadata["kernel_sites"]
+    kernels = [e for e in spans if e["name"] != "copy"]
+    assert len(sites) - 2 <= len(kernels) <= len(sites)  # a reshape may become a view
+    assert {e["name"] for e in kernels} <= {part for _, part, _ in sites}
+    cpu_sum = sum(e["dur"] for e in spans if e["tid"] == 1)
+    assert summary.kernel_us["cpu"] == pytest.approx(cpu_sum, rel=1e-3, abs=0.01)
+    assert 0 < summary.busy_us <= summary.wall_us
+    assert not summary.device_events  # llvm + llvm: host intervals, said in the summary
+    # The model still runs normally after tracing (the instrument is removed).
+    again = list(model(inputs).values())[0]
+    assert np.array_equal(again, list(model(inputs).values())[0])
+    path = tmp_path / "trace.json"
+    write_trace(path, trace)
+    loaded = json.loads(path.read_text())
+    assert loaded["otherData"]["summary"]["wall_us"] > 0
