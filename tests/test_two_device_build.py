@@ -154,3 +154,22 @@ def test_trace_has_named_intervals_on_both_sides(coop_artifact, tmp_path):
     write_trace(path, trace)
     loaded = json.loads(path.read_text())
     assert loaded["otherData"]["summary"]["wall_us"] > 0
+
+
+def test_artifact_runs_with_plain_tvm_calls(coop_artifact, tmp_path):
+    """What README says an existing TVM deployment does: unzip, load_module, VirtualMachine."""
+    import zipfile
+
+    from tvm.runtime.vm import VirtualMachine
+
+    with zipfile.ZipFile(coop_artifact) as archive:
+        archive.extract("lib.so", tmp_path)
+        metadata = json.loads(archive.read("metadata.json"))
+    lib = tvm.runtime.load_module(str(tmp_path / "lib.so"))
+    vm = VirtualMachine(lib, [tvm.cpu(0) for _ in metadata["vm_devices"]])
+    weights = metadata.get("cpu_weights")
+    extra = list(vm[weights["function"]]()) if weights else []
+    model = mulayer.load(coop_artifact)
+    inputs = model.random_inputs(seed=5)
+    plain = vm["main"](tvm.runtime.tensor(inputs["input"]), *extra).numpy()
+    assert np.array_equal(plain, list(model(inputs).values())[0])

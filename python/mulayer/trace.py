@@ -4,7 +4,12 @@ Runtime side only. The Relax VM calls an instrument before and after every call 
 :class:`Recorder` stamps the host clock around each kernel and copy and, on a CUDA GPU, records
 a CUDA event on the default stream (the stream TVM launches on) before and after each GPU kernel
 and copy, so GPU intervals are the device's own times, not launch times. Tracks: CPU kernels,
-GPU kernels (device events), GPU launches (host), copies host→device and device→host.
+GPU kernels (device events), GPU launches (host), copies host→device and device→host. A
+captured CUDA graph shows as one GPU interval ("cuda graph").
+
+GPU intervals span from an event recorded before the launch to one after it: when the GPU
+waits for the host (the tracer's callbacks, CPU parts), that wait is inside the interval, so
+per-kernel GPU times are upper bounds; a CUDA-graph replay has no such gaps.
 
 Kernel calls are matched, in program order, to the call sites the compiler recorded
 (``metadata["kernel_sites"]``: symbol, part binding such as ``conv2d_3_cpu``, side), so the
@@ -29,6 +34,7 @@ TRACKS = {
     "d2h": (5, "copy device→host"),
 }
 _COPY = "vm.builtin.to_device"
+_GRAPH = "vm.builtin.cuda_graph.run_or_capture"  # one launch of a captured CUDA graph
 _CPU_DEVICE_TYPE = 1
 
 
@@ -99,6 +105,7 @@ class TraceSummary:
     wall_us: float
     kernel_us: dict[str, float]
     kernel_count: dict[str, int]
+    host_launch_us: float
     copy_us: dict[str, float]
     cpu_overlapped_fraction: float
     busy_us: float
@@ -109,6 +116,7 @@ class TraceSummary:
             "wall_us": round(self.wall_us, 2),
             "kernel_us": {k: round(v, 2) for k, v in self.kernel_us.items()},
             "kernel_count": self.kernel_count,
+            "host_launch_us": round(self.host_launch_us, 2),
             "copy_us": {k: round(v, 2) for k, v in self.copy_us.items()},
             "cpu_overlapped_fraction": round(self.cpu_overlapped_fraction, 4),
             "busy_us": round(self.busy_us, 2),
@@ -139,7 +147,7 @@ class Recorder:
     def __call__(self, _func, symbol, before_run, _ret, *args) -> int:
         symbol = str(symbol)
         is_copy = symbol == _COPY
-        if symbol.startswith("vm.builtin.") and not is_copy:
+        if symbol.startswith("vm.builtin.") and symbol not in (_COPY, _GRAPH):
             return 0
         now = (time.perf_counter() - self._t0) * 1e6
         if before_run:
@@ -167,6 +175,8 @@ class Recorder:
         if is_copy:
             dst_type = int(args[1]) if len(args) > 1 else _CPU_DEVICE_TYPE
             return ("d2h" if dst_type == _CPU_DEVICE_TYPE else "h2d"), "copy"
+        if symbol == _GRAPH:
+            return "gpu", "cuda graph"
         # Sites the VM did not call as kernels (a reshape became a view) are skipped.
         for index in range(self._site, len(self.sites)):
             if self.sites[index][0] == symbol:
@@ -230,6 +240,7 @@ class Recorder:
                 "cpu": sum(1 for i in self.intervals if i.track == "cpu"),
                 "gpu": sum(1 for i in self.intervals if i.track == gpu_track),
             },
+            host_launch_us=sum(i.dur_us for i in self.intervals if i.track == "launch"),
             copy_us=copies,
             cpu_overlapped_fraction=overlapped / kernel["cpu"] if kernel["cpu"] else 0.0,
             busy_us=sum(b - a for a, b in busy),
