@@ -17,8 +17,9 @@ Contract of ``apply_schedules(mod, target) -> IRModule``
   ``mulayer.schedules`` logger and the next rule is tried. A CPU function whose rules all fail
   stays unscheduled (correct, slow); GPU lists end with ``dlight.gpu.Fallback`` (thread
   bindings are mandatory there).
-- No tuning: ResNet-50 schedules in ~4 s for llvm (plus ~4 s once per process for cuda, to
-  load TVM's tensor intrinsics).
+- No search: ResNet-50 schedules (and packs its weights) in ~3 s for llvm (plus ~4 s once per
+  process for cuda, to load TVM's tensor intrinsics). MetaSchedule tuning is a separate,
+  optional step (``mulayer tune``, :mod:`mulayer.tune`).
 
 Weight packing (CPU). The conv/matmul rules repack the weight inside the PrimFunc (a block
 annotated ``meta_schedule.layout_rewrite_preproc``). With ``fold_packing=True`` (default),
@@ -31,9 +32,16 @@ call: correct, slower for large weights (a 3x3 512->512 conv: 1.9 ms folded, 5.4
 int8 stem. ``PadConvInputChannels`` (Relax pass, before LegalizeOps, after quantization)
 pads u8 x s8 convs with ``C % 4 != 0`` input channels (RGB stems) so that the VNNI rule applies.
 
+Shared tiling steps of the CPU conv/matmul rules live in :mod:`.cpu_tiling`. Rules carry
+``generic`` (catch-alls: ``Conv2dWidthVector``, ``CPUFallback``, dlight's): ``mulayer tune``
+(:mod:`mulayer.tune`) tunes the kernels those schedule, and a tuned kernel (marked
+``tirx.is_scheduled`` by ``MetaScheduleApplyDatabase``) is skipped here.
+
 Rules, in order
 ---------------
-llvm: :class:`~.cpu_int8.Conv2dInt8DotProduct`, :class:`~.cpu_int8.MatmulInt8DotProduct`
+llvm: :class:`~.cpu_amx.Conv2dInt8AMX` (AMX tiles, where :func:`~.cpu_amx.amx_usable`; the
+process must call :func:`~.cpu_amx.request_amx_permission` before running its kernels),
+:class:`~.cpu_int8.Conv2dInt8DotProduct`, :class:`~.cpu_int8.MatmulInt8DotProduct`
 (VNNI / Arm dot product), :class:`~.cpu_conv2d.Conv2dChannelVector`,
 :class:`~.cpu_conv2d.Conv2dWidthVector`, :class:`~.cpu_dense.MatmulCPU`,
 :class:`~.cpu_generic.CPUFallback` (pooling, elementwise, reductions).

@@ -8,6 +8,7 @@ from tvm.s_tir.dlight import ScheduleRule
 from tvm.target import Target
 
 from ._util import is_cpu_target, is_gpu_target, logger
+from .cpu_amx import Conv2dInt8AMX
 from .cpu_conv2d import Conv2dChannelVector, Conv2dWidthVector
 from .cpu_dense import MatmulCPU
 from .cpu_generic import CPUFallback
@@ -19,6 +20,7 @@ def cpu_rules(target: Target) -> list[ScheduleRule]:
     """The rules tried for an llvm target, most specific first (fallback last)."""
     del target  # all CPU rules gate themselves on the target's features
     return [
+        Conv2dInt8AMX(),
         Conv2dInt8DotProduct(),
         MatmulInt8DotProduct(),
         Conv2dChannelVector(),
@@ -35,7 +37,8 @@ def gpu_rules(target: Target) -> list[ScheduleRule]:
     return default_gpu_rules(target)
 
 
-def _rules_for(target: Target) -> list[ScheduleRule]:
+def rules_for(target: Target) -> list[ScheduleRule]:
+    """The rules for ``target`` in the order they are tried (empty for unknown kinds)."""
     if is_gpu_target(target):
         return gpu_rules(target)
     if is_cpu_target(target):
@@ -49,6 +52,23 @@ def _is_scheduled(func: tirx.PrimFunc) -> bool:
 
 def _is_host_func(func: tirx.PrimFunc) -> bool:
     return bool(func.attrs is not None and func.attrs.get("tirx.is_host_func", False))
+
+
+def claiming_rule(func: tirx.PrimFunc, target: Target) -> ScheduleRule | None:
+    """The rule that :func:`apply_schedules` would schedule ``func`` with (None: none)."""
+    for rule in rules_for(target):
+        try:
+            with target:
+                if rule.apply(func, target, False) is not None:
+                    return rule
+        except Exception:  # noqa: BLE001 - as in _schedule_one: a failing rule is skipped
+            continue
+    return None
+
+
+def is_generic_rule(rule: ScheduleRule | None) -> bool:
+    """True for catch-all rules (ours and dlight's): their kernels are the ones worth tuning."""
+    return rule is None or bool(getattr(rule, "generic", True))
 
 
 def _schedule_one(
@@ -88,7 +108,7 @@ class ApplySchedules:
                 continue
             func_target = func.attrs.get("target") if func.attrs is not None else None
             tgt = func_target if func_target is not None else self.target
-            rules = _rules_for(tgt)
+            rules = rules_for(tgt)
             if not rules:
                 continue
             result = _schedule_one(gvar.name_hint, func, tgt, rules)
@@ -102,14 +122,14 @@ class ApplySchedules:
             mod[gvar] = func
         if packs and self.fold_packing:
             try:
-                mod = fold_weight_packing(mod, _host_target(self.target))
+                mod = fold_weight_packing(mod, packing_host(self.target))
             except Exception as err:  # noqa: BLE001 - packing then runs per call, still correct
                 logger.debug("fold_weight_packing failed: %s", err, exc_info=True)
         return mod
 
 
-def _host_target(target: Target) -> Target:
-    """The CPU target that runs compile-time weight packing."""
+def packing_host(target: Target) -> Target:
+    """The CPU target that runs compile-time weight packing (for ``fold_weight_packing``)."""
     if is_cpu_target(target):
         return target
     return target.host if target.host is not None else Target("llvm")

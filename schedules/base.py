@@ -19,14 +19,23 @@ from ._util import (
 
 
 class CPUScheduleRule(ScheduleRule):
-    """A rule for llvm targets."""
+    """A rule for llvm targets.
+
+    ``generic``: a catch-all rule (True) rather than a kernel specialised for its op; tuning
+    (``mulayer tune``) picks the PrimFuncs such rules schedule. Rules without the attribute
+    (dlight's) count as generic.
+    """
+
+    generic = False
 
     def is_target_available(self, target: Target) -> bool:
         return is_cpu_target(target)
 
 
 class GPUScheduleRule(ScheduleRule):
-    """A rule for GPU targets (the result must bind threads)."""
+    """A rule for GPU targets (the result must bind threads); ``generic`` as for CPU rules."""
+
+    generic = False
 
     def is_target_available(self, target: Target) -> bool:
         return is_gpu_target(target)

@@ -27,7 +27,6 @@ from tvm import s_tir, tirx
 from tvm.target import Target
 
 from ._util import (
-    LAYOUT_REWRITE_PREPROC,
     SCHEDULE_ERRORS,
     VECTOR_DTYPES,
     inline_epilogue_into,
@@ -40,9 +39,7 @@ from ._util import (
 )
 from .base import CPUScheduleRule, finish_cpu_schedule
 from .conv2d_analysis import Conv2dInfo, data_producer, find_conv2d
-
-# Weights up to this size are assumed to stay in the per-core L2 across output rows.
-WEIGHT_CACHE_BYTES = 1 << 20
+from .cpu_tiling import blocked_accumulator, pack_weight, parallel_conv_tiles
 
 
 def _lanes(target: Target, dtype: str) -> int:
@@ -94,40 +91,21 @@ def schedule_channel_vector(
     """Apply the channel-vector conv schedule (see :class:`Conv2dChannelVector`)."""
     conv = info.block
     # Step 1. Pack the weight to O/vo, I, KH, KW, vo (a preprocessing stage on the constant).
-    wpack = sch.cache_read(conv, info.weight_read, "global")
-    sch.transform_layout(
-        conv, ("read", info.weight_read), lambda o, i, h, w: (o // vo, i, h, w, o % vo)
-    )
-    sch.annotate(wpack, LAYOUT_REWRITE_PREPROC, 1)
-    # When the pack is not folded away it runs per call: walk it in destination order.
-    o, i, h, w = sch.get_loops(wpack)
-    oo, oi = sch.split(o, [None, vo])
-    sch.reorder(oo, i, h, w, oi)
-    sch.parallel(sch.fuse(oo, i))
+    pack_weight(sch, info, vo)
 
     # Step 2. Accumulate into a register tile laid out (y, x, channel-vector).
-    acc_out = sch.cache_write(conv, 0, "local")
-    sch.transform_layout(conv, ("write", 0), lambda n, f, y, x: (n, f // vo, y, x, f % vo))
-    inline_epilogue_into(sch, acc_out)
+    acc_out = blocked_accumulator(sch, info, vo)
 
-    # Step 3. Tile: parallel (n, fo, yo) | xo | reduction | yi, xi (unrolled), fi (vector).
+    # Step 3. Tile: parallel (n, yo[, fo]) | xo | reduction | yi, xi (unrolled), fi (vector).
     n, f, y, x, rc, ry, rx = sch.get_loops(conv)
     fo, fi = sch.split(f, [None, vo])
     yo, yi_l = sch.split(y, [None, yi])
     xo, xi_l = sch.split(x, [None, xi])
-    # Rows outer when all weights stay in L2 (input rows are then reused by every channel
-    # tile while hot); channel tiles outer otherwise (each tile's weights stay hot).
     weight_bytes = info.f * info.cg * info.kh * info.kw * 4
-    if weight_bytes <= WEIGHT_CACHE_BYTES:
-        sch.reorder(n, yo, fo, xo, rc, ry, rx, yi_l, xi_l, fi)
-        par = [n, yo]
-    else:
-        sch.reorder(n, fo, yo, xo, rc, ry, rx, yi_l, xi_l, fi)
-        par = [n, fo, yo]
-    sch.reverse_compute_at(acc_out, xo, preserve_unit_loops=True)
-    outer = sch.fuse(*par)
-    sch.parallel(outer)
-    if len(par) == 2:
+    outer, rows_outer = parallel_conv_tiles(
+        sch, weight_bytes, acc_out, n, yo, fo, xo, [rc, ry, rx], [yi_l, xi_l, fi]
+    )
+    if rows_outer:
         # Pad (or copy) just the input rows a task reads, into a small contiguous buffer. (With
         # channel tiles outer, every tile would pad the rows again: pad once instead.)
         pad_rows_at(sch, info, outer)
@@ -168,6 +146,8 @@ def pad_rows_at(sch: s_tir.Schedule, info: Conv2dInfo, loop) -> None:
 
 class Conv2dWidthVector(CPUScheduleRule):
     """NCHW conv2d vectorised along the output width (depthwise and odd shapes)."""
+
+    generic = True  # every conv shape; the first candidate for tuning
 
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
         if not is_cpu_target(target):

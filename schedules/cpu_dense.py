@@ -20,7 +20,6 @@ from ._util import (
     LAYOUT_REWRITE_PREPROC,
     VECTOR_DTYPES,
     const_int,
-    inline_epilogue_into,
     is_cpu_target,
     is_simple_multiply_add,
     iter_extents,
@@ -33,6 +32,7 @@ from ._util import (
     vector_bits,
 )
 from .base import CPUScheduleRule, finish_cpu_schedule
+from .cpu_tiling import tile_matmul
 
 
 @dataclass
@@ -188,35 +188,17 @@ def schedule_matmul(
     sch: s_tir.Schedule, info: MatmulInfo, target: Target, vo: int, mi: int
 ) -> None:
     """Apply the packed-B register-tile matmul schedule."""
-    block = info.block
+    # Step 1. Pack B; tile: parallel (batch, jo, io) | k | ii (unrolled), ji (vector).
     pack = pack_b(sch, info, vo)
-    acc_out = sch.cache_write(block, 0, "local")
-    inline_epilogue_into(sch, acc_out)
-
-    # Step 2. Tile: parallel (batch, io, jo) | k | ii (unrolled), ji (vector).
-    loops = sch.get_loops(block)
-    *batch, j, k = loops
-    if batch:
-        *batch, i = batch
-        io, ii = sch.split(i, [None, mi])
-    else:
-        io = ii = None
-    jo, ji = sch.split(j, [None, vo])
-    # j outer, i inner: consecutive tasks reuse one packed panel of B from cache.
-    outer = [*batch, jo, io] if io is not None else [jo]
-    inner = [ii, ji] if ii is not None else [ji]
-    sch.reorder(*outer, k, *inner)
-    sch.reverse_compute_at(acc_out, outer[-1], preserve_unit_loops=True)
-    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    sch.parallel(fused)
+    acc_out, ii, (ji,), k = tile_matmul(sch, info, mi, [vo])
     if ii is not None:
         sch.unroll(ii)
     sch.vectorize(ji)
-    init = sch.decompose_reduction(block, k)
+    init = sch.decompose_reduction(info.block, k)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(acc_out)[-1])
 
-    # Step 3. The pack walks B in destination order; the rest is parallel + vectorised.
+    # Step 2. The pack walks B in destination order; the rest is parallel + vectorised.
     pack_loops = sch.get_loops(pack)
     if len(pack_loops) >= 2:
         sch.parallel(pack_loops[0])

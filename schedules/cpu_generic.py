@@ -73,6 +73,8 @@ def _schedule_window_reduction(sch: s_tir.Schedule, block, target: Target) -> bo
 class CPUFallback(CPUScheduleRule):
     """Parallel + vectorised loops for any static-shape function (see module doc)."""
 
+    generic = True
+
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
         if not is_cpu_target(target):
             return None

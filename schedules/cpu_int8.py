@@ -33,8 +33,6 @@ from tvm.target import Target
 
 from ._intrin import DotProductIntrin, dot_product_intrin
 from ._util import (
-    LAYOUT_REWRITE_PREPROC,
-    inline_epilogue_into,
     is_cpu_target,
     largest_divisor,
     logger,
@@ -42,9 +40,15 @@ from ._util import (
     num_vector_registers,
 )
 from .base import CPUScheduleRule, finish_cpu_schedule
-from .conv2d_analysis import Conv2dInfo, data_producer, find_conv2d
-from .cpu_conv2d import WEIGHT_CACHE_BYTES
-from .cpu_dense import MatmulInfo, find_matmul
+from .conv2d_analysis import Conv2dInfo, find_conv2d
+from .cpu_dense import MatmulInfo, find_matmul, pack_b
+from .cpu_tiling import (
+    blocked_accumulator,
+    pack_input_channels,
+    pack_weight,
+    parallel_conv_tiles,
+    tile_matmul,
+)
 
 
 def _is_u8s8s32(in_dtype: str, w_dtype: str, out_dtype: str) -> bool:
@@ -82,22 +86,11 @@ def schedule_conv2d_dot_product(
     lanes, kk = intrin.lanes, intrin.k
 
     # Step 1. Weights to OIHW{lanes}o{k}i (precomputable), input to NCHW{k}c.
-    wpack = sch.cache_read(conv, info.weight_read, "global")
-    sch.transform_layout(
-        conv,
-        ("read", info.weight_read),
-        lambda o, i, h, w: (o // lanes, i // kk, h, w, o % lanes, i % kk),
-    )
-    sch.annotate(wpack, LAYOUT_REWRITE_PREPROC, 1)
-    pad = data_producer(sch, info)
-    if pad is None:
-        pad = sch.cache_read(conv, info.data_read, "global")
-    sch.transform_layout(pad, ("write", 0), lambda n, c, h, w: (n, c // kk, h, w, c % kk))
+    pack_weight(sch, info, lanes, kk)
+    pad = pack_input_channels(sch, info, kk)
 
     # Step 2. int32 accumulators laid out (pixel, channel-vector); epilogue fused.
-    acc_out = sch.cache_write(conv, 0, "local")
-    sch.transform_layout(conv, ("write", 0), lambda n, f, y, x: (n, f // lanes, y, x, f % lanes))
-    inline_epilogue_into(sch, acc_out)
+    acc_out = blocked_accumulator(sch, info, lanes)
 
     # Step 3. Tile: parallel rows (or channel tiles) | xo | rc/k, ry, rx | xi | fi, rci.
     n, f, y, x, rc, ry, rx = sch.get_loops(conv)
@@ -105,28 +98,17 @@ def schedule_conv2d_dot_product(
     rco, rci = sch.split(rc, [None, kk])
     xo, xi_l = sch.split(x, [None, xi])
     weight_bytes = info.f * info.cg * info.kh * info.kw
-    if weight_bytes <= WEIGHT_CACHE_BYTES:
-        sch.reorder(n, y, fo, xo, rco, ry, rx, xi_l, fi, rci)
-        par = [n, y]
-    else:
-        sch.reorder(n, fo, y, xo, rco, ry, rx, xi_l, fi, rci)
-        par = [n, fo, y]
-    sch.reverse_compute_at(acc_out, xo, preserve_unit_loops=True)
-    outer = sch.fuse(*par)
-    sch.parallel(outer)
-    if len(par) == 2:  # rows outer: pack just the rows a task reads (see cpu_conv2d)
+    outer, rows_outer = parallel_conv_tiles(
+        sch, weight_bytes, acc_out, n, y, fo, xo, [rco, ry, rx], [xi_l, fi, rci]
+    )
+    if rows_outer:  # pack just the rows a task reads (see cpu_conv2d)
         sch.compute_at(pad, outer, preserve_unit_loops=True)
+
+    # Step 4. Tensorize the (channel-vector x k) step; leftovers parallel.
     init = sch.decompose_reduction(conv, rco)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(fi, intrin.name)
     sch.unroll(xi_l)
-
-    # Step 4. Weight pack in destination order; leftovers parallel.
-    o, i, h, w = sch.get_loops(wpack)
-    oo, oi = sch.split(o, [None, lanes])
-    io, ii = sch.split(i, [None, kk])
-    sch.reorder(oo, io, h, w, oi, ii)
-    sch.parallel(sch.fuse(oo, io))
     finish_cpu_schedule(
         sch, target, skip={info.name, info.name + "_init", sch.get(acc_out).name_hint}
     )
@@ -163,30 +145,9 @@ def schedule_matmul_dot_product(
     nv: int,
 ) -> None:
     """Tensorize the matmul with ``intrin``; B packed to ``[N/lanes, K/k, lanes, k]``."""
-    from .cpu_dense import pack_b
-
-    block = info.block
-    lanes, kk = intrin.lanes, intrin.k
-    pack = pack_b(sch, info, lanes, inner_k=kk)
-    acc_out = sch.cache_write(block, 0, "local")
-    inline_epilogue_into(sch, acc_out)
-
-    loops = sch.get_loops(block)
-    *batch, j, k = loops
-    if batch:
-        *batch, i = batch
-        io, ii = sch.split(i, [None, mi])
-    else:
-        io = ii = None
-    jo, jv, ji = sch.split(j, [None, nv, lanes])
-    ko, ki = sch.split(k, [None, kk])
-    outer = [*batch, jo, io] if io is not None else [jo]
-    inner = [ii, jv, ji, ki] if ii is not None else [jv, ji, ki]
-    sch.reorder(*outer, ko, *inner)
-    sch.reverse_compute_at(acc_out, outer[-1], preserve_unit_loops=True)
-    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    sch.parallel(fused)
-    init = sch.decompose_reduction(block, ko)
+    pack = pack_b(sch, info, intrin.lanes, inner_k=intrin.k)
+    acc_out, ii, (jv, ji), ko = tile_matmul(sch, info, mi, [nv, intrin.lanes], intrin.k)
+    init = sch.decompose_reduction(info.block, ko)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(ji, intrin.name)
     if ii is not None:

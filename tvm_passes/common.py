@@ -34,6 +34,17 @@ from mulayer.layers import SPLITTABLE_KINDS
 
 SIDES = ("gpu", "cpu")
 
+# Binary ops that are channel-wise when one operand is a per-channel or scalar constant
+# (SplitChannels pulls them into each part; the profiler replays them as epilogues).
+CHANNELWISE_BINARY_OPS = {
+    "relax.add": relax.op.add,
+    "relax.subtract": relax.op.subtract,
+    "relax.multiply": relax.op.multiply,
+    "relax.divide": relax.op.divide,
+    "relax.maximum": relax.op.maximum,
+    "relax.minimum": relax.op.minimum,
+}
+
 # Layer prefixes are the splittable kinds of mulayer.layers, so no other name can parse as one.
 _KINDS = "|".join(sorted(SPLITTABLE_KINDS, key=len, reverse=True))
 _PART = re.compile(rf"^(?P<layer>(?:{_KINDS})_\d+)_(?P<side>gpu|cpu)(?:_(?P<tag>[a-z0-9_]+))?$")

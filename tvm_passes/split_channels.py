@@ -38,6 +38,7 @@ from mulayer.layers import Layer, classify, splittable_layers, static_shape
 from mulayer.plan import Plan
 
 from .common import (
+    CHANNELWISE_BINARY_OPS,
     const_slice,
     consumers,
     count_uses,
@@ -49,15 +50,7 @@ from .common import (
 
 log = logging.getLogger(__name__)
 
-# Binary ops that are channel-wise when one operand is a per-channel or scalar constant.
-_BINARY = {
-    "relax.add": relax.op.add,
-    "relax.subtract": relax.op.subtract,
-    "relax.multiply": relax.op.multiply,
-    "relax.divide": relax.op.divide,
-    "relax.maximum": relax.op.maximum,
-    "relax.minimum": relax.op.minimum,
-}
+_BINARY = CHANNELWISE_BINARY_OPS
 _CLIP_PRIMFUNC = re.compile(r"^(maximum|minimum)(_?\d+)?$")
 
 

@@ -36,12 +36,21 @@ def _sha256(data: bytes) -> str:
 
 
 def write_artifact(
-    path: str | Path, lib_path: Path, metadata: dict, plan_json: str | None = None
+    path: str | Path,
+    lib_path: Path,
+    metadata: dict,
+    plan_json: str | None = None,
+    extra_members: dict[str, bytes] | None = None,
 ) -> None:
-    """Write the artifact to ``path`` atomically (temporary name, then rename)."""
+    """Write the artifact to ``path`` atomically (temporary name, then rename).
+
+    ``extra_members`` (e.g. a CPU fallback library, see :mod:`mulayer.fallback`) are stored and
+    checksummed like the others.
+    """
     members: dict[str, bytes] = {LIB_NAME: Path(lib_path).read_bytes()}
     if plan_json is not None:
         members[PLAN_NAME] = plan_json.encode()
+    members.update(extra_members or {})
     metadata = {
         **metadata,
         "schema_version": ARTIFACT_SCHEMA_VERSION,
@@ -116,20 +125,25 @@ def check_runtime_compatible(metadata: dict, path: str | Path) -> None:
         )
 
 
-def load_artifact(path: str | Path):
-    """Load an artifact into a callable :class:`mulayer.executor.LoadedModel`."""
+def load_artifact(path: str | Path, fallback: str | None = None):
+    """Load an artifact into a callable :class:`mulayer.executor.LoadedModel`.
+
+    ``fallback="cpu"`` runs the artifact's CPU fallback library where a device it needs is
+    missing (see :mod:`mulayer.fallback`).
+    """
     import tvm
 
-    from .executor import LoadedModel, make_device
+    from .executor import LoadedModel
+    from .fallback import select_library
 
     metadata, members = read_metadata(path)
     check_runtime_compatible(metadata, path)
-    for kind in metadata.get("vm_devices", ["cpu"]):
-        make_device(kind)  # a clear error before the library load fails on a missing runtime
+    # A clear error for a missing device before the library load fails on a missing runtime.
+    metadata, lib_name = select_library(metadata, path, fallback)
     workdir = Path(tempfile.mkdtemp(prefix="mulayer-"))
     try:
         lib_path = workdir / LIB_NAME
-        lib_path.write_bytes(members[LIB_NAME])
+        lib_path.write_bytes(members[lib_name])
         try:
             lib = tvm.runtime.load_module(str(lib_path))
         except RuntimeError as err:  # TVM errors derive from RuntimeError
@@ -138,7 +152,7 @@ def load_artifact(path: str | Path):
             ) from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)  # the loaded library stays mapped
-    plan_json = members.get(PLAN_NAME, b"").decode() or None
+    plan_json = (members.get(PLAN_NAME, b"").decode() or None) if lib_name == LIB_NAME else None
     return LoadedModel(
         lib,
         metadata,

@@ -7,6 +7,7 @@ covers the single-processor baselines.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import tvm
 from tvm import relax
@@ -16,10 +17,8 @@ from .errors import MuLayerError
 log = logging.getLogger(__name__)
 
 
-def lower_for_target(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Legalize, fuse and schedule every PrimFunc of ``mod`` for ``target``."""
-    from mulayer.schedules import apply_schedules
-
+def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalize and fuse ``mod`` into the PrimFuncs the schedules (and tuning) work on."""
     seq = tvm.transform.Sequential(
         [
             relax.transform.LegalizeOps(),
@@ -31,8 +30,30 @@ def lower_for_target(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
         ]
     )
     with target:
-        mod = seq(mod)
-    return apply_schedules(mod, target)
+        return seq(mod)
+
+
+def lower_for_target(
+    mod: tvm.IRModule, target: tvm.target.Target, tuning_db: str | Path | None = None
+) -> tvm.IRModule:
+    """Legalize, fuse and schedule every PrimFunc of ``mod`` for ``target``.
+
+    With ``tuning_db`` (a folder written by ``mulayer tune``), PrimFuncs that have a tuning
+    record take MetaSchedule's best schedule; the rules schedule the rest.
+    """
+    from mulayer.schedules import apply_schedules
+    from mulayer.schedules.apply import packing_host
+    from mulayer.schedules.prepack import fold_weight_packing
+
+    mod = legalize_and_fuse(mod, target)
+    if tuning_db is None:
+        return apply_schedules(mod, target)
+    from .tune import apply_tuning_db
+
+    mod = apply_tuning_db(mod, target, tuning_db)
+    mod = apply_schedules(mod, target, fold_packing=False)  # skips the tuned PrimFuncs
+    # Precompute the constant-weight packing of rule and tuned kernels alike.
+    return fold_weight_packing(mod, packing_host(target))
 
 
 def to_fp16(mod: tvm.IRModule) -> tvm.IRModule:
@@ -40,9 +61,12 @@ def to_fp16(mod: tvm.IRModule) -> tvm.IRModule:
     return relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
 
 
-def build_single(mod: tvm.IRModule, target: tvm.target.Target):
-    """Build ``mod`` for one processor and return the ``tvm.runtime.Executable``."""
-    mod = lower_for_target(mod, target)
+def build_single(mod: tvm.IRModule, target: tvm.target.Target, tuning_db: str | Path | None = None):
+    """Build ``mod`` for one processor and return the ``tvm.runtime.Executable``.
+
+    ``tuning_db``: a ``mulayer tune`` database folder to take tuned schedules from.
+    """
+    mod = lower_for_target(mod, target, tuning_db)
     try:
         ex = tvm.compile(mod, target=target, relax_pipeline="default_build")
     except RuntimeError as err:  # TVM errors derive from RuntimeError

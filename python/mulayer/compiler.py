@@ -39,12 +39,14 @@ class CompiledModel:
     plan: Plan | None = None
     build_seconds: float = 0.0
     extra_metadata: dict = field(default_factory=dict)
+    built_as: str | None = None  # "gpu": a cooperative plan built as the GPU-only module
 
     def metadata(self) -> dict:
         device_kind = None if self.spec.device is None else self.spec.device["kind"]
         gpu_kind = {"llvm": "cpu"}.get(device_kind, device_kind)
         vm_devices = ["cpu"] if gpu_kind is None else [gpu_kind, "cpu"]
-        input_device = "cpu" if self.spec.mode != "gpu" else gpu_kind
+        built = self.built_as or self.spec.mode
+        input_device = "cpu" if built != "gpu" else gpu_kind
         return {
             "mulayer_version": __version__,
             "tvm_version": tvm.__version__,
@@ -96,6 +98,7 @@ def compile_model(
     calibration=None,
     input_shapes: dict[str, list[int]] | str | None = None,
     cuda_graph: bool = True,
+    tuning_db: str | Path | None = None,
 ) -> CompiledModel:
     """Compile an ONNX model (path or ``onnx.ModelProto``) for ``target``.
 
@@ -110,9 +113,15 @@ def compile_model(
     cuda_graph : GPU-only CUDA builds capture their kernels in a CUDA graph (TVM's
         ``RewriteCUDAGraph``), launched once per call instead of once per kernel. Cooperative
         builds do not: TVM's capture would record the CPU kernels too (see docs/results.md).
+    tuning_db : a folder written by ``mulayer tune`` for this target (single-processor builds).
     """
     start = time.perf_counter()
     spec = parse_target(target) if isinstance(target, str) else target
+    if tuning_db is not None and spec.cooperative:
+        raise MuLayerError(
+            f"--tuning-db {str(tuning_db)!r} applies to CPU-only or GPU-only targets; "
+            "cooperative builds use the schedule rules"
+        )
     if plan is not None and not spec.cooperative:
         raise MuLayerError('a plan needs a cooperative target such as "mulayer, cuda, llvm"')
     # 1. ONNX → canonical Relax (params bound, BN folded, constants folded)
@@ -120,16 +129,22 @@ def compile_model(
     layers = splittable_layers(mod["main"])
     extra: dict = {}
     # 2. Build for the processors the target names
+    built_as = None
     if spec.cooperative:
-        plan = resolve_plan(plan, spec, [layer.name for layer in layers])
-        executable, extra = build_cooperative(mod, spec, plan, layers, calibration, inputs)
+        plan = resolve_plan(plan, spec, [layer.name for layer in layers], mod)
+        sizes = {layer.name: layer.out_channels for layer in layers}
+        if spec.mulayer.split == "auto" and plan.sole_processor(sizes) == "gpu":
+            # Every layer on the GPU: the GPU-only module (fused, CUDA graph) is faster than
+            # the same plan as a two-device module, so the plan never loses to GPU-only.
+            built_as = "gpu"
+            executable, extra = _build_gpu_only(mod, spec, cuda_graph, None)
+            extra["built_as"] = "gpu"
+        else:
+            executable, extra = build_cooperative(mod, spec, plan, layers, calibration, inputs)
     elif spec.mode == "gpu":
-        use_graph = cuda_graph and spec.device["kind"] == "cuda"
-        extra["cuda_graph"] = use_graph
-        with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": use_graph}):
-            executable = build_single(to_fp16(mod), spec.device_target())
+        executable, extra = _build_gpu_only(mod, spec, cuda_graph, tuning_db)
     else:
-        executable = build_single(mod, spec.host_target())
+        executable = build_single(mod, spec.host_target(), tuning_db=tuning_db)
     return CompiledModel(
         executable=executable,
         spec=spec,
@@ -139,16 +154,46 @@ def compile_model(
         plan=plan,
         build_seconds=time.perf_counter() - start,
         extra_metadata=extra,
+        built_as=built_as,
     )
 
 
-def resolve_plan(plan: Plan | str | Path | None, spec: TargetSpec, names: list[str]) -> Plan:
-    """The plan to build: ``--plan`` if given, else a uniform ``-ratio``."""
-    if plan is None:
+def _build_gpu_only(mod, spec: TargetSpec, cuda_graph: bool, tuning_db):
+    """fp16 GPU module (CUDA graph on cuda unless disabled); return (executable, meta)."""
+    use_graph = cuda_graph and spec.device["kind"] == "cuda"
+    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": use_graph}):
+        executable = build_single(to_fp16(mod), spec.device_target(), tuning_db=tuning_db)
+    return executable, {"cuda_graph": use_graph}
+
+
+def resolve_plan(
+    plan: Plan | str | Path | None, spec: TargetSpec, names: list[str], mod=None
+) -> Plan:
+    """The plan to build: ``--plan`` if given, else the ``-split=auto`` search on ``mod``
+    (canonical Relax; needs a cost model), else a uniform ``-ratio``."""
+    split = spec.mulayer.split
+    if plan is None and split == "auto":
+        if mod is None:
+            raise MuLayerError("-split=auto needs the model: call resolve_plan(..., mod)")
+        if spec.mulayer.ratio is not None:
+            warnings.warn(
+                "-ratio is ignored with -split=auto (the plan sets every layer)", stacklevel=3
+            )
+        from .partitioner import auto_plan
+
+        result = auto_plan(mod, spec)
+        log.info("auto plan: %s", "; ".join(result.notes))
+        plan = result.plan
+    elif plan is None:
+        if split == "height":
+            raise MuLayerError(
+                "mulayer -split=height is not supported yet (the passes split output channels "
+                "only); use -split=channel with -ratio=R, or -split=auto"
+            )
         if spec.mulayer.ratio is None:
             raise MuLayerError(
-                "a cooperative target needs -ratio=R (share of channels on the GPU, 0..1) or "
-                '--plan plan.json, e.g. "mulayer -ratio=0.5, cuda, llvm"'
+                "a cooperative target needs -ratio=R (share of channels on the GPU, 0..1), "
+                '-split=auto or --plan plan.json, e.g. "mulayer -ratio=0.5, cuda, llvm"'
             )
         plan = Plan.uniform(spec.mulayer.ratio, align=spec.mulayer.align)
     elif not isinstance(plan, Plan):

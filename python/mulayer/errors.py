@@ -9,3 +9,13 @@ class MuLayerError(Exception):
     The CLI prints ``error: <message>`` and exits with code 2, without a traceback.
     Messages name the bad value and what would be valid.
     """
+
+
+def register_with_tvm() -> None:
+    """Let a ``MuLayerError`` raised inside a TVM pass (e.g. a plan check in SplitChannels) reach
+    the caller as itself: unregistered Python errors come back from TVM as ``RuntimeError``.
+    Idempotent; imports ``tvm_ffi``, so it is called by the compiler side, not at import.
+    """
+    import tvm_ffi
+
+    tvm_ffi.register_error("MuLayerError", MuLayerError)

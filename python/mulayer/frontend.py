@@ -8,6 +8,8 @@ layer reads ``matmul(x, W)`` with a constant ``W`` of shape ``[in, out]``).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
 import warnings
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import onnx
 
+from . import model_checks
 from .errors import MuLayerError
 from .tensor_spec import TensorSpec
 
@@ -88,6 +91,10 @@ def load_onnx(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         # Outputs without a declared shape are common in hand-written graphs and harmless.
         if "Field 'shape' of 'type' is required" not in first:
             raise MuLayerError(f"the ONNX model is invalid: {first}") from None
+    model_checks.check_graph_order(proto)
+    model_checks.check_window_attributes(proto)
+    model_checks.check_initializers(proto)
+    model_checks.check_types(proto)
     return proto
 
 
@@ -142,15 +149,21 @@ def graph_inputs(
                     )
             shape = tuple(given)
         else:
-            unresolved = [
-                (dim.dim_param or "?")
-                for dim in dims
-                if not (dim.HasField("dim_value") and dim.dim_value > 0)
-            ]
+            set_dims = [d.dim_value for d in dims if d.HasField("dim_value")]
+            invalid = [str(d) for d in set_dims if d < 1]
+            if invalid:
+                raise MuLayerError(
+                    f"input {value.name!r} has non-positive dims ({', '.join(invalid)}); a model "
+                    "input needs sizes of at least 1"
+                )
+            unresolved = [(dim.dim_param or "?") for dim in dims if not dim.HasField("dim_value")]
             if unresolved:
+                # An example with the fixed dims kept and the dynamic ones set to 1.
+                fixed = [str(d.dim_value) if d.HasField("dim_value") else "1" for d in dims]
+                example = ",".join(fixed)
                 raise MuLayerError(
                     f"input {value.name!r} has dynamic dims ({', '.join(unresolved)}); give "
-                    f'static ones with --input-shapes "{value.name}:[1,3,224,224]"'
+                    f'static ones with --input-shapes, e.g. "{value.name}:[{example}]"'
                 )
             shape = tuple(dim.dim_value for dim in dims)
         specs.append(TensorSpec(value.name, shape, dtype))
@@ -165,20 +178,32 @@ def graph_inputs(
     return specs
 
 
-def import_onnx(
+def check_onnx(
     model: str | Path | onnx.ModelProto, input_shapes: dict[str, list[int]] | str | None = None
-):
-    """Load ``model`` and return ``(canonical Relax IRModule, input specs, output specs)``."""
-
+) -> tuple[onnx.ModelProto, list[TensorSpec]]:
+    """The checks of :func:`import_onnx` that run no TVM code: the file, the ONNX checker, the
+    ops, the input shapes. Returns ``(model proto, input specs)``."""
     if isinstance(input_shapes, str):
         input_shapes = parse_input_shapes(input_shapes)
     proto = load_onnx(model)
     _check_supported_ops(proto)
-    inputs = graph_inputs(proto, input_shapes)
+    return proto, graph_inputs(proto, input_shapes)
+
+
+def import_onnx(
+    model: str | Path | onnx.ModelProto, input_shapes: dict[str, list[int]] | str | None = None
+):
+    """Load ``model`` and return ``(canonical Relax IRModule, input specs, output specs)``."""
+    proto, inputs = check_onnx(model, input_shapes)
     from tvm.relax.frontend.onnx import from_onnx
 
+    from .errors import register_with_tvm
+
+    register_with_tvm()  # every build starts here; its passes may raise MuLayerError
+
+    printed = io.StringIO()  # TVM's frontend prints the failing operator's inputs (IR dumps)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
             warnings.simplefilter("ignore")
             mod = from_onnx(
                 proto,
@@ -189,14 +214,29 @@ def import_onnx(
     except MuLayerError:
         raise
     except Exception as err:  # the frontend raises many types; they all mean "bad model"
-        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise MuLayerError(f"TVM's ONNX frontend could not import the model: {first}") from None
+        first = _tvm_message(err)
+        op = re.search(r"Error converting operator (\S+),", printed.getvalue())
+        at = f" (at a {op.group(1)} node)" if op else ""
+        raise MuLayerError(f"TVM's ONNX frontend could not import the model{at}: {first}") from None
+    model_checks.check_no_empty_tensors(mod)
     try:
         mod = canonicalize(mod)
     except RuntimeError as err:  # TVM errors derive from RuntimeError
         raise MuLayerError(f"the imported model could not be normalised: {err}") from None
     names = [value.name for value in proto.graph.output]
-    return mod, inputs, output_specs(mod, names)
+    outputs = output_specs(mod, names)
+    model_checks.check_declared_outputs(proto, outputs)
+    return mod, inputs, outputs
+
+
+def _tvm_message(err: Exception) -> str:
+    """The last line of a TVM error without its IR noise (op reprs, metadata notes)."""
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__
+    line = text.splitlines()[-1]
+    line = line.replace("# Metadata omitted. Use show_meta=True in script() method to show it.", "")
+    return re.sub(r'ir\.Op\(.*?name="([^"]+)".*?support_level=\d+\)', r"\1", line).strip()
 
 
 def canonicalize(mod):

@@ -5,13 +5,18 @@ A plan is a versioned, JSON-serialisable dataclass. For every splittable layer (
 how many output channels (or output rows, for the height axis) go to the GPU. Layers the plan does
 not list follow ``default_ratio``: the share of output channels given to the GPU (1 = GPU only,
 0 = CPU only).
+
+Plans made by the partitioner (``-split=auto``) also carry predictions: per layer
+``predicted_ms``, for the whole model ``predicted_ms`` and ``baselines_ms`` (the same estimator's
+GPU-only and CPU-only figures), and ``notes`` saying how the plan was found. These fields are
+optional: plans written before them load unchanged.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import MuLayerError
@@ -60,6 +65,8 @@ class Plan:
     layers: dict[str, LayerDecision] = field(default_factory=dict)
     schema_version: int = PLAN_SCHEMA_VERSION
     predicted_ms: float | None = None
+    baselines_ms: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -78,6 +85,14 @@ class Plan:
             raise MuLayerError(f"plan align {self.align!r} must be a positive integer")
         for name, decision in self.layers.items():
             decision.validate(name)
+        if not isinstance(self.baselines_ms, dict) or not all(
+            isinstance(v, (int, float)) for v in self.baselines_ms.values()
+        ):
+            raise MuLayerError(
+                f"plan baselines_ms {self.baselines_ms!r} must map a processor to milliseconds"
+            )
+        if not isinstance(self.notes, list) or not all(isinstance(n, str) for n in self.notes):
+            raise MuLayerError(f"plan notes {self.notes!r} must be a list of strings")
 
     def check_layers(self, known: list[str]) -> None:
         """Refuse a plan naming layers the model does not have."""
@@ -99,7 +114,24 @@ class Plan:
             return size
         if decision.placement == "cpu":
             return 0
-        return min(int(decision.gpu_size or 0), size)
+        if int(decision.gpu_size or 0) > size:
+            raise MuLayerError(
+                f"plan layer {name!r}: gpu_size {decision.gpu_size} is more than the layer's "
+                f"{size} output {'rows' if decision.axis == 'height' else 'channels'}"
+            )
+        return int(decision.gpu_size or 0)
+
+    def sole_processor(self, sizes: dict[str, int]) -> str | None:
+        """``"gpu"`` or ``"cpu"`` when every layer (name -> output channels) runs wholly there.
+
+        Such a plan is better built for that one processor than as a two-device module.
+        """
+        shares = {self.gpu_size(name, size) / size for name, size in sizes.items() if size}
+        if shares == {1.0}:
+            return "gpu"
+        if shares == {0.0}:
+            return "cpu"
+        return None
 
     def axis(self, name: str) -> str:
         decision = self.layers.get(name)
@@ -117,12 +149,14 @@ class Plan:
             raise MuLayerError(f"plan is not valid JSON: {err}") from None
         if not isinstance(raw, dict):
             raise MuLayerError("plan must be a JSON object")
-        known = {"default_ratio", "align", "layers", "schema_version", "predicted_ms"}
+        known = {f.name for f in fields(cls)}
         extra = sorted(set(raw) - known)
         if extra:
             raise MuLayerError(
                 f"plan has unknown field(s) {', '.join(extra)}; valid: {', '.join(sorted(known))}"
             )
+        if not isinstance(raw.get("layers", {}), dict):
+            raise MuLayerError("plan field layers must map layer names to decisions")
         try:
             layers = {
                 name: LayerDecision(**decision) for name, decision in raw.get("layers", {}).items()

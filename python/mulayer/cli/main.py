@@ -13,9 +13,9 @@ import traceback
 import warnings
 
 from ..errors import MuLayerError
-from . import compile_cmd, demo_cmd, inspect_cmd, run_cmd
+from . import compile_cmd, demo_cmd, inspect_cmd, profile_cmd, run_cmd, tune_cmd
 
-SUBCOMMANDS = (compile_cmd, run_cmd, inspect_cmd, demo_cmd)
+SUBCOMMANDS = (compile_cmd, run_cmd, inspect_cmd, demo_cmd, profile_cmd, tune_cmd)
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 

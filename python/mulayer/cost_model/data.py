@@ -1,0 +1,130 @@
+"""Training data: the measured rows of one profile (one machine, target and build options)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from mulayer.errors import MuLayerError
+from mulayer.layers import Layer
+
+
+@dataclass
+class PartSample:
+    """One timed part."""
+
+    key: str  # the distinct layer (shape) it belongs to
+    processor: str
+    layer: Layer
+    channels: int
+    latency_us: float
+    samples_us: tuple[float, ...] = ()
+
+
+STATISTICS = ("median", "min")
+
+
+@dataclass
+class ProfileData:
+    """The rows of one ``profile_id``, parsed."""
+
+    profile_id: str
+    fingerprint: dict
+    target: dict
+    parts: list[PartSample] = field(default_factory=list)
+    transfers: list[dict] = field(default_factory=list)
+    syncs: list[dict] = field(default_factory=list)
+    # model name -> the distinct layer keys it contains (real models only)
+    models: dict[str, set[str]] = field(default_factory=dict)
+    # layer keys of synthetic models (the profiler's sweep): training data, never held out
+    synthetic: set[str] = field(default_factory=set)
+    statistic: str = "median"
+
+    def processors(self) -> list[str]:
+        return sorted({p.processor for p in self.parts})
+
+    def summary(self) -> dict:
+        """What a trained model records about its training set."""
+        return {
+            "profile_id": self.profile_id,
+            "fingerprint": self.fingerprint,
+            "target": self.target,
+            "parts": dict(Counter(p.processor for p in self.parts)),
+            "layers": len({p.key for p in self.parts}),
+            "transfer_rows": len(self.transfers),
+            "models": sorted(self.models),
+            "synthetic_layers": len(self.synthetic),
+            "statistic": self.statistic,
+        }
+
+
+def profile_data(
+    rows: list[dict], profile_id: str | None = None, statistic: str = "median"
+) -> ProfileData:
+    """Select and parse the rows of one profile.
+
+    With ``profile_id`` None the data must hold exactly one profile (else the error lists them).
+    ``statistic`` is the latency taken from each part's repeats: "median" (the row's
+    ``latency_us``) or "min" (the least disturbed repeat: use it for data measured on a busy
+    machine).
+    """
+    if statistic not in STATISTICS:
+        raise MuLayerError(f"statistic {statistic!r}: use one of {', '.join(STATISTICS)}")
+    measured = [r for r in rows if r["row"] in ("part", "transfer", "sync")]
+    ids = Counter(r.get("profile_id") for r in measured)
+    if not ids:
+        raise MuLayerError("the profile data holds no measured rows (run `mulayer profile`)")
+    if profile_id is None:
+        if len(ids) > 1:
+            listed = ", ".join(f"{k} ({n} rows)" for k, n in ids.most_common())
+            raise MuLayerError(
+                f"the profile data mixes {len(ids)} profiles ({listed}); choose one with "
+                "--profile-id"
+            )
+        profile_id = next(iter(ids))
+    elif profile_id not in ids:
+        raise MuLayerError(
+            f"profile id {profile_id!r} is not in the data; it holds {', '.join(map(str, ids))}"
+        )
+    mine = [r for r in measured if r.get("profile_id") == profile_id]
+    data = ProfileData(profile_id, mine[0]["fingerprint"], mine[0]["target"])
+    data.statistic = statistic
+    for row in mine:
+        if row["row"] == "transfer":
+            data.transfers.append(row)
+        elif row["row"] == "sync":
+            data.syncs.append(row)
+        elif "error" not in row and row.get("latency_us", 0) > 0:
+            data.parts.append(
+                PartSample(
+                    key=row["key"],
+                    processor=row["processor"],
+                    layer=layer_from_json(row["layer"]),
+                    channels=int(row["channels"]),
+                    latency_us=_latency(row, statistic),
+                    samples_us=tuple(row.get("samples_us") or ()),
+                )
+            )
+    for row in rows:
+        if row["row"] != "model":
+            continue
+        keys = {k for _, k, _ in row["layers"]}
+        if row.get("synthetic"):
+            data.synthetic |= keys
+        else:
+            data.models.setdefault(row["model"], set()).update(keys)
+    return data
+
+
+def layer_from_json(raw: dict) -> Layer:
+    fields = dict(raw)
+    for name in ("input_shape", "output_shape", "weight_shape", "strides"):
+        if fields.get(name) is not None:
+            fields[name] = tuple(fields[name])
+    return Layer(**fields)
+
+
+def _latency(row: dict, statistic: str) -> float:
+    if statistic == "min" and row.get("samples_us"):
+        return float(min(row["samples_us"]))
+    return float(row["latency_us"])

@@ -1,0 +1,178 @@
+"""Features of a part: what one processor computes of a layer, from the layer table alone.
+
+The partitioner asks for the time of ``channels`` output channels of a
+:class:`mulayer.layers.Layer` on one processor; everything here derives from those two, so the
+profile rows (which carry the layer's table entry) and the partitioner's queries go through the
+same :func:`part_features`. The processor's precision (CPU int8, GPU fp16) is implied by which
+regressor is asked (one per processor) and recorded in :data:`FEATURE_SCHEMA`.
+
+Bump :data:`FEATURE_SCHEMA_VERSION` whenever :data:`FEATURE_NAMES` or their meaning changes: a
+saved model with another schema is refused on load.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from mulayer.layers import SPLITTABLE_KINDS, Layer
+
+FEATURE_SCHEMA_VERSION = 1
+PRECISIONS = {"cpu": "int8 (pooling float32)", "gpu": "float16 (fp32 accumulation)"}
+
+FEATURE_NAMES: tuple[str, ...] = (
+    # op
+    *(f"is_{kind}" for kind in SPLITTABLE_KINDS),
+    "is_depthwise",
+    # shapes of the part
+    "channels",
+    "channel_share",
+    "in_channels",
+    "in_channels_per_group",
+    "in_height",
+    "in_width",
+    "out_height",
+    "out_width",
+    "kernel_h",
+    "kernel_w",
+    "stride",
+    "groups_in_part",
+    # alignment (what the int8 dot-product / tensor-core rules need)
+    "channels_mod16",
+    "channels_mod8",
+    "in_channels_per_group_mod4",
+    # work and data
+    "log2_flops",
+    "log2_bytes_in",
+    "log2_bytes_out",
+    "log2_weight_elems",
+    "log2_out_elems",
+    "log2_intensity",
+)
+FEATURE_SCHEMA = {
+    "version": FEATURE_SCHEMA_VERSION,
+    "names": list(FEATURE_NAMES),
+    "target": "log(latency_us)",
+    "precisions": PRECISIONS,
+}
+
+
+@dataclass
+class PartShape:
+    """The quantities of one part that features and baselines use."""
+
+    kind: str
+    channels: int
+    total: int
+    flops: float
+    bytes_in: float
+    bytes_out: float
+    weight_elems: float
+    out_elems: float
+    in_channels: int
+    in_height: int
+    in_width: int
+    out_height: int
+    out_width: int
+    kernel_h: int
+    kernel_w: int
+    stride: int
+    groups: int
+
+    @property
+    def share(self) -> float:
+        return self.channels / self.total
+
+    @property
+    def depthwise(self) -> bool:
+        return self.kind == "conv2d" and self.groups > 1 and self.groups == self.in_channels
+
+
+def part_shape(layer: Layer, channels: int) -> PartShape:
+    """The part of ``layer`` computing ``channels`` of its output channels."""
+    total = int(layer.output_shape[1])
+    share = channels / total
+    in_shape = list(layer.input_shape) + [1, 1]
+    out_shape = list(layer.output_shape) + [1, 1]
+    out_elems = float(np.prod(layer.output_shape)) * share
+    # The whole input is read by dense and ungrouped conv parts; the rest read their channels.
+    reads_all = layer.kind == "dense" or (layer.kind == "conv2d" and layer.groups == 1)
+    weight_elems = float(np.prod(layer.weight_shape)) * share if layer.weight_shape else 0.0
+    if layer.kind == "conv2d":
+        kh, kw = int(layer.weight_shape[2]), int(layer.weight_shape[3])
+    elif layer.kind == "dense":
+        kh = kw = 1
+    else:  # pooling: FLOPs are one op per window element per output
+        area = max(1, round(layer.flops / max(1.0, float(np.prod(layer.output_shape)))))
+        if layer.kind == "global_avg_pool2d":
+            kh, kw = int(in_shape[2]), int(in_shape[3])
+        else:
+            kh = kw = max(1, round(math.sqrt(area)))
+    groups = layer.groups if layer.kind == "conv2d" else total
+    return PartShape(
+        kind=layer.kind,
+        channels=channels,
+        total=total,
+        flops=float(layer.flops) * share,
+        bytes_in=float(layer.bytes_in) * (1.0 if reads_all else share),
+        bytes_out=float(layer.bytes_out) * share,
+        weight_elems=weight_elems,
+        out_elems=out_elems,
+        in_channels=int(in_shape[1]),
+        in_height=int(in_shape[2]),
+        in_width=int(in_shape[3]),
+        out_height=int(out_shape[2]),
+        out_width=int(out_shape[3]),
+        kernel_h=kh,
+        kernel_w=kw,
+        stride=int(layer.strides[0]) if layer.strides else 1,
+        groups=groups,
+    )
+
+
+def _log2(x: float) -> float:
+    return math.log2(max(x, 1.0))
+
+
+def part_features(layer: Layer, channels: int) -> list[float]:
+    """The feature vector (:data:`FEATURE_NAMES` order) of ``channels`` channels of ``layer``."""
+    p = part_shape(layer, channels)
+    groups_in_part = max(1, round(p.groups * p.share)) if p.groups > 1 else 1
+    cin_per_group = p.in_channels // p.groups if p.kind == "conv2d" else p.in_channels
+    traffic = p.bytes_in + p.bytes_out + p.weight_elems
+    values = [
+        *(float(p.kind == kind) for kind in SPLITTABLE_KINDS),
+        float(p.depthwise),
+        float(channels),
+        p.share,
+        float(p.in_channels),
+        float(cin_per_group),
+        float(p.in_height),
+        float(p.in_width),
+        float(p.out_height),
+        float(p.out_width),
+        float(p.kernel_h),
+        float(p.kernel_w),
+        float(p.stride),
+        float(groups_in_part),
+        float(channels % 16 == 0),
+        float(channels % 8 == 0),
+        float(cin_per_group % 4 == 0),
+        _log2(p.flops),
+        _log2(p.bytes_in),
+        _log2(p.bytes_out),
+        _log2(p.weight_elems),
+        _log2(p.out_elems),
+        math.log2(max(p.flops, 1.0) / max(traffic, 1.0)),
+    ]
+    assert len(values) == len(FEATURE_NAMES)
+    return values
+
+
+def feature_matrix(samples: list[tuple[Layer, int]]) -> np.ndarray:
+    """Rows of :func:`part_features` for ``(layer, channels)`` samples."""
+    if not samples:
+        return np.zeros((0, len(FEATURE_NAMES)), dtype=np.float64)
+    return np.array([part_features(layer, k) for layer, k in samples], dtype=np.float64)

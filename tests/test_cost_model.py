@@ -1,0 +1,350 @@
+"""The cost model: features, training, the partitioner API, archives and their schema check,
+default selection by fingerprint, transfers, the held-out evaluation and its script."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mulayer.cost_model import (
+    FEATURE_NAMES,
+    CostModel,
+    CostModelConfig,
+    PartSample,
+    ProfileData,
+    XGBoostConfig,
+    load_cost_model,
+    load_cost_model_file,
+    part_features,
+    profile_data,
+    train_cost_model,
+)
+from mulayer.cost_model.evaluate import holdout_eval
+from mulayer.cost_model.features import part_shape
+from mulayer.cost_model.transfer import fit_line
+from mulayer.errors import MuLayerError
+from mulayer.layers import Layer
+from mulayer.profiler.fingerprint import fingerprint
+from mulayer.target import parse_target
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST_XGB = XGBoostConfig(n_estimators=60, max_depth=4, learning_rate=0.2)
+
+
+def conv(cin, cout, hw, k=3, stride=1, groups=1, name="conv2d.0") -> Layer:
+    out_hw = hw // stride
+    out = (1, cout, out_hw, out_hw)
+    return Layer(
+        name=name,
+        kind="conv2d",
+        var="lv",
+        input_shape=(1, cin, hw, hw),
+        output_shape=out,
+        weight_shape=(cout, cin // groups, k, k),
+        groups=groups,
+        strides=(stride, stride),
+        flops=2 * int(np.prod(out)) * (cin // groups) * k * k,
+        bytes_in=4 * cin * hw * hw,
+        bytes_out=4 * int(np.prod(out)),
+    )
+
+
+def pool(c, hw, k=2, kind="max_pool2d") -> Layer:
+    out = (1, c, hw // k, hw // k)
+    return Layer(
+        "max_pool2d.0",
+        kind,
+        "lv",
+        (1, c, hw, hw),
+        out,
+        None,
+        1,
+        (k, k),
+        int(np.prod(out)) * k * k,
+        4 * c * hw * hw,
+        4 * int(np.prod(out)),
+    )
+
+
+def dense(n_in, n_out) -> Layer:
+    return Layer(
+        "dense.0",
+        "dense",
+        "lv",
+        (1, n_in),
+        (1, n_out),
+        (n_in, n_out),
+        1,
+        (),
+        2 * n_in * n_out,
+        4 * n_in,
+        4 * n_out,
+    )
+
+
+def law(layer: Layer, k: int, processor: str) -> float:
+    """A made-up machine: launch cost + compute + memory, the CPU 8x slower than the GPU."""
+    p = part_shape(layer, k)
+    scale = 8.0 if processor == "cpu" else 1.0
+    return scale * (3.0 + p.flops / 2e4 + (p.bytes_in + p.bytes_out) / 4e3)
+
+
+def synthetic_data(seed: int = 0) -> ProfileData:
+    """Three 'models' of conv layers (plus pools and a dense), timed by :func:`law`."""
+    rng = np.random.default_rng(seed)
+    models: dict[str, set[str]] = {}
+    parts = []
+    for m in range(3):
+        keys = set()
+        layers = [
+            conv(
+                int(rng.choice([16, 32, 64, 128])),
+                int(rng.choice([32, 64, 128, 256])),
+                int(rng.choice([7, 14, 28, 56])),
+                k=int(rng.choice([1, 3])),
+                stride=int(rng.choice([1, 2])),
+            )
+            for _ in range(12)
+        ]
+        layers += [pool(64 * (m + 1), 28), dense(256 * (m + 1), 100)]
+        for i, layer in enumerate(layers):
+            key = f"m{m}-l{i}"
+            keys.add(key)
+            for processor in ("cpu", "gpu"):
+                for share in (0.25, 0.5, 1.0):
+                    k = max(1, int(layer.out_channels * share))
+                    t = law(layer, k, processor) * rng.uniform(0.98, 1.02)
+                    parts.append(PartSample(key, processor, layer, k, t))
+        models[f"model{m}"] = keys
+    fp = {"cpu_model": "test cpu", "cpu_cores": 4, "gpu_kind": "llvm", "gpu_name": "test"}
+    transfers = [
+        {"direction": d, "memory": "pageable", "nbytes": n, "latency_us": 10.0 + n / 1e4}
+        for d in ("h2d", "d2h")
+        for n in (4096, 65536, 1 << 20, 1 << 24)
+    ]
+    target = {"host": {"kind": "llvm"}, "device": {"kind": "llvm"}}
+    return ProfileData("test", fp, target, parts, transfers, [{"latency_us": 4.5}], models)
+
+
+@pytest.fixture(scope="module")
+def trained() -> CostModel:
+    return train_cost_model(synthetic_data(), CostModelConfig(xgboost=FAST_XGB))
+
+
+# ------------------------------------------------------------------------------ features
+def test_features_of_a_conv_part():
+    layer = conv(64, 128, 28, k=3, stride=2)
+    values = dict(zip(FEATURE_NAMES, part_features(layer, 32), strict=True))
+    assert len(part_features(layer, 32)) == len(FEATURE_NAMES)
+    assert values["is_conv2d"] == 1.0 and values["is_dense"] == 0.0
+    assert values["channels"] == 32 and values["channel_share"] == 0.25
+    assert values["kernel_h"] == 3 and values["stride"] == 2
+    assert values["channels_mod16"] == 1.0 and values["in_channels_per_group_mod4"] == 1.0
+    assert values["log2_flops"] == pytest.approx(np.log2(layer.flops / 4))
+    # An ungrouped conv part reads the whole input; its output is its share.
+    assert values["log2_bytes_in"] == pytest.approx(np.log2(layer.bytes_in))
+    assert values["log2_bytes_out"] == pytest.approx(np.log2(layer.bytes_out / 4))
+
+
+def test_features_of_depthwise_pool_and_dense_parts():
+    dw = dict(zip(FEATURE_NAMES, part_features(conv(96, 96, 14, groups=96), 24), strict=True))
+    assert dw["is_depthwise"] == 1.0 and dw["groups_in_part"] == 24
+    assert dw["log2_bytes_in"] == pytest.approx(np.log2(4 * 24 * 14 * 14))  # its input slice
+    mp = dict(zip(FEATURE_NAMES, part_features(pool(64, 56, k=3), 64), strict=True))
+    assert mp["is_max_pool2d"] == 1.0 and mp["kernel_h"] == 3
+    fc = dict(zip(FEATURE_NAMES, part_features(dense(512, 1000), 1000), strict=True))
+    assert fc["is_dense"] == 1.0 and fc["channel_share"] == 1.0 and fc["in_channels"] == 512
+
+
+# ------------------------------------------------------------------------- partitioner API
+def test_cost_model_api(trained):
+    layer = conv(64, 128, 28)
+    cpu = trained.layer_time_us(layer, "cpu", 64)
+    gpu = trained.layer_time_us(layer, "gpu", 64)
+    assert cpu == pytest.approx(law(layer, 64, "cpu"), rel=0.25)
+    assert gpu == pytest.approx(law(layer, 64, "gpu"), rel=0.25)
+    assert trained.layer_time_us(layer, "cpu", 0) == 0.0
+    assert trained.layer_times_us(layer, "gpu", [0, 64]) == [0.0, pytest.approx(gpu)]
+    with pytest.raises(MuLayerError, match="npu"):
+        trained.layer_time_us(layer, "npu", 8)
+    # The stand-in shares memory: copies are free; the sync was measured.
+    assert trained.shared_memory
+    assert trained.transfer_time_us(1 << 20, "h2d") == 0.0
+    assert trained.sync_time_us() == pytest.approx(4.5)
+    with pytest.raises(MuLayerError, match="direction"):
+        trained.transfer_time_us(10, "sideways")
+
+
+def test_transfers_fit_a_line():
+    n = np.array([4096, 65536, 1 << 20, 1 << 24], dtype=float)
+    a, b = fit_line(n, 12.0 + n / 2e4)
+    assert a == pytest.approx(12.0, rel=1e-6) and b == pytest.approx(1 / 2e4, rel=1e-6)
+    model = train_cost_model(synthetic_data(), CostModelConfig(xgboost=FAST_XGB))
+    model.shared_memory = False
+    assert model.transfer_time_us(1 << 22, "d2h") == pytest.approx(10 + (1 << 22) / 1e4)
+    assert model.transfer_time_us(0, "h2d") == 0.0
+
+
+# -------------------------------------------------------------------------------- archive
+@pytest.mark.parametrize("predictor", ["xgboost", "flops_linear", "neurosurgeon"])
+def test_save_load_round_trip(predictor, tmp_path):
+    model = train_cost_model(
+        synthetic_data(), CostModelConfig(predictor=predictor, xgboost=FAST_XGB)
+    )
+    path = tmp_path / "model.zip"
+    model.save(path)
+    loaded = load_cost_model_file(path)
+    rng = np.random.default_rng()
+    for _ in range(5):
+        layer = conv(int(rng.integers(8, 200)), 64, int(rng.integers(7, 60)))
+        k = int(rng.integers(1, 65))
+        for processor in ("cpu", "gpu"):
+            assert loaded.layer_time_us(layer, processor, k) == pytest.approx(
+                model.layer_time_us(layer, processor, k), rel=1e-5
+            )
+    assert loaded.transfer.to_json() == model.transfer.to_json()
+    assert loaded.training["models"] == ["model0", "model1", "model2"]
+    assert loaded.training["fingerprint"]["cpu_model"] == "test cpu"
+    assert loaded.config.predictor == predictor
+
+
+def _rewrite_manifest(path: Path, change) -> None:
+    with zipfile.ZipFile(path) as zf:
+        files = {name: zf.read(name) for name in zf.namelist()}
+    manifest = json.loads(files["manifest.json"])
+    change(manifest)
+    files["manifest.json"] = json.dumps(manifest).encode()
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+
+
+def test_load_refuses_a_feature_schema_mismatch(trained, tmp_path):
+    path = tmp_path / "model.zip"
+    trained.save(path)
+
+    def rename(manifest):
+        manifest["feature_schema"]["names"][0] = "is_conv3d"
+
+    _rewrite_manifest(path, rename)
+    with pytest.raises(MuLayerError, match="feature schema .*unknown is_conv3d"):
+        load_cost_model_file(path)
+
+    def bump(manifest):
+        manifest["feature_schema"]["version"] = 99
+        manifest["feature_schema"]["names"][0] = "is_conv2d"
+
+    _rewrite_manifest(path, bump)
+    with pytest.raises(MuLayerError, match="version 99"):
+        load_cost_model_file(path)
+
+
+def test_load_refuses_other_files(tmp_path, trained):
+    with pytest.raises(MuLayerError, match="does not exist"):
+        load_cost_model_file(tmp_path / "none.zip")
+    junk = tmp_path / "junk.zip"
+    junk.write_text("not a zip")
+    with pytest.raises(MuLayerError, match="not a mulayer cost model"):
+        load_cost_model_file(junk)
+    path = tmp_path / "old.zip"
+    trained.save(path)
+    _rewrite_manifest(path, lambda m: m.update(version=0))
+    with pytest.raises(MuLayerError, match="archive version 0"):
+        load_cost_model_file(path)
+
+
+def test_default_model_is_chosen_by_fingerprint(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("MULAYER_DATA_DIR", str(tmp_path))
+    spec = parse_target("mulayer, llvm, llvm")
+    # Trained elsewhere: loaded, with a warning naming the difference.
+    trained.save(tmp_path / "cost-model-elsewhere.zip")
+    with pytest.warns(UserWarning, match="other hardware.*cpu_model"):
+        model = load_cost_model(target=spec)
+    assert model.shared_memory
+    # Trained here: loaded silently.
+    trained.training["fingerprint"] = fingerprint(spec)
+    trained.save(tmp_path / "cost-model-here.zip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = load_cost_model(target=spec)
+    assert model.layer_time_us(conv(16, 16, 8), "gpu", 16) > 0
+    # No model for the target's GPU kind.
+    with pytest.raises(MuLayerError, match="no shipped cost model for a cuda target"):
+        load_cost_model(target=parse_target("mulayer, cuda -arch=sm_90, llvm"))
+
+
+def test_shipped_stand_in_model_loads():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # another CPU than the one it was measured on
+        model = load_cost_model(target="mulayer, llvm, llvm")
+    layer = conv(64, 64, 56)
+    assert model.shared_memory
+    times = [model.layer_time_us(layer, p, 32) for p in ("cpu", "gpu")]
+    assert all(t > 0 and np.isfinite(t) for t in times)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def test_holdout_eval_ranks_xgboost_first():
+    report = holdout_eval(synthetic_data(), xgboost=FAST_XGB)
+    metrics = report.metrics()
+    assert set(metrics) == {"xgboost", "flops_linear", "neurosurgeon"}
+    assert set(metrics["xgboost"]) == {"cpu", "gpu", "all"}
+    assert set(report.folds) == {"model0", "model1", "model2"}
+    n = metrics["xgboost"]["all"]["n"]
+    assert n == len(synthetic_data().parts)  # every part is predicted once, held out
+    # On a smooth law the learned model is near-exact; FLOPs alone miss the memory term.
+    assert metrics["xgboost"]["all"]["mape"] < metrics["flops_linear"]["all"]["mape"]
+    assert metrics["xgboost"]["all"]["within"] > 0.8
+
+
+def test_synthetic_layers_train_but_are_never_held_out():
+    data = synthetic_data()
+    data.synthetic = data.models.pop("model2")  # as the profiler's sweep
+    report = holdout_eval(data, ("flops_linear",))
+    assert set(report.folds) == {"model0", "model1"}
+    # Each fold trains on the other model and the synthetic layers.
+    assert report.folds["model0"]["train_layers"] == len(data.models["model1"] | data.synthetic)
+
+
+def test_predictions_are_memoised_and_batched(trained):
+    layer = conv(32, 64, 14)
+    one = [trained.layer_time_us(layer, "cpu", k) for k in (8, 16, 64)]
+    assert trained.layer_times_us(layer, "cpu", [8, 16, 64, 0]) == [*one, 0.0]
+    renamed = conv(32, 64, 14, name="conv2d.7")  # same shape, another layer: same answer
+    assert trained.layer_time_us(renamed, "cpu", 16) == one[1]
+    assert trained.layer_time_us(layer, "cpu", 500) == one[2]  # clipped to the layer's 64
+
+
+def test_profile_data_selects_one_profile():
+    rows = [
+        {"row": "sync", "profile_id": "a", "fingerprint": {}, "target": {}, "latency_us": 1},
+        {"row": "sync", "profile_id": "b", "fingerprint": {}, "target": {}, "latency_us": 2},
+    ]
+    with pytest.raises(MuLayerError, match="mixes 2 profiles"):
+        profile_data(rows)
+    assert profile_data(rows, "b").syncs[0]["latency_us"] == 2
+    with pytest.raises(MuLayerError, match="no measured rows"):
+        profile_data([])
+
+
+def test_eval_script_json_on_shipped_data(capsys, monkeypatch):
+    profile = ROOT / "data" / "profile-llvm-standin.jsonl"
+    script = ROOT / "scripts" / "eval_cost_model.py"
+    monkeypatch.setattr(sys, "argv", [str(script), str(profile), "--json"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(script), run_name="__main__")
+    assert info.value.code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"xgboost", "flops_linear", "neurosurgeon", "measurement"}
+    assert 0.0 < out["measurement"]["all"]["within"] <= 1.0
+    for name in ("xgboost", "flops_linear", "neurosurgeon"):
+        for processor in ("cpu", "gpu"):
+            assert 0.0 <= out[name][processor]["within"] <= 1.0
+            assert out[name][processor]["n"] > 0
