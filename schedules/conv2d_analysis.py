@@ -169,9 +169,23 @@ def find_conv2d(sch: s_tir.Schedule) -> Conv2dInfo | None:
                 out_dtype=str(block.writes[0].source.dtype),
             )
         )
-    if len(found) != 1:
+    if len(found) != 1 or not _epilogue_is_chain(sch, found[0].block):
         return None
     return found[0]
+
+
+def _epilogue_is_chain(sch: s_tir.Schedule, block: SBlockRV) -> bool:
+    """True when every block after the conv has at most one consumer (bias, relu, clip, ...).
+
+    An epilogue that reads one intermediate twice (SiLU: ``c * sigmoid(c)``) cannot be inlined
+    into the conv's tiles; the rules leave such functions to the fallback rule.
+    """
+    consumers = list(sch.get_consumers(block))
+    while consumers:
+        if len(consumers) > 1:
+            return False
+        consumers = list(sch.get_consumers(consumers[0]))
+    return True
 
 
 def data_producer(sch: s_tir.Schedule, info: Conv2dInfo) -> SBlockRV | None:

@@ -68,3 +68,31 @@ def test_tiny_gpu_fp16_matches_onnxruntime(tiny_onnx, tmp_path):
 @pytest.mark.gpu
 def test_resnet18_gpu_fp16_matches_onnxruntime(resnet18_onnx, tmp_path):
     _compile_and_compare(resnet18_onnx, "cuda, llvm", tmp_path, 2e-2, seed=7)
+
+
+def test_conv_with_silu_epilogue_builds_and_matches(tmp_path):
+    """An epilogue reading the conv result twice (SiLU, found by the fuzzer) builds on llvm."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng()
+    w = numpy_helper.from_array(rng.standard_normal((16, 8, 3, 3)).astype("f4"), "w")
+    b = numpy_helper.from_array(rng.standard_normal(16).astype("f4"), "b")
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["c"], ["s"]),
+        helper.make_node("Mul", ["c", "s"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "silu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 16, 16])],
+        [w, b],
+    )
+    path = tmp_path / "silu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    mulayer.compile(str(path), target="llvm").export(tmp_path / "silu.mulayer")
+    model = mulayer.load(tmp_path / "silu.mulayer")
+    x = model.random_inputs(seed=int(rng.integers(1 << 30)))
+    assert max_rel_error(model(x)["y"], onnxruntime_reference(path, x)[0]) < 1e-5

@@ -179,7 +179,8 @@ def _run_request(request: dict) -> dict:
     return result
 
 
-def _child_main(request_path: str) -> int:
+def _child_main(request_path: str) -> None:
+    """Run the request, write its result, exit (never returns)."""
     global _PROGRESS
     workdir = Path(request_path).parent
     request = json.loads(Path(request_path).read_text())
@@ -208,9 +209,9 @@ def _child_main(request_path: str) -> int:
 def _where(progress_text: str) -> str:
     """Describe the last progress records, e.g. "while scheduling PrimFunc 'f' (step: x)"."""
     step, last = "", None
-    for line in progress_text.splitlines():
+    for line in progress_text.split("\n")[:-1]:  # the last piece is empty or cut short
         record = line.split("\t")
-        if len(record) != 3:  # a record cut short by the crash
+        if len(record) != 3:
             continue
         last = record
         if record[0] == "step":
@@ -317,4 +318,4 @@ if __name__ == "__main__":
     # called by the driver sees the progress recorder.
     from mulayer import isolation
 
-    sys.exit(isolation._child_main(sys.argv[1]))
+    isolation._child_main(sys.argv[1])
