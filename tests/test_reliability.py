@@ -188,6 +188,9 @@ ROWS = [
     Row("model-not-onnx", "not an ONNX file (text)",
         _compile(lambda c: _save_bytes(c.tmp / "x.onnx", b"hello\n" * 20)),
         2, "is not an ONNX model (it could not be parsed"),
+    Row("model-bad-utf8", "damaged file: a name that is not UTF-8",
+        _compile(lambda c: _save_bytes(c.tmp / "m.onnx", _bad_utf8_name())),
+        2, "the ONNX model is invalid: the name b'g\\xb3g' is not valid UTF-8"),
     Row("model-directory", "model path is a directory", _compile(lambda c: str(c.tmp)),
         2, "is a directory, not an ONNX file"),
     Row("unsupported-op", "ONNX with an unsupported op",
@@ -344,6 +347,12 @@ def _with(value) -> np.ndarray:
     x = np.random.default_rng().standard_normal((1, 3, 8, 8)).astype("float32")
     x[0, 1, 2, 3] = value
     return x
+
+
+def _bad_utf8_name() -> bytes:
+    model = small_model()
+    model.graph.name = "gXg"
+    return model.SerializeToString().replace(b"gXg", b"g\xb3g")
 
 
 def _cycle():

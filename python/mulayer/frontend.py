@@ -82,6 +82,7 @@ def load_onnx(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
             raise MuLayerError(
                 f"{str(path)!r} is not an ONNX model (it could not be parsed: {type(err).__name__})"
             ) from None
+    model_checks.check_names(proto)
     if not proto.graph.node:
         raise MuLayerError("the ONNX model has no nodes (is it an ONNX file?)")
     try:

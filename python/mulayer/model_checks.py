@@ -15,6 +15,29 @@ import onnx
 from .errors import MuLayerError
 from .tensor_spec import TensorSpec
 
+
+def check_names(proto: onnx.ModelProto) -> None:
+    """Refuse names that are not valid UTF-8: a damaged file the parser accepts, whose names
+    then read as ``bytes`` (or raise ``UnicodeDecodeError``, by protobuf backend) and fail
+    wherever they are used."""
+    graph = proto.graph
+    try:
+        names = [graph.name, *(opset.domain for opset in proto.opset_import)]
+        for node in graph.node:
+            names += [node.name, node.op_type, node.domain, *node.input, *node.output]
+            names += [attr.name for attr in node.attribute]
+        for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+            names.append(value.name)
+        bad = next((name for name in names if not isinstance(name, str)), None)
+    except UnicodeDecodeError as err:
+        bad = err.object
+    if bad is not None:
+        raise MuLayerError(
+            f"the ONNX model is invalid: the name {bad!r} is not valid UTF-8 (is the file "
+            "damaged?)"
+        )
+
+
 _WINDOW_OPS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool")
 # Smallest valid value of each window attribute; all must stay below _WINDOW_LIMIT (TVM's shape
 # arithmetic wraps around at 2**31: a pad of -2**31 gave an output of a "valid" size).
