@@ -36,11 +36,15 @@ def calibrate(model, samples, method: str = "percentile", input_shapes=None):
     return _calibrate(mod, samples, method=method)
 
 
-def load(path) -> LoadedModel:
-    """Load an artifact written by ``CompiledModel.export``; needs only the TVM runtime."""
+def load(path, fallback: str | None = None) -> LoadedModel:
+    """Load an artifact written by ``CompiledModel.export``; needs only the TVM runtime.
+
+    ``fallback="cpu"`` runs the artifact's CPU library (``mulayer compile --fallback cpu``)
+    where its GPU is missing.
+    """
     from .artifact import load_artifact
 
-    return load_artifact(path)
+    return load_artifact(path, fallback=fallback)
 
 
 __all__ = ["MuLayerError", "Plan", "LayerDecision", "calibrate", "compile", "load", "__version__"]
