@@ -19,7 +19,7 @@ Contract of ``apply_schedules(mod, target) -> IRModule``
   bindings are mandatory there).
 - No search: ResNet-50 schedules (and packs its weights) in ~3 s for llvm (plus ~4 s once per
   process for cuda, to load TVM's tensor intrinsics). MetaSchedule tuning is a separate,
-  optional step (``mulayer tune``, :mod:`mulayer.tune`).
+  optional step (``mulayer tune``, :mod:`mulayer.compiler.tune`).
 
 Weight packing (CPU). The conv/matmul rules repack the weight inside the PrimFunc (a block
 annotated ``meta_schedule.layout_rewrite_preproc``). With ``fold_packing=True`` (default),
@@ -34,7 +34,7 @@ pads u8 x s8 convs with ``C % 4 != 0`` input channels (RGB stems) so that the VN
 
 Shared tiling steps of the CPU conv/matmul rules live in :mod:`.cpu_tiling`. Rules carry
 ``generic`` (catch-alls: ``Conv2dWidthVector``, ``CPUFallback``, dlight's): ``mulayer tune``
-(:mod:`mulayer.tune`) tunes the kernels those schedule, and a tuned kernel (marked
+(:mod:`mulayer.compiler.tune`) tunes the kernels those schedule, and a tuned kernel (marked
 ``tirx.is_scheduled`` by ``MetaScheduleApplyDatabase``) is skipped here.
 
 Rules, in order

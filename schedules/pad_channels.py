@@ -24,7 +24,7 @@ import tvm
 from tvm import relax
 from tvm.ir.expr import Constant
 
-from mulayer.layers import static_shape
+from mulayer.frontend.layers import static_shape
 
 from ._util import logger
 

@@ -112,8 +112,8 @@ DEFAULT_PEERS = tuple(k for k in PEERS if k != "torch_compile")
 
 def default_models() -> tuple[str, ...]:
     """The six benchmark zoo models and the two pretrained ones."""
-    from mulayer.pretrained import PRETRAINED_MODELS
-    from mulayer.zoo import BENCHMARK_MODELS
+    from mulayer.models.pretrained import PRETRAINED_MODELS
+    from mulayer.models.zoo import BENCHMARK_MODELS
 
     return (*BENCHMARK_MODELS, *PRETRAINED_MODELS)
 
@@ -166,7 +166,7 @@ class ModelEntry:
     path: Path
     calibration: Path | None  # .npy, (N, C, H, W) float32; None: no samples (no int8)
     task: str | None = None
-    photos: object = None  # mulayer.pretrained.PhotoSet
+    photos: object = None  # mulayer.models.pretrained.PhotoSet
     unavailable: str | None = None
 
 
@@ -246,7 +246,7 @@ def task_build(model_path: str, target: str, calibration: str | None, artifact: 
     import warnings
 
     import mulayer
-    from mulayer.calibration import CalibrationStats
+    from mulayer.compiler.calibration import CalibrationStats
 
     start = time.perf_counter()
     kwargs = {}
@@ -450,7 +450,7 @@ class Context:
 
 def time_ms(step: Callable[[], object], repeat: int, warmup: int):
     """Median (and spread) of ``repeat`` wall-clock calls of ``step`` after ``warmup`` calls."""
-    from mulayer.executor import Timing
+    from mulayer.runtime.executor import Timing
 
     for _ in range(warmup):
         step()
@@ -483,7 +483,7 @@ def _error_text(err: BaseException) -> str:
 
 def _quality(ctx: Context, predict: Callable[[np.ndarray], np.ndarray]) -> dict:
     """Error against fp32 on the random input; on the photos, top-1 agreement with fp32."""
-    from mulayer.reference import max_rel_error
+    from mulayer.models.reference import max_rel_error
 
     out = np.asarray(predict(ctx.x), dtype=np.float64)
     noise = float(((out - ctx.reference) ** 2).sum())
@@ -494,7 +494,7 @@ def _quality(ctx: Context, predict: Callable[[np.ndarray], np.ndarray]) -> dict:
     }
     photos = ctx.entry.photos
     if photos is not None:
-        from mulayer.accuracy import agreement, correct_top1
+        from mulayer.models.accuracy import agreement, correct_top1
 
         result = agreement(predict, ctx.reference_logits, photos.test)
         quality.update(
@@ -557,7 +557,7 @@ def measure_variant(ctx: Context, v: Variant, builds: dict[str, dict], has_cuda:
 
 def measure_ort(ctx: Context, key: str, builds: dict[str, dict], threads: int) -> None:
     """Time onnxruntime fp32 (the reference session) or the static int8 model."""
-    from mulayer.reference import onnxruntime_session
+    from mulayer.models.reference import onnxruntime_session
 
     def row(**fields) -> None:
         _row(ctx, key, PEERS[key].label, "peer", f"{threads} intra-op threads", **fields)
@@ -651,7 +651,7 @@ def measure_model(
     time_left: Callable[[], float],
 ) -> list[dict]:
     """Every system's row for one model, measured one after the other."""
-    from mulayer.reference import onnxruntime_session
+    from mulayer.models.reference import onnxruntime_session
 
     session = onnxruntime_session(entry.path, args.threads)
     shape = [int(d) for d in session.get_inputs()[0].shape]

@@ -66,7 +66,7 @@ def build_one(model_path: str, tag: str, spec: dict, out_dir: str, samples: int)
 
 def measure(record: dict, model_path: Path, repeat: int, warmup: int) -> dict:
     import mulayer
-    from mulayer.reference import max_rel_error, onnxruntime_outputs
+    from mulayer.models.reference import max_rel_error, onnxruntime_outputs
 
     model = mulayer.load(record["artifact"])
     x = model.random_inputs(seed=0)
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import tvm
 
-    from mulayer.zoo import save_model
+    from mulayer.models.zoo import save_model
 
     args.out.mkdir(parents=True, exist_ok=True)
     import tempfile

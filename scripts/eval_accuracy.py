@@ -22,7 +22,7 @@ import numpy as np
 
 
 def ort_runner(path: Path):
-    from mulayer.reference import onnxruntime_session
+    from mulayer.models.reference import onnxruntime_session
 
     session = onnxruntime_session(path)
     return lambda x: session.run(None, {"input": x})[0]
@@ -60,8 +60,8 @@ def ort_static_int8(model_path: Path, calibration: np.ndarray, out: Path) -> Pat
 
 def evaluate(name: str, gpu_target: str, workdir: Path) -> list[dict]:
     import mulayer
-    from mulayer.accuracy import agreement, correct_top1
-    from mulayer.pretrained import load_photos, save_pretrained
+    from mulayer.models.accuracy import agreement, correct_top1
+    from mulayer.models.pretrained import load_photos, save_pretrained
 
     model_path = workdir / f"{name}.onnx"
     save_pretrained(name, model_path)
@@ -109,7 +109,7 @@ def evaluate(name: str, gpu_target: str, workdir: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mulayer.pretrained import PRETRAINED_MODELS
+    from mulayer.models.pretrained import PRETRAINED_MODELS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(PRETRAINED_MODELS))

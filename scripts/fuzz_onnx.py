@@ -10,12 +10,12 @@ cycles, rewired edges, renamed ops, opset versions, and byte-level damage to the
 runs generation only (no shrinking): a failing case is saved for ``--replay`` instead.
 
 Cases run in worker processes (``--workers``), each case written to a file and imported with
-``mulayer.frontend.import_onnx``; every ``--compile-every``-th case is also compiled with
-``mulayer.compile`` (alternately for ``llvm`` and ``mulayer -ratio=0.5, llvm, llvm``) and, when
-that succeeds, run once on random inputs and compared with onnxruntime where onnxruntime accepts
-the model (a difference beyond the target's tolerance is a "wrong" case: silently wrong numbers).
-A worker that dies is a crash, one that runs past ``--timeout`` (``--compile-timeout``) a hang:
-the case fails, the worker is replaced and the run goes on.
+``mulayer.frontend.onnx_import.import_onnx``; every ``--compile-every``-th case is also compiled
+with ``mulayer.compile`` (alternately for ``llvm`` and ``mulayer -ratio=0.5, llvm, llvm``) and, when
+that succeeds, run once on random inputs and compared with onnxruntime where onnxruntime accepts the
+model (a difference beyond the target's tolerance is a "wrong" case: silently wrong numbers). A
+worker that dies is a crash, one that runs past ``--timeout`` (``--compile-timeout``) a hang: the
+case fails, the worker is replaced and the run goes on.
 
 Examples
 --------
@@ -58,14 +58,14 @@ RESTART_EVERY = 1000  # cases per worker before a fresh one (bounds any slow lea
 
 # ------------------------------------------------------------------------------ seed models
 def _seed_conv_relu() -> onnx.ModelProto:
-    from mulayer.zoo import GraphBuilder
+    from mulayer.models.zoo import GraphBuilder
 
     b = GraphBuilder((1, 3, 8, 8), 0)
     return b.finish(b.relu(b.conv("input", "conv", 4, 3), "relu"), "conv_relu")
 
 
 def _seed_conv_bn_pool_gemm() -> onnx.ModelProto:
-    from mulayer.zoo import GraphBuilder
+    from mulayer.models.zoo import GraphBuilder
 
     b = GraphBuilder((1, 3, 8, 8), 1)
     x = b.relu(b.conv_bn("input", "conv", "bn", 8, 3), "relu")
@@ -74,7 +74,7 @@ def _seed_conv_bn_pool_gemm() -> onnx.ModelProto:
 
 
 def _seed_residual_concat() -> onnx.ModelProto:
-    from mulayer.zoo import GraphBuilder
+    from mulayer.models.zoo import GraphBuilder
 
     b = GraphBuilder((1, 4, 8, 8), 2)
     a = b.relu(b.conv("input", "a", 4, 3), "a.relu")
@@ -85,7 +85,7 @@ def _seed_residual_concat() -> onnx.ModelProto:
 
 
 def _seed_depthwise() -> onnx.ModelProto:
-    from mulayer.zoo import GraphBuilder
+    from mulayer.models.zoo import GraphBuilder
 
     b = GraphBuilder((1, 8, 6, 6), 3)
     x = b.relu6(b.conv("input", "dw", 8, 3, groups=8), "dw.relu6")
@@ -122,7 +122,7 @@ def _seed_misc() -> onnx.ModelProto:
 
 
 def _seed_tiny() -> onnx.ModelProto:
-    from mulayer.zoo import build_model
+    from mulayer.models.zoo import build_model
 
     return build_model("tiny")
 
@@ -368,8 +368,8 @@ def run_case(path: str, target: str | None) -> tuple[str, str]:
     import warnings
 
     from mulayer import MuLayerError
-    from mulayer.compiler import compile_model
-    from mulayer.frontend import import_onnx
+    from mulayer.compiler.driver import compile_model
+    from mulayer.frontend.onnx_import import import_onnx
 
     try:
         with warnings.catch_warnings():
@@ -389,8 +389,8 @@ def run_case(path: str, target: str | None) -> tuple[str, str]:
 def compare_with_onnxruntime(compiled, path: str, rtol: float) -> str:
     """Run a compiled case once; "" if it matches onnxruntime (or onnxruntime refuses the model,
     so there is nothing to compare with), else what differs."""
-    from mulayer.executor import LoadedModel
-    from mulayer.reference import max_rel_error, onnxruntime_outputs
+    from mulayer.models.reference import max_rel_error, onnxruntime_outputs
+    from mulayer.runtime.executor import LoadedModel
 
     if sum(int(np.prod(spec.shape)) for spec in compiled.inputs) > MAX_RUN_ELEMENTS:
         return ""
@@ -423,7 +423,7 @@ def _worker_main(conn, runner=run_case) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
-    import mulayer.frontend  # noqa: F401 - pay the import before the first case's clock
+    import mulayer.frontend.onnx_import  # noqa: F401 - pay the import before the first case's clock
 
     conn.send("ready")
     with tempfile.TemporaryDirectory(prefix="fuzz-worker-") as tmp:

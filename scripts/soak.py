@@ -54,7 +54,7 @@ def load_model(model: str, target: str, workdir: Path):
     source = model
     if not model.endswith(".onnx"):
         source = str(workdir / "model.onnx")
-        save = f"from mulayer.zoo import save_model; save_model({model!r}, {source!r})"
+        save = f"from mulayer.models.zoo import save_model; save_model({model!r}, {source!r})"
         subprocess.run([sys.executable, "-c", save], check=True)
     artifact = workdir / "model.mulayer"
     compile_cmd = [sys.executable, "-m", "mulayer.cli.main", "compile", source]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mulayer.reference import max_rel_error, onnxruntime_outputs
+from mulayer.models.reference import max_rel_error, onnxruntime_outputs
 
 __all__ = ["max_rel_error", "onnxruntime_reference", "sqnr_db"]
 
@@ -31,7 +31,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_onnx(model_dir):
-    from mulayer.zoo import save_model
+    from mulayer.models.zoo import save_model
 
     path = model_dir / "tiny.onnx"
     save_model("tiny", path)
@@ -40,7 +40,7 @@ def tiny_onnx(model_dir):
 
 @pytest.fixture(scope="session")
 def resnet18_onnx(model_dir):
-    from mulayer.zoo import save_model
+    from mulayer.models.zoo import save_model
 
     path = model_dir / "resnet18.onnx"
     save_model("resnet18", path)

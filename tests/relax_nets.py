@@ -13,8 +13,8 @@ import onnx
 import tvm
 from tvm import relax
 
-from mulayer.frontend import import_onnx
-from mulayer.zoo import INPUT_NAME, GraphBuilder, build_model
+from mulayer.frontend.onnx_import import import_onnx
+from mulayer.models.zoo import INPUT_NAME, GraphBuilder, build_model
 
 
 def canonical(model: onnx.ModelProto) -> tvm.IRModule:

@@ -5,15 +5,15 @@ import pytest
 pytest.importorskip("torch")
 
 import mulayer  # noqa: E402
-from mulayer.accuracy import agreement  # noqa: E402
-from mulayer.reference import onnxruntime_session  # noqa: E402
+from mulayer.models.accuracy import agreement  # noqa: E402
+from mulayer.models.reference import onnxruntime_session  # noqa: E402
 
 pytestmark = [pytest.mark.models, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def photos():
-    from mulayer.pretrained import load_photos
+    from mulayer.models.pretrained import load_photos
 
     return load_photos()
 
@@ -21,7 +21,7 @@ def photos():
 @pytest.mark.parametrize("name", ["mobilenetv2_pretrained", "efficientnet_lite0"])
 @pytest.mark.parametrize("ratio", [0.0, 0.5])
 def test_int8_keeps_top1_and_top5(name, ratio, photos, tmp_path):
-    from mulayer.pretrained import save_pretrained
+    from mulayer.models.pretrained import save_pretrained
 
     path = save_pretrained(name, tmp_path / f"{name}.onnx")
     compiled = mulayer.compile(

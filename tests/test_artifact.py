@@ -9,7 +9,7 @@ import pytest
 
 import mulayer
 from mulayer import MuLayerError
-from mulayer.artifact import METADATA_NAME, read_metadata, write_artifact
+from mulayer.runtime.artifact import METADATA_NAME, read_metadata, write_artifact
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_other_tvm_version_rejected(tiny_artifact, tmp_path):
 
 
 def test_other_schema_rejected(tiny_artifact, tmp_path, monkeypatch):
-    import mulayer.artifact as artifact
+    import mulayer.runtime.artifact as artifact
 
     monkeypatch.setattr(artifact, "ARTIFACT_SCHEMA_VERSION", 99)
     path = _with_metadata(tmp_path, tiny_artifact)
@@ -125,7 +125,7 @@ def test_export_to_directory_or_missing_folder(tiny_onnx, tmp_path):
 
 
 def test_failed_write_leaves_nothing(tiny_artifact, tmp_path, monkeypatch):
-    import mulayer.artifact as artifact
+    import mulayer.runtime.artifact as artifact
 
     _, members = read_metadata(tiny_artifact)
     lib = tmp_path / "lib.so"
@@ -141,20 +141,39 @@ def test_failed_write_leaves_nothing(tiny_artifact, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lib.so"]
 
 
+# What a deployment may import of mulayer: the runtime folder and the vocabulary both sides share.
+RUNTIME_MODULES = (
+    "mulayer.runtime",
+    "mulayer.errors",
+    "mulayer.fileio",
+    "mulayer.tensor_spec",
+    "mulayer.plan",
+    "mulayer.version",
+)
+
+
 def test_load_imports_no_compiler_modules(tiny_artifact):
+    """A fresh interpreter loads and runs an artifact without importing the compile side."""
     import subprocess
 
     code = (
-        "import sys, mulayer\n"
-        f"mulayer.load({str(tiny_artifact)!r})\n"
-        "bad = [m for m in ('onnx', 'mulayer.frontend', 'mulayer.compiler', 'mulayer.build',"
-        " 'mulayer.passes', 'mulayer.schedules', 'mulayer.zoo', 'tvm.relax.frontend.onnx')"
-        " if m in sys.modules]\n"
-        "print(','.join(bad))\n"
+        "import sys, json, mulayer\n"
+        f"model = mulayer.load({str(tiny_artifact)!r})\n"
+        "model(model.random_inputs(seed=0))\n"
+        "watched = ('mulayer', 'onnx', 'tvm.relax.frontend.onnx')\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in watched or\n"
+        "                        m.startswith(watched[-1]))))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == ""
+    imported = json.loads(result.stdout.splitlines()[-1])
+    assert "mulayer.runtime.executor" in imported  # the check sees what ran
+    compile_side = [
+        m
+        for m in imported
+        if m != "mulayer" and not any(m == a or m.startswith(a + ".") for a in RUNTIME_MODULES)
+    ]
+    assert compile_side == [], f"loading and running an artifact imported {compile_side}"
 
 
 def test_wrong_inputs_rejected(tiny_artifact):

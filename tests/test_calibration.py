@@ -8,14 +8,14 @@ from tvm import relax
 from tvm.script import relax as R
 
 from mulayer import MuLayerError
-from mulayer.calibration import (
+from mulayer.compiler.calibration import (
     CalibrationStats,
     activation_qparams,
     calibrate,
     load_calibration_npz,
     quantize_activation,
 )
-from mulayer.frontend import TensorSpec
+from mulayer.tensor_spec import TensorSpec
 
 SHAPE = (1, 3, 8, 8)
 
@@ -38,7 +38,7 @@ def _module(rng: np.random.Generator):
 
 
 def _reference(x, w0, b0, w1):
-    from mulayer.calibration import conv2d_nchw
+    from mulayer.compiler.calibration import conv2d_nchw
 
     y = np.maximum(conv2d_nchw(x, w0, (1, 1), (1, 1, 1, 1), (1, 1), 1) + b0, 0)
     p = y.reshape(1, 8, 4, 2, 4, 2).max(axis=(3, 5))

@@ -5,7 +5,7 @@ import pytest
 import tvm
 
 import mulayer
-from mulayer.build import all_modules, check_device_module
+from mulayer.compiler.build import all_modules, check_device_module
 
 from .conftest import max_rel_error, onnxruntime_reference
 

@@ -88,7 +88,7 @@ def test_plan_file_and_mismatch(tiny_onnx, tmp_path):
 @pytest.mark.slow
 def test_googlenet_cli_ratio_half(tmp_path, capsys):
     """The issue's acceptance command, on the CPU-only stand-in."""
-    from mulayer.zoo import save_model
+    from mulayer.models.zoo import save_model
 
     model_path = tmp_path / "googlenet.onnx"
     save_model("googlenet", model_path)

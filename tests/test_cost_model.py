@@ -30,7 +30,7 @@ from mulayer.cost_model.evaluate import holdout_eval
 from mulayer.cost_model.features import part_shape
 from mulayer.cost_model.transfer import fit_line
 from mulayer.errors import MuLayerError
-from mulayer.layers import Layer
+from mulayer.frontend.layers import Layer
 from mulayer.profiler.fingerprint import fingerprint
 from mulayer.target import parse_target
 

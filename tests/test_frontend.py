@@ -6,8 +6,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from mulayer import MuLayerError
-from mulayer.frontend import import_onnx, parse_input_shapes
-from mulayer.layers import splittable_layers
+from mulayer.frontend.layers import splittable_layers
+from mulayer.frontend.onnx_import import import_onnx, parse_input_shapes
 
 
 def _conv_model(batch_dim="N", op="Relu", domain=""):

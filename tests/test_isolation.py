@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import mulayer
 from mulayer import MuLayerError
 from mulayer.cli.main import main
-from mulayer.isolation import FAULT_ENV, ChildFailure, _where, call_in_child
+from mulayer.compiler.isolation import FAULT_ENV, ChildFailure, _where, call_in_child
 
 from .conftest import onnxruntime_reference
 

@@ -20,6 +20,7 @@ import mulayer
 import mulayer.partitioner as partitioner_pkg
 from mulayer import LayerDecision, MuLayerError, Plan
 from mulayer.cli.main import main
+from mulayer.models.zoo import INPUT_NAME, GraphBuilder
 from mulayer.partitioner import (
     AnalyticEstimator,
     CachedEstimator,
@@ -30,7 +31,6 @@ from mulayer.partitioner import (
 )
 from mulayer.partitioner.graph import INPUT
 from mulayer.partitioner.search import split_points
-from mulayer.zoo import INPUT_NAME, GraphBuilder
 
 from .conftest import max_rel_error, onnxruntime_reference
 from .relax_nets import canonical, odd, tiny
@@ -88,8 +88,8 @@ def test_layer_graph_of_tiny():
 
 @pytest.mark.slow  # importing GoogLeNet takes 5 to 70 s
 def test_branch_blocks_of_googlenet():
-    from mulayer.frontend import import_onnx
-    from mulayer.zoo import build_model
+    from mulayer.frontend.onnx_import import import_onnx
+    from mulayer.models.zoo import build_model
 
     mod, _, _ = import_onnx(build_model("googlenet"))
     graph = layer_graph(mod)
@@ -373,7 +373,7 @@ def test_auto_split_with_the_shipped_cost_model(tiny_onnx, tmp_path):
 
 
 def test_auto_split_real_model_runs_correctly(tmp_path, synthetic_cost_model):
-    from mulayer.zoo import save_model
+    from mulayer.models.zoo import save_model
 
     path = tmp_path / "squeezenet1_1.onnx"
     save_model("squeezenet1_1", path)
@@ -386,7 +386,7 @@ def test_auto_split_real_model_runs_correctly(tmp_path, synthetic_cost_model):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BENCHMARK_MODELS)
 def test_auto_split_every_benchmark_model(name, tmp_path, synthetic_cost_model):
-    from mulayer.zoo import save_model
+    from mulayer.models.zoo import save_model
 
     path = tmp_path / f"{name}.onnx"
     save_model(name, path)
@@ -397,7 +397,7 @@ def test_auto_split_every_benchmark_model(name, tmp_path, synthetic_cost_model):
 
 
 def _resolve(target: str, plan=None):
-    from mulayer.compiler import resolve_plan
+    from mulayer.compiler.driver import resolve_plan
     from mulayer.target import parse_target
 
     mod = tiny()

@@ -11,8 +11,9 @@ import tvm
 from tvm import relax
 
 from mulayer.cli.main import main
-from mulayer.frontend import import_onnx
-from mulayer.layers import splittable_layers
+from mulayer.frontend.layers import splittable_layers
+from mulayer.frontend.onnx_import import import_onnx
+from mulayer.models.zoo import build_model
 from mulayer.profiler import (
     Dataset,
     LayerSpec,
@@ -27,7 +28,6 @@ from mulayer.profiler import (
 from mulayer.profiler.builder import compile_parts
 from mulayer.profiler.parts import part_function
 from mulayer.target import parse_target
-from mulayer.zoo import build_model
 
 STAND_IN = "mulayer, llvm, llvm"
 FAST = TimingConfig(repeat=2, min_repeat_ms=1.0)

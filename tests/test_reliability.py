@@ -18,10 +18,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import mulayer
-from mulayer.artifact import METADATA_NAME, load_artifact, read_metadata, write_artifact
 from mulayer.cli.main import main
-from mulayer.fallback import CPU_LIB_NAME
-from mulayer.isolation import FAULT_ENV
+from mulayer.compiler.isolation import FAULT_ENV
+from mulayer.runtime.artifact import METADATA_NAME, load_artifact, read_metadata, write_artifact
+from mulayer.runtime.fallback import CPU_LIB_NAME
 
 COOPERATIVE = "mulayer -ratio=0.5, llvm, llvm"
 
@@ -133,7 +133,7 @@ def _edit_metadata(name, data):
 
 def _rewritten(src: str, dst: Path, **changes) -> str:
     """A well-formed artifact (valid checksums) whose metadata says something else."""
-    import mulayer.artifact as artifact
+    import mulayer.runtime.artifact as artifact
 
     metadata, members = read_metadata(src)
     lib = dst.with_suffix(".so")
@@ -446,7 +446,7 @@ def test_compile_with_fallback_records_it(files, tmp_path):
 def test_fallback_is_not_used_where_the_gpu_is(files, tmp_path):
     """With the GPU present, --fallback cpu changes nothing: the CUDA library runs."""
     from mulayer.cli.compile_cmd import build_artifact
-    from mulayer.reference import max_rel_error, onnxruntime_outputs
+    from mulayer.models.reference import max_rel_error, onnxruntime_outputs
 
     artifact = tmp_path / "gpu.mulayer"
     build_artifact(files.small, str(artifact), "cuda, llvm", fallback="cpu")

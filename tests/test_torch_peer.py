@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from mulayer import zoo  # noqa: E402
 from mulayer.errors import MuLayerError  # noqa: E402
-from mulayer.reference import max_rel_error, onnxruntime_session  # noqa: E402
+from mulayer.models.reference import max_rel_error, onnxruntime_session  # noqa: E402
 
 pytestmark = pytest.mark.models
 

@@ -15,7 +15,7 @@ from tvm import relax
 from tvm.script import ir as I  # noqa: N812
 from tvm.script import relax as R
 
-from mulayer.calibration import CalibrationStats, LayerStats, calibrate, conv2d_nchw
+from mulayer.compiler.calibration import CalibrationStats, LayerStats, calibrate, conv2d_nchw
 from mulayer.passes.quantize_cpu import QuantizeCPU, precision_report
 
 C, K, HW, GPU = 8, 16, 10, 8  # conv: channels in / out, spatial size, channels on the GPU

@@ -9,7 +9,7 @@ from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from mulayer.layers import layer_names
+from mulayer.frontend.layers import layer_names
 from mulayer.passes.common import is_part_op, join_of, part_of, part_role
 from mulayer.passes.split_channels import SplitChannels
 from mulayer.plan import LayerDecision, Plan

@@ -1,4 +1,5 @@
-"""``mulayer tune`` / ``mulayer.tune``: task selection, the database, builds that use it."""
+"""``mulayer tune`` / ``mulayer.compiler.tune``: task selection, the database, builds that use
+it."""
 
 from __future__ import annotations
 
@@ -10,11 +11,9 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from mulayer.build import build_single
 from mulayer.cli.main import main as cli_main
-from mulayer.errors import MuLayerError
-from mulayer.frontend import import_onnx
-from mulayer.tune import (
+from mulayer.compiler.build import build_single
+from mulayer.compiler.tune import (
     MANIFEST,
     apply_tuning_db,
     lower_model,
@@ -22,6 +21,8 @@ from mulayer.tune import (
     select_tasks,
     tune_model,
 )
+from mulayer.errors import MuLayerError
+from mulayer.frontend.onnx_import import import_onnx
 
 from .conftest import max_rel_error, onnxruntime_reference
 

@@ -9,14 +9,14 @@ import tvm
 from tvm import relax
 
 import mulayer
-from mulayer.frontend import import_onnx
+from mulayer.frontend.onnx_import import import_onnx
 from mulayer.passes.build_helpers import compile_lowered, kernel_sites
 from mulayer.passes.lift_cpu_weights import WEIGHTS_FUNC, LiftCPUWeights, cpu_weight_bindings
 from mulayer.passes.pipeline import cooperative_passes, lower_two_device
 from mulayer.passes.place_devices import PlaceDevices
 from mulayer.passes.separate_device_storage import SeparateDeviceStorage
 from mulayer.passes.split_channels import SplitChannels
-from mulayer.trace import write_trace
+from mulayer.runtime.trace import write_trace
 
 from .conftest import max_rel_error, onnxruntime_reference
 
@@ -198,7 +198,7 @@ def test_auto_plan_with_every_layer_on_the_gpu_builds_the_gpu_module(tiny_onnx, 
 
 def test_opencl_cooperative_build_exports(tiny_onnx, tmp_path):
     """OpenCL + llvm (phones) compiles to one library with an OpenCL module and exports."""
-    from mulayer.build import all_modules
+    from mulayer.compiler.build import all_modules
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

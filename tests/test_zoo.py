@@ -1,4 +1,5 @@
-"""The benchmark model zoo (mulayer.zoo), its script, and the pretrained models and photos."""
+"""The benchmark model zoo (mulayer.models.zoo), its script, and the pretrained models and
+photos."""
 
 from __future__ import annotations
 
@@ -234,7 +235,7 @@ def test_make_models_script_rejects_unknown_name(tmp_path: Path, capsys) -> None
     assert not list(tmp_path.iterdir()), "nothing is written when a name is bad"
 
 
-# -- mulayer.pretrained -----------------------------------------------------------------------
+# -- mulayer.models.pretrained --------------------------------------------------------------------
 
 
 def test_pretrained_without_the_extra_says_how_to_install(monkeypatch) -> None:

@@ -16,9 +16,9 @@ side of a layer:
   PlaceDevices runs it on the part's side;
 - ``<layer>_join``: the ``concat`` of the two parts on axis 1.
 
-``<layer>`` is the layer name of :func:`mulayer.layers.splittable_layers` with ``.`` replaced by
-``_``; ``<side>`` is ``gpu`` or ``cpu``. Later passes (quantizer, CastGPU, PlaceDevices) find the
-parts with :func:`part_of` / :func:`is_part_op`; Relax's CanonicalizeBindings and
+``<layer>`` is the layer name of :func:`mulayer.frontend.layers.splittable_layers` with ``.``
+replaced by ``_``; ``<side>`` is ``gpu`` or ``cpu``. Later passes (quantizer, CastGPU, PlaceDevices)
+find the parts with :func:`part_of` / :func:`is_part_op`; Relax's CanonicalizeBindings and
 DeadCodeElimination keep these names (tested).
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 from tvm import relax
 from tvm.ir.expr import Constant
 
-from mulayer.layers import SPLITTABLE_KINDS
+from mulayer.frontend.layers import SPLITTABLE_KINDS
 
 SIDES = ("gpu", "cpu")
 
@@ -45,7 +45,8 @@ CHANNELWISE_BINARY_OPS = {
     "relax.minimum": relax.op.minimum,
 }
 
-# Layer prefixes are the splittable kinds of mulayer.layers, so no other name can parse as one.
+# Layer prefixes are the splittable kinds of mulayer.frontend.layers, so no other name can parse
+# as one.
 _KINDS = "|".join(sorted(SPLITTABLE_KINDS, key=len, reverse=True))
 _PART = re.compile(rf"^(?P<layer>(?:{_KINDS})_\d+)_(?P<side>gpu|cpu)(?:_(?P<tag>[a-z0-9_]+))?$")
 _JOIN = re.compile(rf"^(?P<layer>(?:{_KINDS})_\d+)_join$")

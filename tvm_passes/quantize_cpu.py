@@ -20,8 +20,8 @@ away, so the part's epilogue (``<layer>_cpu_e<k>``: bias, per-channel scale, rel
 join see fp32 ("dequantize at the join"). The names of the inserted bindings start with
 ``<layer>_cpu`` so later passes place them with the CPU part.
 
-Accuracy guard: :class:`mulayer.calibration.CalibrationStats` holds, per output channel, the
-energy of the fp32 result and of the int8 error measured on the calibration data; a CPU slice
+Accuracy guard: :class:`mulayer.compiler.calibration.CalibrationStats` holds, per output channel,
+the energy of the fp32 result and of the int8 error measured on the calibration data; a CPU slice
 whose SQNR is below ``guard_db`` stays fp32.
 
 Not rewritten (left fp32, with the reason in the report): pooling parts (max/avg pooling is
@@ -45,8 +45,8 @@ import tvm
 from tvm import relax
 from tvm.ir.expr import Constant
 
-from mulayer.calibration import CalibrationStats, quantize_weight
-from mulayer.layers import static_shape
+from mulayer.compiler.calibration import CalibrationStats, quantize_weight
+from mulayer.frontend.layers import static_shape
 from mulayer.passes.common import part_role
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ class QuantizeCPU:
     Parameters
     ----------
     stats : CalibrationStats
-        From :func:`mulayer.calibration.calibrate` on the canonical module.
+        From :func:`mulayer.compiler.calibration.calibrate` on the canonical module.
     guard_db : float
         A CPU slice whose SQNR on the calibration data is below this stays fp32.
 

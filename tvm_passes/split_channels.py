@@ -1,11 +1,12 @@
 """SplitChannels: split each splittable layer's output channels into a GPU part and a CPU part.
 
-Pipeline position: first mulayer pass, on the canonical module of :mod:`mulayer.frontend`;
-the quantizer (CPU parts), :class:`~mulayer.passes.cast_gpu.CastGPU` (GPU parts) and
+Pipeline position: first mulayer pass, on the canonical module of
+:mod:`mulayer.frontend.onnx_import`; the quantizer (CPU parts),
+:class:`~mulayer.passes.cast_gpu.CastGPU` (GPU parts) and
 :class:`~mulayer.passes.place_devices.PlaceDevices` run after it.
 
-For every layer of :func:`mulayer.layers.splittable_layers` the plan gives ``g`` output channels
-to the GPU (``Plan.gpu_size``, already aligned):
+For every layer of :func:`mulayer.frontend.layers.splittable_layers` the plan gives ``g`` output
+channels to the GPU (``Plan.gpu_size``, already aligned):
 
 - ``0 < g < C``: the layer becomes ``<layer>_gpu`` on channels ``[0, g)`` and ``<layer>_cpu``
   on ``[g, C)``, each with its own slice of the constant weights (sliced at compile time), joined
@@ -34,7 +35,7 @@ from tvm import relax
 from tvm.ir.expr import Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from mulayer.layers import Layer, classify, splittable_layers, static_shape
+from mulayer.frontend.layers import Layer, classify, splittable_layers, static_shape
 from mulayer.plan import Plan
 
 from .common import (

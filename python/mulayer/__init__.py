@@ -14,23 +14,24 @@ from .plan import LayerDecision, Plan
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .artifact import LoadedModel
-    from .compiler import CompiledModel
+    from .compiler.driver import CompiledModel
+    from .runtime.artifact import LoadedModel
 
 
 def compile(model, target: str = "llvm", **kwargs) -> CompiledModel:  # noqa: A001
     """Compile an ONNX model (path or ``onnx.ModelProto``) for ``target``; see
-    :func:`mulayer.compiler.compile_model`."""
-    from .compiler import compile_model
+    :func:`mulayer.compiler.driver.compile_model`."""
+    from .compiler.driver import compile_model
 
     return compile_model(model, target=target, **kwargs)
 
 
 def calibrate(model, samples, method: str = "percentile", input_shapes=None):
     """Calibrate the int8 CPU parts of an ONNX model on ``samples``; pass the result to
-    ``mulayer.compile(..., calibration=stats)``. See :func:`mulayer.calibration.calibrate`."""
-    from .calibration import calibrate as _calibrate
-    from .frontend import import_onnx
+    ``mulayer.compile(..., calibration=stats)``. See
+    :func:`mulayer.compiler.calibration.calibrate`."""
+    from .compiler.calibration import calibrate as _calibrate
+    from .frontend.onnx_import import import_onnx
 
     mod, _, _ = import_onnx(model, input_shapes)
     return _calibrate(mod, samples, method=method)
@@ -42,7 +43,7 @@ def load(path, fallback: str | None = None) -> LoadedModel:
     ``fallback="cpu"`` runs the artifact's CPU library (``mulayer compile --fallback cpu``)
     where its GPU is missing.
     """
-    from .artifact import load_artifact
+    from .runtime.artifact import load_artifact
 
     return load_artifact(path, fallback=fallback)
 

@@ -1,9 +1,9 @@
 """The partition plan: where each splittable layer runs and how it is split.
 
 A plan is a versioned, JSON-serialisable dataclass. For every splittable layer (named as in
-:func:`mulayer.layers.splittable_layers`, e.g. ``conv2d.3``) it says which processor runs it, or
-how many output channels (or output rows, for the height axis) go to the GPU. Layers the plan does
-not list follow ``default_ratio``: the share of output channels given to the GPU (1 = GPU only,
+:func:`mulayer.frontend.layers.splittable_layers`, e.g. ``conv2d.3``) it says which processor runs
+it, or how many output channels (or output rows, for the height axis) go to the GPU. Layers the plan
+does not list follow ``default_ratio``: the share of output channels given to the GPU (1 = GPU only,
 0 = CPU only).
 
 Plans made by the partitioner (``-split=auto``) also carry predictions: per layer

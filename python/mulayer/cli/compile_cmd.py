@@ -1,7 +1,7 @@
 """``mulayer compile MODEL --target T -o OUT``.
 
-The build runs in a child process by default (:mod:`mulayer.isolation`): a crash of TVM becomes
-an ``error:`` line naming the PrimFunc or pass being built, exit code 1, and no output file.
+The build runs in a child process by default (:mod:`mulayer.compiler.isolation`): a crash of TVM
+becomes an ``error:`` line naming the PrimFunc or pass being built, exit code 1, and no output file.
 ``--in-process`` builds in this process instead (for debuggers and core dumps).
 """
 
@@ -15,9 +15,9 @@ import warnings
 from pathlib import Path
 
 from ..errors import MuLayerError
-from ..fallback import FALLBACKS
 from ..fileio import check_output_path
 from ..plan import Plan
+from ..runtime.fallback import FALLBACKS
 from ..target import MULAYER_OPTIONS, parse_target
 from .output import print_json, step
 
@@ -95,9 +95,9 @@ def build_artifact(
 
     What ``mulayer compile`` runs, in a child process or in this one (JSON in, JSON out).
     """
-    from ..compiler import compile_model
-    from ..fallback import cpu_spec, export_with_cpu_fallback, needs_cpu_fallback
-    from ..isolation import report
+    from ..compiler.driver import compile_model
+    from ..compiler.isolation import report
+    from ..runtime.fallback import cpu_spec, export_with_cpu_fallback, needs_cpu_fallback
 
     spec = parse_target(target, extra_mulayer=extra_mulayer)
     report(f"compiling for {spec.mode}")
@@ -126,7 +126,7 @@ def build_artifact(
 def _build_in_child(output: Path, request: dict) -> dict:
     """``build_artifact`` in a child process; the artifact reaches ``output`` only if it
     succeeds (the child writes into a temporary folder next to it, removed in every case)."""
-    from ..isolation import call_in_child
+    from ..compiler.isolation import call_in_child
 
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as tmp:
         staged = Path(tmp) / output.name
@@ -140,9 +140,9 @@ def check_request(args: argparse.Namespace, spec) -> None:
     """Everything that can be checked without building, so that bad input fails at once:
     the options against the target, the output path, the model file, the plan, the calibration.
     """
-    from ..calibration import load_calibration_npz
-    from ..fallback import needs_cpu_fallback
-    from ..frontend import check_onnx
+    from ..compiler.calibration import load_calibration_npz
+    from ..frontend.onnx_import import check_onnx
+    from ..runtime.fallback import needs_cpu_fallback
 
     check_output_path(Path(args.output))
     if args.plan and not spec.cooperative:
@@ -164,8 +164,8 @@ def check_request(args: argparse.Namespace, spec) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..fallback import needs_cpu_fallback
-    from ..isolation import ChildFailure
+    from ..compiler.isolation import ChildFailure
+    from ..runtime.fallback import needs_cpu_fallback
 
     output = Path(args.output)
     extra = {

@@ -15,7 +15,7 @@ EXAMPLE = """example:
 
 
 def add_parser(subparsers) -> None:
-    from ..zoo import BENCHMARK_MODELS
+    from ..models.zoo import BENCHMARK_MODELS
 
     parser = subparsers.add_parser(
         "demo",
@@ -50,8 +50,8 @@ def demo_targets() -> list[tuple[str, str, float]]:
 def run(args: argparse.Namespace) -> int:
     from .. import compile as compile_model
     from .. import load
-    from ..reference import max_rel_error, onnxruntime_outputs
-    from ..zoo import save_model
+    from ..models.reference import max_rel_error, onnxruntime_outputs
+    from ..models.zoo import save_model
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="mulayer-demo-") as tmp:

@@ -55,8 +55,8 @@ def add_parser(subparsers) -> None:
 
 
 def _model_report(path: str, input_shapes: str | None) -> dict:
-    from ..frontend import import_onnx
-    from ..layers import splittable_layers
+    from ..frontend.layers import splittable_layers
+    from ..frontend.onnx_import import import_onnx
 
     mod, inputs, outputs = import_onnx(path, input_shapes)
     return {
@@ -69,7 +69,7 @@ def _model_report(path: str, input_shapes: str | None) -> dict:
 
 
 def _artifact_report(path: str) -> dict:
-    from ..artifact import read_metadata
+    from ..runtime.artifact import read_metadata
 
     metadata, _ = read_metadata(path)
     return {"kind": "artifact", "path": path, **metadata}
@@ -77,9 +77,9 @@ def _artifact_report(path: str) -> dict:
 
 def _plan_report(path: str, measure: bool, repeat: int) -> dict:
     """The plan of an artifact, per layer, with measurements when asked."""
-    from ..artifact import PLAN_NAME, read_metadata
     from ..partitioner.report import add_measurements, measured_layer_ms, plan_rows
     from ..plan import Plan
+    from ..runtime.artifact import PLAN_NAME, read_metadata
 
     metadata, members = read_metadata(path)
     if PLAN_NAME not in members:

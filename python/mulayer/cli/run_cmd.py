@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MuLayerError
-from ..fallback import FALLBACKS
 from ..fileio import atomic_write, check_output_path
+from ..runtime.fallback import FALLBACKS
 from .output import print_json, print_table
 
 EXAMPLE = """example:
@@ -102,7 +102,7 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..artifact import load_artifact
+    from ..runtime.artifact import load_artifact
 
     if args.repeat < 1:
         raise MuLayerError(f"--repeat must be at least 1, got {args.repeat}")
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         save_npz(Path(args.output), outputs)
     summary = None
     if args.trace:
-        from ..trace import write_trace
+        from ..runtime.trace import write_trace
 
         trace, summary = model.trace(inputs)
         write_trace(args.trace, trace)

@@ -1,7 +1,7 @@
 """``mulayer tune MODEL --target T --trials N -o DB``: MetaSchedule on the weakest kernels.
 
-Which kernels, and the database format: :mod:`mulayer.tune`. ``mulayer compile --tuning-db DB``
-then builds with the tuned schedules.
+Which kernels, and the database format: :mod:`mulayer.compiler.tune`. ``mulayer compile --tuning-db
+DB`` then builds with the tuned schedules.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ EXAMPLE = """example:
 
 
 def add_parser(subparsers) -> None:
-    from ..tune import SELECTIONS, STRATEGIES
+    from ..compiler.tune import SELECTIONS, STRATEGIES
 
     parser = subparsers.add_parser(
         "tune",
@@ -64,8 +64,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from ..frontend import check_onnx
-    from ..tune import tune_model
+    from ..compiler.tune import tune_model
+    from ..frontend.onnx_import import check_onnx
 
     if args.max_tasks is not None and args.max_tasks < 1:
         raise MuLayerError(f"--max-tasks must be at least 1, got {args.max_tasks}")

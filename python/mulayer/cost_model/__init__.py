@@ -3,7 +3,7 @@
 The partitioner's interface:
 
 - :meth:`CostModel.layer_time_us` ``(layer, processor, channels)``: time of the part computing
-  ``channels`` output channels of a :class:`mulayer.layers.Layer` on "cpu" (int8) or "gpu"
+  ``channels`` output channels of a :class:`mulayer.frontend.layers.Layer` on "cpu" (int8) or "gpu"
   (fp16);
 - :meth:`CostModel.transfer_time_us` ``(nbytes, direction)``: a host<->device copy ("h2d",
   "d2h"), 0 when ``shared_memory``;

@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from mulayer.errors import MuLayerError
-from mulayer.layers import Layer
+from mulayer.frontend.layers import Layer
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Features of a part: what one processor computes of a layer, from the layer table alone.
 
 The partitioner asks for the time of ``channels`` output channels of a
-:class:`mulayer.layers.Layer` on one processor; everything here derives from those two, so the
-profile rows (which carry the layer's table entry) and the partitioner's queries go through the
+:class:`mulayer.frontend.layers.Layer` on one processor; everything here derives from those two, so
+the profile rows (which carry the layer's table entry) and the partitioner's queries go through the
 same :func:`part_features`. The processor's precision (CPU int8, GPU fp16) is implied by which
 regressor is asked (one per processor) and recorded in :data:`FEATURE_SCHEMA`.
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mulayer.layers import SPLITTABLE_KINDS, Layer
+from mulayer.frontend.layers import SPLITTABLE_KINDS, Layer
 
 FEATURE_SCHEMA_VERSION = 1
 PRECISIONS = {"cpu": "int8 (pooling float32)", "gpu": "float16 (fp32 accumulation)"}

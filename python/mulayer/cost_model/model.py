@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from mulayer.errors import MuLayerError
-from mulayer.layers import Layer
+from mulayer.frontend.layers import Layer
 
 from .data import ProfileData
 from .predictors import Predictor, XGBoostConfig, make_predictor

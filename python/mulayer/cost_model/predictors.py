@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from mulayer.layers import Layer
+from mulayer.frontend.layers import Layer
 
 from .features import FEATURE_NAMES, feature_matrix, part_shape
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from ..errors import MuLayerError
-from ..layers import Layer
+from ..frontend.layers import Layer
 
 PROCESSORS = ("gpu", "cpu")
 DIRECTIONS = ("h2d", "d2h")

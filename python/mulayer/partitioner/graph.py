@@ -1,9 +1,9 @@
 """The layer graph: ``main``'s bindings as nodes, the splittable layers among them, branch blocks.
 
-:func:`layer_graph` reads a canonical Relax module (as :mod:`mulayer.frontend` makes it). Every
-binding of ``main`` becomes a :class:`Node` (splittable layers carry their
-:class:`~mulayer.layers.Layer`); the function's parameters are ``input`` nodes. The partitioner
-needs three views of it:
+:func:`layer_graph` reads a canonical Relax module (as :mod:`mulayer.frontend.onnx_import` makes
+it). Every binding of ``main`` becomes a :class:`Node` (splittable layers carry their
+:class:`~mulayer.frontend.layers.Layer`); the function's parameters are ``input`` nodes. The
+partitioner needs three views of it:
 
 - the nodes in program order, to simulate what the passes will emit for a plan;
 - each layer's predecessor layers through non-splittable ops (add, concat, relu, reshape...);
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from tvm import relax
 
-from ..layers import Layer, splittable_bindings, static_shape
+from ..frontend.layers import Layer, splittable_bindings, static_shape
 
 INPUT = "input"  # the predecessor name of layers fed by the function's inputs
 

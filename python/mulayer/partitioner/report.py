@@ -1,8 +1,8 @@
 """Per-layer plan reports: decisions, predicted and measured times, and a PNG of them.
 
 Used by ``mulayer inspect ARTIFACT --plan [--measure] [--plot plan.png]``. Measured per-layer
-times come from traced inferences (:meth:`mulayer.executor.LoadedModel.trace`): the kernels of a
-layer's parts (the op, its epilogues, casts, quantize steps, input slices and the join) summed
+times come from traced inferences (:meth:`mulayer.runtime.executor.LoadedModel.trace`): the kernels
+of a layer's parts (the op, its epilogues, casts, quantize steps, input slices and the join) summed
 per side, the slower side taken, the median over the traced runs. Copies and waits are not in a
 layer's measured time (they are in the end-to-end figure); the VM instrument adds a few µs per
 kernel, so small layers read high.
@@ -52,7 +52,7 @@ def plan_rows(plan: Plan, layers: list[dict]) -> list[LayerRow]:
 def measured_layer_ms(traces: list[dict]) -> dict[str, dict[str, float]]:
     """``{layer: {"gpu": ms, "cpu": ms}}``: median over ``traces`` (Chrome trace dicts)."""
     from ..passes.common import join_of, part_role
-    from ..trace import TRACKS
+    from ..runtime.trace import TRACKS
 
     track_of = {tid: name for name, (tid, _label) in TRACKS.items()}
     samples: dict[tuple[str, str], list[float]] = {}

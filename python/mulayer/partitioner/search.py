@@ -26,7 +26,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from ..layers import Layer
+from ..frontend.layers import Layer
 from ..plan import LayerDecision, Plan
 from .estimator import CachedEstimator, LatencyEstimator
 from .graph import INPUT, LayerGraph

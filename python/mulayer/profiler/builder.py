@@ -108,7 +108,7 @@ def compile_parts(functions: dict, target, prepack: bool = False):
     import tvm
     from tvm import relax
 
-    from mulayer.build import check_device_module
+    from mulayer.compiler.build import check_device_module
     from mulayer.schedules import apply_schedules
 
     mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in functions.items()})
@@ -193,7 +193,7 @@ def build_chunk_safely(raw: dict) -> list[dict]:
 
 
 def _export_options(request: BuildRequest) -> dict:
-    from mulayer.compiler import _export_options as export_options
+    from mulayer.compiler.driver import _export_options as export_options
     from mulayer.target import TargetSpec
 
     return export_options(TargetSpec(host=request.host, device=request.device))

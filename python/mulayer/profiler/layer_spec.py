@@ -10,7 +10,7 @@ the profile rows.
 Identical layers (same op, attributes and shapes) in one or many models have the same
 :attr:`LayerSpec.key` and are profiled once. The epilogue is not part of the key: the first
 occurrence's epilogue is timed (it is the same in nearly every occurrence, and the cost model
-sees only :class:`mulayer.layers.Layer`, which does not describe it).
+sees only :class:`mulayer.frontend.layers.Layer`, which does not describe it).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import tvm
 from tvm import relax
 from tvm.ir.expr import Constant
 
-from mulayer.layers import Layer, splittable_bindings, static_shape
+from mulayer.frontend.layers import Layer, splittable_bindings, static_shape
 from mulayer.passes.common import CHANNELWISE_BINARY_OPS, consumers, count_uses
 
 # Binary epilogue ops (with a per-channel or scalar constant) and unary ones.
@@ -175,8 +175,8 @@ def _nonneg(expr: relax.Expr, producers: dict, depth: int = 0) -> bool:
 
 
 def describe_layers(func: relax.Function) -> list[tuple[Layer, LayerSpec]]:
-    """Every splittable layer of ``func`` (as :func:`mulayer.layers.splittable_layers` names
-    them) with its stand-alone :class:`LayerSpec`."""
+    """Every splittable layer of ``func`` (as :func:`mulayer.frontend.layers.splittable_layers`
+    names them) with its stand-alone :class:`LayerSpec`."""
     uses = count_uses(func)
     readers = consumers(func)
     producers = _producers(func)
@@ -262,7 +262,7 @@ def layer_module(spec: LayerSpec, seed: int = 0) -> tvm.IRModule:
     """A canonical module whose ``main`` is the layer and its epilogue, on a float32 input.
 
     The weights are seeded random values; the layer is named ``<kind>.0`` by
-    :func:`mulayer.layers.splittable_layers`.
+    :func:`mulayer.frontend.layers.splittable_layers`.
     """
     rng = np.random.default_rng(seed)
     bb = relax.BlockBuilder()

@@ -31,7 +31,7 @@ class ModelSource:
         """The ONNX model (path or ``onnx.ModelProto``)."""
         if self.path is not None:
             return self.path
-        from mulayer.zoo import build_model
+        from mulayer.models.zoo import build_model
 
         return build_model(self.name)
 
@@ -39,7 +39,7 @@ class ModelSource:
 def resolve_models(models: list[str], sweep: int = 0) -> list[ModelSource]:
     """Each ``models`` entry (an ONNX path or a zoo name) as a :class:`ModelSource`, then the
     synthetic sweep of ``sweep`` layers (:mod:`.sweep`) if any."""
-    from mulayer.zoo import MODEL_NAMES
+    from mulayer.models.zoo import MODEL_NAMES
 
     sources: dict[str, ModelSource] = {}
     for entry in models:
@@ -72,7 +72,7 @@ def resolve_models(models: list[str], sweep: int = 0) -> list[ModelSource]:
 
 def read_model(source: ModelSource):
     """``[(Layer, LayerSpec)]`` of the model's splittable layers."""
-    from mulayer.frontend import import_onnx
+    from mulayer.frontend.onnx_import import import_onnx
 
     from .layer_spec import describe_layers
 
@@ -83,7 +83,7 @@ def read_model(source: ModelSource):
 
 
 def _read_sweep(count: int):
-    from mulayer.layers import splittable_layers
+    from mulayer.frontend.layers import splittable_layers
 
     from .layer_spec import layer_module
     from .sweep import sweep_specs

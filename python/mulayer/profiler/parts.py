@@ -2,15 +2,15 @@
 
 A *part* is what one processor computes of a split layer: ``channels`` of the layer's output
 channels, in that processor's precision, with the layer's epilogue. :func:`part_function` makes
-it the way a cooperative build does (:func:`mulayer.compiler.build_cooperative`): the layer of a
-:class:`~mulayer.profiler.layer_spec.LayerSpec` is split by
-:class:`~mulayer.passes.split_channels.SplitChannels` (the other side gets the remaining
-channels), the CPU side is quantized by :class:`~mulayer.passes.quantize_cpu.QuantizeCPU`
-(uint8 x int8, calibration stats synthesized from the spec; pooling stays float32, as in a real
-build) or the GPU side cast by :class:`~mulayer.passes.cast_gpu.CastGPU`, and the other side is
-cut away. The part's input is float32 on its own processor (the cross-device copy is a separate
-transfer cost). Weights become parameters (``lift_weights``) so a library of many parts stays
-small; cooperative builds pack CPU weights on every call anyway (``schedules`` module doc).
+it the way a cooperative build does (:func:`mulayer.compiler.driver.build_cooperative`): the layer
+of a :class:`~mulayer.profiler.layer_spec.LayerSpec` is split by
+:class:`~mulayer.passes.split_channels.SplitChannels` (the other side gets the remaining channels),
+the CPU side is quantized by :class:`~mulayer.passes.quantize_cpu.QuantizeCPU` (uint8 x int8,
+calibration stats synthesized from the spec; pooling stays float32, as in a real build) or the GPU
+side cast by :class:`~mulayer.passes.cast_gpu.CastGPU`, and the other side is cut away. The part's
+input is float32 on its own processor (the cross-device copy is a separate transfer cost). Weights
+become parameters (``lift_weights``) so a library of many parts stays small; cooperative builds pack
+CPU weights on every call anyway (``schedules`` module doc).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import tvm
 from tvm import relax
 from tvm.ir.expr import Constant
 
-from mulayer.calibration import CalibrationStats, LayerStats, activation_qparams
+from mulayer.compiler.calibration import CalibrationStats, LayerStats, activation_qparams
 from mulayer.passes.cast_gpu import CastGPU
 from mulayer.passes.common import join_name
 from mulayer.passes.quantize_cpu import QuantizeCPU

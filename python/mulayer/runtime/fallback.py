@@ -21,8 +21,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from ..errors import MuLayerError
 from .artifact import LIB_NAME, write_artifact
-from .errors import MuLayerError
 
 FALLBACKS = ("cpu",)
 CPU_LIB_NAME = "lib.cpu.so"
@@ -43,15 +43,15 @@ def needs_cpu_fallback(spec) -> bool:
 
 def cpu_spec(spec):
     """The CPU-only target of ``spec``: its host llvm target."""
-    from .target import TargetSpec
+    from ..target import TargetSpec
 
     return TargetSpec(host=dict(spec.host), text="llvm")
 
 
 def export_with_cpu_fallback(compiled, cpu_compiled, path: str | Path) -> Path:
-    """Write ``compiled`` (a :class:`mulayer.compiler.CompiledModel`) to ``path`` with
+    """Write ``compiled`` (a :class:`mulayer.compiler.driver.CompiledModel`) to ``path`` with
     ``cpu_compiled`` (the same model built by :func:`cpu_spec`) as its CPU fallback library."""
-    from .compiler import _export_options
+    from ..compiler.driver import _export_options
 
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="mulayer-export-") as tmp:

@@ -2,8 +2,8 @@
 trip over much later, with an unclear error or none (found by ``scripts/fuzz_onnx.py``).
 
 Each raises ``MuLayerError`` naming the node, tensor or value at fault. The checks of the model
-file run before TVM is involved (:func:`mulayer.frontend.load_onnx`); the last two look at the
-imported Relax module (:func:`mulayer.frontend.import_onnx`).
+file run before TVM is involved (:func:`mulayer.frontend.onnx_import.load_onnx`); the last two look
+at the imported Relax module (:func:`mulayer.frontend.onnx_import.import_onnx`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import math
 
 import onnx
 
-from .errors import MuLayerError
-from .tensor_spec import TensorSpec
+from ..errors import MuLayerError
+from ..tensor_spec import TensorSpec
 
 
 def check_names(proto: onnx.ModelProto) -> None:

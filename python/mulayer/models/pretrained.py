@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .errors import MuLayerError
-from .fileio import atomic_write, atomic_write_bytes
+from ..errors import MuLayerError
+from ..fileio import atomic_write, atomic_write_bytes
 from .zoo import INPUT_NAME, MOBILENETV2_BLOCKS, OUTPUT_NAME
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)

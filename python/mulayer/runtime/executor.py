@@ -23,8 +23,8 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
-from .errors import MuLayerError
-from .tensor_spec import TensorSpec
+from ..errors import MuLayerError
+from ..tensor_spec import TensorSpec
 
 _DEVICE_MAKERS = {"cpu": tvm.cpu, "cuda": tvm.cuda, "opencl": tvm.opencl}
 
@@ -176,7 +176,7 @@ class LoadedModel:
     def trace(self, inputs=None, warmup: int = 3):
         """Run once under the VM instrument; return ``(chrome_trace_dict, TraceSummary)``.
 
-        See :mod:`mulayer.trace` for what is recorded and how GPU intervals are timed.
+        See :mod:`mulayer.runtime.trace` for what is recorded and how GPU intervals are timed.
         """
         from .trace import Recorder
 

@@ -1,8 +1,8 @@
 """Calibration for the CPU's int8 slices: activation ranges and a per-channel accuracy budget.
 
-:func:`calibrate` runs the *canonical* fp32 module (see :mod:`mulayer.frontend`) on llvm over a
-few sample inputs. For every splittable layer (named as in :func:`mulayer.layers.splittable_layers`)
-it records
+:func:`calibrate` runs the *canonical* fp32 module (see :mod:`mulayer.frontend.onnx_import`) on llvm
+over a few sample inputs. For every splittable layer (named as in
+:func:`mulayer.frontend.layers.splittable_layers`) it records
 
 - the range of the layer's input activation and from it an asymmetric per-tensor uint8
   scale / zero point (what :class:`mulayer.passes.QuantizeCPU` quantizes the CPU part's input with);
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MuLayerError
-from .fileio import atomic_write_text
+from ..errors import MuLayerError
+from ..fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def load_calibration_npz(path: str | Path, input_specs) -> dict[str, np.ndarray]
     """Read ``--calibration samples.npz``: one array per input name, leading axis = sample.
 
     A file with a single array (any name) is accepted for a single-input model.
-    ``input_specs`` are :class:`mulayer.frontend.TensorSpec` (or ``(name, shape, dtype)``).
+    ``input_specs`` are :class:`mulayer.tensor_spec.TensorSpec` (or ``(name, shape, dtype)``).
     Returns ``{input name: [N, *shape] array}``, checked against the specs.
     """
     path = Path(path)
@@ -323,7 +323,7 @@ def _layer_tensors(func, layers) -> dict[str, tuple]:
     """
     from tvm import relax
 
-    from mulayer.layers import splittable_bindings
+    from mulayer.frontend.layers import splittable_bindings
 
     wanted = {layer.name for layer in layers}
     by_var = {
@@ -466,7 +466,8 @@ def calibrate(
     Parameters
     ----------
     mod : tvm.IRModule
-        The canonical fp32 module (:func:`mulayer.frontend.import_onnx`), before SplitChannels.
+        The canonical fp32 module (:func:`mulayer.frontend.onnx_import.import_onnx`), before
+        SplitChannels.
     samples : list of dicts, dict or array
         ``[{input name: array}, ...]``; or ``{input name: [N, *shape]}``; or, for a single-input
         model, one ``[N, *shape]`` array (``[N, *shape[1:]]`` when the batch is 1).
@@ -485,7 +486,7 @@ def calibrate(
     import tvm
     from tvm import relax
 
-    from .layers import splittable_layers
+    from ..frontend.layers import splittable_layers
 
     if method not in METHODS:
         raise MuLayerError(f"calibration method {method!r} is not one of {', '.join(METHODS)}")

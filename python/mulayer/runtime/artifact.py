@@ -20,9 +20,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import MuLayerError
-from .fileio import atomic_write
-from .tensor_spec import TensorSpec
+from ..errors import MuLayerError
+from ..fileio import atomic_write
+from ..tensor_spec import TensorSpec
 
 ARTIFACT_SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
@@ -44,8 +44,8 @@ def write_artifact(
 ) -> None:
     """Write the artifact to ``path`` atomically (temporary name, then rename).
 
-    ``extra_members`` (e.g. a CPU fallback library, see :mod:`mulayer.fallback`) are stored and
-    checksummed like the others.
+    ``extra_members`` (e.g. a CPU fallback library, see :mod:`mulayer.runtime.fallback`) are stored
+    and checksummed like the others.
     """
     members: dict[str, bytes] = {LIB_NAME: Path(lib_path).read_bytes()}
     if plan_json is not None:
@@ -126,10 +126,10 @@ def check_runtime_compatible(metadata: dict, path: str | Path) -> None:
 
 
 def load_artifact(path: str | Path, fallback: str | None = None):
-    """Load an artifact into a callable :class:`mulayer.executor.LoadedModel`.
+    """Load an artifact into a callable :class:`mulayer.runtime.executor.LoadedModel`.
 
     ``fallback="cpu"`` runs the artifact's CPU fallback library where a device it needs is
-    missing (see :mod:`mulayer.fallback`).
+    missing (see :mod:`mulayer.runtime.fallback`).
     """
     import tvm
 

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import tvm
 
-from . import __version__
-from .artifact import write_artifact
+from .. import __version__
+from ..errors import MuLayerError
+from ..frontend.layers import Layer, splittable_layers
+from ..frontend.onnx_import import import_onnx
+from ..plan import Plan
+from ..runtime.artifact import write_artifact
+from ..target import TargetSpec, parse_target
+from ..tensor_spec import TensorSpec
 from .build import build_single, to_fp16
-from .errors import MuLayerError
-from .frontend import import_onnx
-from .layers import Layer, splittable_layers
-from .plan import Plan
-from .target import TargetSpec, parse_target
-from .tensor_spec import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def resolve_plan(
             warnings.warn(
                 "-ratio is ignored with -split=auto (the plan sets every layer)", stacklevel=3
             )
-        from .partitioner import auto_plan
+        from ..partitioner import auto_plan
 
         result = auto_plan(mod, spec)
         log.info("auto plan: %s", "; ".join(result.notes))

@@ -4,7 +4,8 @@ TVM can segfault while compiling some modules (DESIGN.md §2: an apache-tvm-ffi 
 whenever IR is serialised; a Tensorize under dlight crashed on a CUDA conv). In-process, such a
 crash kills the caller with no word on what was being built. :func:`call_in_child` runs a
 function (``"module:function"`` with JSON keyword arguments and a JSON result) in a fresh
-``python -m mulayer.isolation`` process. The child records where it is in a small progress file:
+``python -m mulayer.compiler.isolation`` process. The child records where it is in a small progress
+file:
 
 - ``step``: what the driver said it was doing (:func:`report`, e.g. "compiling for cpu");
 - ``pass``/``passdone``: every TVM pass as it starts and ends (a ``PassInstrument``), with the
@@ -42,7 +43,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from .errors import MuLayerError
+from ..errors import MuLayerError
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,7 @@ def call_in_child(
         workdir = Path(tmp)
         request = {"call": call, "kwargs": kwargs, "log_level": logging.getLogger().level}
         (workdir / _REQUEST).write_text(json.dumps(request))
-        command = [sys.executable, "-m", "mulayer.isolation", str(workdir / _REQUEST)]
+        command = [sys.executable, "-m", "mulayer.compiler.isolation", str(workdir / _REQUEST)]
         with open(workdir / _OUTPUT, "wb") as output:
             child = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
@@ -316,6 +317,6 @@ def _read(path: Path) -> str:
 if __name__ == "__main__":
     # Run the child in the importable module (not this ``__main__`` copy) so that ``report``
     # called by the driver sees the progress recorder.
-    from mulayer import isolation
+    from mulayer.compiler import isolation
 
     isolation._child_main(sys.argv[1])

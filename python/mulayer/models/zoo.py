@@ -12,7 +12,7 @@ GoogLeNet with batch norms, a 3x3 conv in its "5x5" branch and no auxiliary head
 1.1, MobileNetV2 (width 1.0) and VGG-16 without batch norms. ``tiny`` is a small net (32x32
 input, 10 classes) holding one of every op the splitter handles, for tests and the demo.
 
-Real pretrained weights are in :mod:`mulayer.pretrained` (needs the ``models`` extra).
+Real pretrained weights are in :mod:`mulayer.models.pretrained` (needs the ``models`` extra).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .errors import MuLayerError
-from .fileio import atomic_write_bytes
+from ..errors import MuLayerError
+from ..fileio import atomic_write_bytes
 
 OPSET = 17
 # The IR version that introduced opset 17: older runtimes accept it, newer ones still do.

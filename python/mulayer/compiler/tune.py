@@ -19,7 +19,7 @@ The database folder holds MetaSchedule's JSON database (``database_workload.json
 ``database_tuning_record.json``) and ``mulayer_tuning.json`` (schema, target, tasks). Tuning
 again into the same folder adds records. :func:`apply_tuning_db` applies it in the build, before
 the rules, which skip the PrimFuncs it scheduled (``tirx.is_scheduled``); see
-``mulayer.build.build_single(..., tuning_db=...)``.
+``mulayer.compiler.build.build_single(..., tuning_db=...)``.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import MuLayerError
-from .fileio import atomic_write_bytes, atomic_write_text
+from ..errors import MuLayerError
+from ..fileio import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:  # TVM loads on first use: `mulayer --help` stays fast
     import tvm
@@ -94,9 +94,9 @@ class TuneProgress:
 # ---------------------------------------------------------------------------------------------
 def lower_model(model, target: str, input_shapes=None) -> tuple[tvm.IRModule, tvm.target.Target]:
     """The model as ``mulayer compile`` lowers it for ``target``, before scheduling."""
+    from ..frontend.onnx_import import import_onnx
+    from ..target import parse_target
     from .build import legalize_and_fuse, to_fp16
-    from .frontend import import_onnx
-    from .target import parse_target
 
     spec = parse_target(target)
     if spec.cooperative:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import onnx
 
+from ..errors import MuLayerError
+from ..tensor_spec import TensorSpec
 from . import model_checks
-from .errors import MuLayerError
-from .tensor_spec import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def import_onnx(
     proto, inputs = check_onnx(model, input_shapes)
     from tvm.relax.frontend.onnx import from_onnx
 
-    from .errors import register_with_tvm
+    from ..errors import register_with_tvm
 
     register_with_tvm()  # every build starts here; its passes may raise MuLayerError
 

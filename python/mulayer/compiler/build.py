@@ -12,7 +12,7 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
-from .errors import MuLayerError
+from ..errors import MuLayerError
 
 log = logging.getLogger(__name__)
 

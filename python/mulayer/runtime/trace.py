@@ -17,7 +17,7 @@ intervals carry layer-part names. Without GPU events (no ``cuda-bindings`` or Py
 GPU) GPU-side intervals are host launch intervals and the trace says so.
 
 The instrument costs a few µs per call (Python callback): the traced run is slower than an
-untimed one; use :meth:`mulayer.executor.LoadedModel.benchmark` for latency.
+untimed one; use :meth:`mulayer.runtime.executor.LoadedModel.benchmark` for latency.
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ class Recorder:
 def write_trace(path, trace: dict) -> None:
     from pathlib import Path
 
-    from .fileio import atomic_write_text
+    from ..fileio import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(trace))
 

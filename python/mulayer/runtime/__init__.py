@@ -1,0 +1,11 @@
+"""The runtime side: what a deployment needs to run an artifact (the TVM runtime, nothing else).
+
+- :mod:`~mulayer.runtime.artifact`: the artifact file (written by the compiler, read here) and
+  :func:`~mulayer.runtime.artifact.load_artifact` (``mulayer.load``);
+- :mod:`~mulayer.runtime.fallback`: which library of an artifact runs on this machine;
+- :mod:`~mulayer.runtime.executor`: inputs checked and placed, the Relax VM called and timed;
+- :mod:`~mulayer.runtime.trace`: one call as a Chrome/Perfetto timeline.
+
+Nothing here imports the compile side (onnx, TVM's compiler, ``mulayer.compiler``, the passes,
+the schedules, ...); ``tests/test_artifact.py`` checks it in a fresh interpreter.
+"""
