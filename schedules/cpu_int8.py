@@ -41,7 +41,7 @@ from ._util import (
 )
 from .base import CPUScheduleRule, finish_cpu_schedule
 from .conv2d_analysis import Conv2dInfo, find_conv2d
-from .cpu_dense import MatmulInfo, find_matmul, pack_b
+from .cpu_dense import pack_b
 from .cpu_tiling import (
     blocked_accumulator,
     pack_input_channels,
@@ -49,6 +49,7 @@ from .cpu_tiling import (
     parallel_conv_tiles,
     tile_matmul,
 )
+from .matmul_analysis import MatmulInfo, find_matmul
 
 
 def _is_u8s8s32(in_dtype: str, w_dtype: str, out_dtype: str) -> bool:

@@ -14,16 +14,13 @@ Each rule picks its own tile sizes and inner loop order; these helpers do the co
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
 from ._util import LAYOUT_REWRITE_PREPROC, inline_epilogue_into
 from .conv2d_analysis import Conv2dInfo, data_producer
-
-if TYPE_CHECKING:
-    from .cpu_dense import MatmulInfo
+from .matmul_analysis import MatmulInfo
 
 # Weights up to this size are assumed to stay in the per-core L2 across output rows.
 WEIGHT_CACHE_BYTES = 1 << 20

@@ -24,6 +24,7 @@ from mulayer.cost_model import (
     load_cost_model_file,
     part_features,
     profile_data,
+    save_cost_model,
     train_cost_model,
 )
 from mulayer.cost_model.evaluate import holdout_eval
@@ -199,7 +200,7 @@ def test_save_load_round_trip(predictor, tmp_path):
         synthetic_data(), CostModelConfig(predictor=predictor, xgboost=FAST_XGB)
     )
     path = tmp_path / "model.zip"
-    model.save(path)
+    save_cost_model(model, path)
     loaded = load_cost_model_file(path)
     rng = np.random.default_rng()
     for _ in range(5):
@@ -228,7 +229,7 @@ def _rewrite_manifest(path: Path, change) -> None:
 
 def test_load_refuses_a_feature_schema_mismatch(trained, tmp_path):
     path = tmp_path / "model.zip"
-    trained.save(path)
+    save_cost_model(trained, path)
 
     def rename(manifest):
         manifest["feature_schema"]["names"][0] = "is_conv3d"
@@ -254,7 +255,7 @@ def test_load_refuses_other_files(tmp_path, trained):
     with pytest.raises(MuLayerError, match="not a mulayer cost model"):
         load_cost_model_file(junk)
     path = tmp_path / "old.zip"
-    trained.save(path)
+    save_cost_model(trained, path)
     _rewrite_manifest(path, lambda m: m.update(version=0))
     with pytest.raises(MuLayerError, match="archive version 0"):
         load_cost_model_file(path)
@@ -264,13 +265,13 @@ def test_default_model_is_chosen_by_fingerprint(trained, tmp_path, monkeypatch):
     monkeypatch.setenv("MULAYER_DATA_DIR", str(tmp_path))
     spec = parse_target("mulayer, llvm, llvm")
     # Trained elsewhere: loaded, with a warning naming the difference.
-    trained.save(tmp_path / "cost-model-elsewhere.zip")
+    save_cost_model(trained, tmp_path / "cost-model-elsewhere.zip")
     with pytest.warns(UserWarning, match="other hardware.*cpu_model"):
         model = load_cost_model(target=spec)
     assert model.shared_memory
     # Trained here: loaded silently.
     trained.training["fingerprint"] = fingerprint(spec)
-    trained.save(tmp_path / "cost-model-here.zip")
+    save_cost_model(trained, tmp_path / "cost-model-here.zip")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model = load_cost_model(target=spec)

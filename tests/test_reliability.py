@@ -20,8 +20,9 @@ from onnx import TensorProto, helper, numpy_helper
 import mulayer
 from mulayer.cli.main import main
 from mulayer.compiler.isolation import FAULT_ENV
-from mulayer.runtime.artifact import METADATA_NAME, load_artifact, read_metadata, write_artifact
+from mulayer.runtime.artifact import METADATA_NAME, read_metadata, write_artifact
 from mulayer.runtime.fallback import CPU_LIB_NAME
+from mulayer.runtime.loader import load_artifact
 
 COOPERATIVE = "mulayer -ratio=0.5, llvm, llvm"
 

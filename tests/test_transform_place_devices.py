@@ -9,9 +9,10 @@ from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from mulayer.passes.build_helpers import build_two_device, devices
+from mulayer.passes.build_helpers import devices
 from mulayer.passes.cast_gpu import CastGPU
 from mulayer.passes.common import is_part_op, part_of
+from mulayer.passes.pipeline import build_two_device
 from mulayer.passes.place_devices import PlaceDevices
 from mulayer.passes.split_channels import SplitChannels
 from mulayer.plan import Plan

@@ -13,14 +13,8 @@ from tvm import relax
 
 from mulayer.cli.main import main as cli_main
 from mulayer.compiler.build import build_single
-from mulayer.compiler.tune import (
-    MANIFEST,
-    apply_tuning_db,
-    lower_model,
-    open_tuning_db,
-    select_tasks,
-    tune_model,
-)
+from mulayer.compiler.tune import lower_model, select_tasks, tune_model
+from mulayer.compiler.tuning_db import MANIFEST, apply_tuning_db, open_tuning_db
 from mulayer.errors import MuLayerError
 from mulayer.frontend.onnx_import import import_onnx
 

@@ -10,9 +10,9 @@ from tvm import relax
 
 import mulayer
 from mulayer.frontend.onnx_import import import_onnx
-from mulayer.passes.build_helpers import compile_lowered, kernel_sites
+from mulayer.passes.build_helpers import kernel_sites
 from mulayer.passes.lift_cpu_weights import WEIGHTS_FUNC, LiftCPUWeights, cpu_weight_bindings
-from mulayer.passes.pipeline import cooperative_passes, lower_two_device
+from mulayer.passes.pipeline import compile_lowered, cooperative_passes, lower_two_device
 from mulayer.passes.place_devices import PlaceDevices
 from mulayer.passes.separate_device_storage import SeparateDeviceStorage
 from mulayer.passes.split_channels import SplitChannels

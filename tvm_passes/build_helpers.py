@@ -1,7 +1,8 @@
-"""Build a two-VDevice module (GPU part + CPU part) into one Relax VM executable.
+"""Helpers of the two-VDevice build (GPU part + CPU part in one Relax VM executable).
 
-Used by the compile driver after :class:`~mulayer.passes.place_devices.PlaceDevices`.
-TVM 0.27 work-arounds (DESIGN §2, §6):
+:func:`mulayer.passes.pipeline.lower_two_device` and
+:func:`~mulayer.passes.pipeline.build_two_device` use them after
+:class:`~mulayer.passes.place_devices.PlaceDevices`. TVM 0.27 work-arounds (DESIGN §2, §6):
 
 - LegalizeOps drops the vdevice of some calls (conv2d): every op's legalization is wrapped so
   the ``call_tir`` it returns keeps the call's vdevice, and the PrimFunc gets that target.
@@ -24,7 +25,6 @@ from tvm import relax
 from tvm.target import Target
 
 from .common import part_role
-from .place_devices import PlaceDevices, make_vdevices
 
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
@@ -66,37 +66,6 @@ def legalize_keeping_vdevices(mod: tvm.IRModule) -> tvm.IRModule:
         if legalize is not None:
             custom[name] = keep_vdevice(legalize)
     return relax.transform.LegalizeOps(custom)(mod)
-
-
-def build_two_device(mod: tvm.IRModule, gpu_target, cpu_target) -> tvm.runtime.Executable:
-    """Compile a module for a GPU VDevice and a CPU VDevice into one VM executable.
-
-    Parameters
-    ----------
-    mod : tvm.IRModule
-        The module after PlaceDevices (if it has no ``vdevice`` global info, PlaceDevices is
-        applied here with the given targets).
-    gpu_target, cpu_target : tvm.target.Target | dict | str
-        The targets PlaceDevices used; the GPU one may be llvm.
-
-    Returns
-    -------
-    tvm.runtime.Executable
-        Run it with ``relax.VirtualMachine(ex, devices(gpu_target))``.
-    """
-    from .pipeline import lower_two_device
-
-    vdevices = make_vdevices(gpu_target, cpu_target)
-    if "vdevice" not in mod.global_infos:
-        mod = PlaceDevices(gpu_target, cpu_target)(mod)
-    return compile_lowered(lower_two_device(mod, vdevices["gpu"].target))
-
-
-def compile_lowered(mod: tvm.IRModule) -> tvm.runtime.Executable:
-    """VM executable of a module :func:`~mulayer.passes.pipeline.lower_two_device` returned."""
-    from .pipeline import vm_lowering
-
-    return tvm.compile(mod, target=None, relax_pipeline=vm_lowering())
 
 
 def kernel_sites(mod: tvm.IRModule) -> list[list[str]]:

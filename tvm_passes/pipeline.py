@@ -9,6 +9,8 @@ Three stages, each usable on its own:
 - :func:`vm_lowering`: TVM's ``default_build`` VM lowering with
   :class:`~mulayer.passes.separate_device_storage.SeparateDeviceStorage` after the memory planner.
 
+:func:`build_two_device` runs the last two on a placed module (:func:`compile_lowered` the last).
+
 ``import mulayer.passes`` registers the whole chain as ``relax.get_pipeline("mulayer", ...)``, so
 a TVM flow builds a cooperative module with::
 
@@ -23,9 +25,10 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from .build_helpers import legalize_keeping_vdevices
 from .cast_gpu import CastGPU
 from .lift_cpu_weights import LiftCPUWeights
-from .place_devices import PlaceDevices
+from .place_devices import PlaceDevices, make_vdevices
 from .quantize_cpu import QuantizeCPU
 from .separate_device_storage import SeparateDeviceStorage
 from .split_channels import SplitChannels
@@ -45,8 +48,6 @@ def cooperative_passes(
 def lower_two_device(mod: tvm.IRModule, gpu_target) -> tvm.IRModule:
     """Realize VDevices, legalize keeping them, and schedule each PrimFunc for its side."""
     from mulayer.schedules import apply_schedules
-
-    from .build_helpers import legalize_keeping_vdevices
 
     mod = relax.transform.RealizeVDevice()(mod)
     mod = legalize_keeping_vdevices(mod)
@@ -95,6 +96,33 @@ def mulayer_pipeline(
         return vm_lowering()(lower_two_device(cooperative(mod), gpu))
 
     return _pipeline
+
+
+def build_two_device(mod: tvm.IRModule, gpu_target, cpu_target) -> tvm.runtime.Executable:
+    """Compile a module for a GPU VDevice and a CPU VDevice into one VM executable.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        The module after PlaceDevices (if it has no ``vdevice`` global info, PlaceDevices is
+        applied here with the given targets).
+    gpu_target, cpu_target : tvm.target.Target | dict | str
+        The targets PlaceDevices used; the GPU one may be llvm.
+
+    Returns
+    -------
+    tvm.runtime.Executable
+        Run it with ``relax.VirtualMachine(ex, devices(gpu_target))``.
+    """
+    vdevices = make_vdevices(gpu_target, cpu_target)
+    if "vdevice" not in mod.global_infos:
+        mod = PlaceDevices(gpu_target, cpu_target)(mod)
+    return compile_lowered(lower_two_device(mod, vdevices["gpu"].target))
+
+
+def compile_lowered(mod: tvm.IRModule) -> tvm.runtime.Executable:
+    """VM executable of a module :func:`lower_two_device` returned."""
+    return tvm.compile(mod, target=None, relax_pipeline=vm_lowering())
 
 
 def register() -> None:

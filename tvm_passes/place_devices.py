@@ -1,7 +1,7 @@
 """PlaceDevices: put every binding of ``main`` on the GPU or the CPU VDevice, with copies.
 
 Pipeline position: last mulayer pass, after SplitChannels, the CPU quantizer and CastGPU; the
-result goes to :func:`mulayer.passes.build_helpers.build_two_device`.
+result goes to :func:`mulayer.passes.pipeline.build_two_device`.
 
 The module gets ``global_infos["vdevice"] = [gpu, cpu]`` (both with ``vdevice_id`` 0; the VM
 is then created with ``[gpu_device, cpu_device]``, e.g. ``[tvm.cuda(0), tvm.cpu(0)]``, or

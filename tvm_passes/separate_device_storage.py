@@ -1,7 +1,7 @@
 """SeparateDeviceStorage: never let a tensor of one device live in another device's storage.
 
 Pipeline position: right after ``relax.transform.StaticPlanBlockMemory`` (see
-:func:`mulayer.passes.build_helpers.build_pipeline`).
+:func:`mulayer.passes.pipeline.vm_lowering`).
 
 TVM 0.27's static memory planner pools storage tokens by size and dtype only: in a module with
 two VDevices it can hand a storage allocated on the GPU (``alloc_storage(..., 0, ...)``) to a

@@ -10,12 +10,11 @@ from typing import TYPE_CHECKING
 
 from .errors import MuLayerError
 from .plan import LayerDecision, Plan
-
-__version__ = "0.1.0"
+from .version import __version__
 
 if TYPE_CHECKING:
     from .compiler.driver import CompiledModel
-    from .runtime.artifact import LoadedModel
+    from .runtime.executor import LoadedModel
 
 
 def compile(model, target: str = "llvm", **kwargs) -> CompiledModel:  # noqa: A001
@@ -43,7 +42,7 @@ def load(path, fallback: str | None = None) -> LoadedModel:
     ``fallback="cpu"`` runs the artifact's CPU library (``mulayer compile --fallback cpu``)
     where its GPU is missing.
     """
-    from .runtime.artifact import load_artifact
+    from .runtime.loader import load_artifact
 
     return load_artifact(path, fallback=fallback)
 

@@ -96,8 +96,8 @@ def build_artifact(
     What ``mulayer compile`` runs, in a child process or in this one (JSON in, JSON out).
     """
     from ..compiler.driver import compile_model
+    from ..compiler.fallback import cpu_spec, export_with_cpu_fallback, needs_cpu_fallback
     from ..compiler.isolation import report
-    from ..runtime.fallback import cpu_spec, export_with_cpu_fallback, needs_cpu_fallback
 
     spec = parse_target(target, extra_mulayer=extra_mulayer)
     report(f"compiling for {spec.mode}")
@@ -141,8 +141,8 @@ def check_request(args: argparse.Namespace, spec) -> None:
     the options against the target, the output path, the model file, the plan, the calibration.
     """
     from ..compiler.calibration import load_calibration_npz
+    from ..compiler.fallback import needs_cpu_fallback
     from ..frontend.onnx_import import check_onnx
-    from ..runtime.fallback import needs_cpu_fallback
 
     check_output_path(Path(args.output))
     if args.plan and not spec.cooperative:
@@ -164,8 +164,8 @@ def check_request(args: argparse.Namespace, spec) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..compiler.fallback import needs_cpu_fallback
     from ..compiler.isolation import ChildFailure
-    from ..runtime.fallback import needs_cpu_fallback
 
     output = Path(args.output)
     extra = {

@@ -102,7 +102,7 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..runtime.artifact import load_artifact
+    from ..runtime.loader import load_artifact
 
     if args.repeat < 1:
         raise MuLayerError(f"--repeat must be at least 1, got {args.repeat}")

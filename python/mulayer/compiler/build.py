@@ -13,6 +13,7 @@ import tvm
 from tvm import relax
 
 from ..errors import MuLayerError
+from ..target import TargetSpec
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def lower_for_target(
     mod = legalize_and_fuse(mod, target)
     if tuning_db is None:
         return apply_schedules(mod, target)
-    from .tune import apply_tuning_db
+    from .tuning_db import apply_tuning_db
 
     mod = apply_tuning_db(mod, target, tuning_db)
     mod = apply_schedules(mod, target, fold_packing=False)  # skips the tuned PrimFuncs
@@ -74,6 +75,24 @@ def build_single(mod: tvm.IRModule, target: tvm.target.Target, tuning_db: str | 
     if target.kind.name in ("cuda", "opencl"):
         check_device_module(ex, target.kind.name)
     return ex
+
+
+def export_options(spec: TargetSpec) -> dict:
+    """Cross-compile the library when the host target is not this machine (e.g. aarch64)."""
+    triple = spec.host.get("mtriple")
+    if not triple or triple.startswith("x86_64"):
+        return {}
+    import shutil
+
+    from tvm.contrib import cc
+
+    compiler = f"{triple}-g++"
+    if shutil.which(compiler) is None:
+        raise MuLayerError(
+            f"exporting for {triple} needs the cross compiler {compiler!r} on PATH "
+            f"(Debian: apt-get install g++-{triple.split('-')[0].replace('_', '-')}-linux-gnu)"
+        )
+    return {"fcompile": cc.cross_compiler(compiler)}
 
 
 def check_device_module(ex, kind: str) -> None:

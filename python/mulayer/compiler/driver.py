@@ -14,7 +14,6 @@ from pathlib import Path
 
 import tvm
 
-from .. import __version__
 from ..errors import MuLayerError
 from ..frontend.layers import Layer, splittable_layers
 from ..frontend.onnx_import import import_onnx
@@ -22,7 +21,8 @@ from ..plan import Plan
 from ..runtime.artifact import write_artifact
 from ..target import TargetSpec, parse_target
 from ..tensor_spec import TensorSpec
-from .build import build_single, to_fp16
+from ..version import __version__
+from .build import build_single, export_options, to_fp16
 
 log = logging.getLogger(__name__)
 
@@ -66,28 +66,10 @@ class CompiledModel:
         path = Path(path)
         with tempfile.TemporaryDirectory(prefix="mulayer-export-") as tmp:
             lib_path = Path(tmp) / "lib.so"
-            self.executable.export_library(str(lib_path), **_export_options(self.spec))
+            self.executable.export_library(str(lib_path), **export_options(self.spec))
             plan_json = self.plan.to_json() if self.plan is not None else None
             write_artifact(path, lib_path, self.metadata(), plan_json)
         return path
-
-
-def _export_options(spec: TargetSpec) -> dict:
-    """Cross-compile the library when the host target is not this machine (e.g. aarch64)."""
-    triple = spec.host.get("mtriple")
-    if not triple or triple.startswith("x86_64"):
-        return {}
-    import shutil
-
-    from tvm.contrib import cc
-
-    compiler = f"{triple}-g++"
-    if shutil.which(compiler) is None:
-        raise MuLayerError(
-            f"exporting for {triple} needs the cross compiler {compiler!r} on PATH "
-            f"(Debian: apt-get install g++-{triple.split('-')[0].replace('_', '-')}-linux-gnu)"
-        )
-    return {"fcompile": cc.cross_compiler(compiler)}
 
 
 def compile_model(
@@ -215,9 +197,9 @@ def _calibration_stats(mod, calibration, inputs):
 
 def build_cooperative(mod, spec: TargetSpec, plan: Plan, layers, calibration, inputs):
     """Split, quantize, cast, place and build a two-device module; return (executable, meta)."""
-    from mulayer.passes.build_helpers import compile_lowered, kernel_sites
+    from mulayer.passes.build_helpers import kernel_sites
     from mulayer.passes.lift_cpu_weights import WEIGHTS_FUNC
-    from mulayer.passes.pipeline import cooperative_passes, lower_two_device
+    from mulayer.passes.pipeline import compile_lowered, cooperative_passes, lower_two_device
     from mulayer.passes.place_devices import make_vdevices
     from mulayer.passes.quantize_cpu import precision_report
 

@@ -17,9 +17,9 @@ left alone: MetaSchedule without their intrinsics and packed layouts rarely beat
 
 The database folder holds MetaSchedule's JSON database (``database_workload.json``,
 ``database_tuning_record.json``) and ``mulayer_tuning.json`` (schema, target, tasks). Tuning
-again into the same folder adds records. :func:`apply_tuning_db` applies it in the build, before
-the rules, which skip the PrimFuncs it scheduled (``tirx.is_scheduled``); see
-``mulayer.compiler.build.build_single(..., tuning_db=...)``.
+again into the same folder adds records. :func:`mulayer.compiler.tuning_db.apply_tuning_db`
+applies it in the build, before the rules, which skip the PrimFuncs it scheduled
+(``tirx.is_scheduled``); see ``mulayer.compiler.build.build_single(..., tuning_db=...)``.
 """
 
 from __future__ import annotations
@@ -38,16 +38,13 @@ from typing import TYPE_CHECKING
 
 from ..errors import MuLayerError
 from ..fileio import atomic_write_bytes, atomic_write_text
+from .tuning_db import MANIFEST, RECORD_FILE, SCHEMA, WORKLOAD_FILE
 
 if TYPE_CHECKING:  # TVM loads on first use: `mulayer --help` stays fast
     import tvm
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
-MANIFEST = "mulayer_tuning.json"
-WORKLOAD_FILE = "database_workload.json"
-RECORD_FILE = "database_tuning_record.json"
 SELECTIONS = ("generic", "all")
 # MetaSchedule's search strategies: the evolutionary search (with the XGBoost cost model) for
 # real tuning; replay-trace samples the design space at random (fast: tests, smoke runs).
@@ -371,46 +368,3 @@ def _write_manifest(db_dir: Path, report: TuneReport) -> None:
         "tasks": list(tasks.values()),
     }
     atomic_write_text(manifest, json.dumps(payload, indent=1) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# Applying a database
-# ---------------------------------------------------------------------------------------------
-def open_tuning_db(db_dir: str | Path, target: tvm.target.Target):
-    """The MetaSchedule database in ``db_dir``, checked against ``target``'s kind."""
-    from tvm.s_tir import meta_schedule as ms
-
-    db_dir = Path(db_dir)
-    missing = [name for name in (WORKLOAD_FILE, RECORD_FILE) if not (db_dir / name).is_file()]
-    if missing:
-        raise MuLayerError(
-            f"{str(db_dir)!r} is not a tuning database (missing {', '.join(missing)}); "
-            "create one with `mulayer tune MODEL --target T -o DIR`"
-        )
-    manifest = db_dir / MANIFEST
-    if manifest.is_file():  # records of another target kind match no PrimFunc here
-        tuned_for = json.loads(manifest.read_text()).get("target_kind")
-        if tuned_for not in (None, str(target.kind.name)):
-            log.warning(
-                "tuning database %s was made for %s, not %s", db_dir, tuned_for, target.kind.name
-            )
-    return ms.database.JSONDatabase(
-        path_workload=str(db_dir / WORKLOAD_FILE),
-        path_tuning_record=str(db_dir / RECORD_FILE),
-        allow_missing=False,
-    )
-
-
-def apply_tuning_db(
-    mod: tvm.IRModule, target: tvm.target.Target, db_dir: str | Path
-) -> tvm.IRModule:
-    """Schedule the PrimFuncs of ``mod`` that ``db_dir`` has records for (marked scheduled).
-
-    ``mod`` must be lowered like :func:`lower_model` does (legalized and fused), so that its
-    PrimFuncs are the tuned workloads; the others are returned unchanged.
-    """
-    from tvm import relax
-
-    database = open_tuning_db(db_dir, target)
-    with target, database:
-        return relax.transform.MetaScheduleApplyDatabase()(mod)

@@ -18,14 +18,14 @@ def _train(args: argparse.Namespace) -> int:
     from mulayer.fileio import check_output_path
     from mulayer.profiler import read_many
 
-    from . import CostModelConfig, profile_data, train_cost_model
+    from . import CostModelConfig, profile_data, save_cost_model, train_cost_model
 
     output = Path(args.output)
     check_output_path(output)
     data = profile_data(read_many(args.profiles), args.profile_id, args.statistic)
     config = CostModelConfig(predictor=args.predictor, transfer_memory=args.transfer_memory)
     model = train_cost_model(data, config)
-    model.save(output)
+    save_cost_model(model, output)
     parts = ", ".join(f"{n} {p}" for p, n in sorted(model.training["parts"].items()))
     print(f"{output}: {args.predictor} on {parts} parts of {model.training['layers']} layers")
     return 0

@@ -101,12 +101,6 @@ class CostModel:
                 f"{', '.join(sorted(self.predictors))}"
             ) from None
 
-    # ------------------------------------------------------------------ persistence
-    def save(self, path) -> None:
-        from .archive import save_cost_model
-
-        save_cost_model(self, path)
-
 
 def _layer_identity(layer: Layer) -> tuple:
     """What the features of a layer depend on (its name does not matter)."""

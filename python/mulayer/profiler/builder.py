@@ -5,7 +5,7 @@ builds chunks in parallel worker processes, then loads and times them in one pro
 builder/runner split of TVM's tuners). :func:`build_chunk` takes and returns plain JSON so it
 can run in a worker.
 
-Lowering mirrors :func:`mulayer.passes.build_helpers.build_two_device` for one device:
+Lowering mirrors :func:`mulayer.passes.pipeline.build_two_device` for one device:
 ``LegalizeOps``, :func:`mulayer.schedules.apply_schedules` (no fusion; no folding of the CPU
 weight packing, as in a two-device module), then ``tvm.compile`` with the ``default_build``
 pipeline. The rule that scheduled each part's main kernel is read from the schedules' debug log.
@@ -193,7 +193,7 @@ def build_chunk_safely(raw: dict) -> list[dict]:
 
 
 def _export_options(request: BuildRequest) -> dict:
-    from mulayer.compiler.driver import _export_options as export_options
+    from mulayer.compiler.build import export_options
     from mulayer.target import TargetSpec
 
     return export_options(TargetSpec(host=request.host, device=request.device))

@@ -56,7 +56,7 @@ def fingerprint(target_spec, gpu_device=None, remote_key: str | None = None) -> 
     """
     import tvm
 
-    from mulayer import __version__
+    from mulayer.version import __version__
 
     device_kind = target_spec.device["kind"] if target_spec.device is not None else None
     fp = {

@@ -1,8 +1,10 @@
 """The runtime side: what a deployment needs to run an artifact (the TVM runtime, nothing else).
 
-- :mod:`~mulayer.runtime.artifact`: the artifact file (written by the compiler, read here) and
-  :func:`~mulayer.runtime.artifact.load_artifact` (``mulayer.load``);
+- :mod:`~mulayer.runtime.artifact`: the artifact file format (written by the compiler, read
+  here);
 - :mod:`~mulayer.runtime.fallback`: which library of an artifact runs on this machine;
+- :mod:`~mulayer.runtime.loader`: :func:`~mulayer.runtime.loader.load_artifact`
+  (``mulayer.load``): read, choose, load;
 - :mod:`~mulayer.runtime.executor`: inputs checked and placed, the Relax VM called and timed;
 - :mod:`~mulayer.runtime.trace`: one call as a Chrome/Perfetto timeline.
 

@@ -7,7 +7,8 @@ Layout (a zip archive)::
     plan.json       the partition plan (cooperative builds only)
 
 The zip comment holds the sha256 of ``metadata.json``, so every byte that matters is checked on
-load. This module is on the runtime side: it needs only the TVM runtime (no compiler modules,
+load. This module is the file format, read and written; loading an artifact to run it is
+:func:`mulayer.runtime.loader.load_artifact`. It needs only the TVM runtime (no compiler modules,
 no onnx).
 """
 
@@ -15,14 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 from ..errors import MuLayerError
 from ..fileio import atomic_write
-from ..tensor_spec import TensorSpec
 
 ARTIFACT_SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
@@ -123,40 +121,3 @@ def check_runtime_compatible(metadata: dict, path: str | Path) -> None:
             f"artifact {str(path)!r} was built with TVM {built_with}, but this runtime is TVM "
             f"{tvm.__version__}: recompile the model with this TVM"
         )
-
-
-def load_artifact(path: str | Path, fallback: str | None = None):
-    """Load an artifact into a callable :class:`mulayer.runtime.executor.LoadedModel`.
-
-    ``fallback="cpu"`` runs the artifact's CPU fallback library where a device it needs is
-    missing (see :mod:`mulayer.runtime.fallback`).
-    """
-    import tvm
-
-    from .executor import LoadedModel
-    from .fallback import select_library
-
-    metadata, members = read_metadata(path)
-    check_runtime_compatible(metadata, path)
-    # A clear error for a missing device before the library load fails on a missing runtime.
-    metadata, lib_name = select_library(metadata, path, fallback)
-    workdir = Path(tempfile.mkdtemp(prefix="mulayer-"))
-    try:
-        lib_path = workdir / LIB_NAME
-        lib_path.write_bytes(members[lib_name])
-        try:
-            lib = tvm.runtime.load_module(str(lib_path))
-        except RuntimeError as err:  # TVM errors derive from RuntimeError
-            raise MuLayerError(
-                f"artifact {str(path)!r}: the library failed to load: {err}"
-            ) from None
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)  # the loaded library stays mapped
-    plan_json = (members.get(PLAN_NAME, b"").decode() or None) if lib_name == LIB_NAME else None
-    return LoadedModel(
-        lib,
-        metadata,
-        inputs=[TensorSpec.from_json(raw) for raw in metadata["inputs"]],
-        outputs=[TensorSpec.from_json(raw) for raw in metadata["outputs"]],
-        plan_json=plan_json,
-    )
