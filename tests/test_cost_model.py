@@ -27,6 +27,7 @@ from mulayer.cost_model import (
     save_cost_model,
     train_cost_model,
 )
+from mulayer.cost_model.defaults import data_dir, resolve_path
 from mulayer.cost_model.evaluate import holdout_eval
 from mulayer.cost_model.features import part_shape
 from mulayer.cost_model.transfer import fit_line
@@ -279,6 +280,24 @@ def test_default_model_is_chosen_by_fingerprint(trained, tmp_path, monkeypatch):
     # No model for the target's GPU kind.
     with pytest.raises(MuLayerError, match="no shipped cost model for a cuda target"):
         load_cost_model(target=parse_target("mulayer, cuda -arch=sm_90, llvm"))
+
+
+def test_shipped_model_by_name(trained, tmp_path, monkeypatch):
+    spec = parse_target("mulayer, llvm, llvm")
+    # The package's own folder: `-cost-model=llvm-standin` is the shipped zip.
+    assert resolve_path("llvm-standin") == data_dir() / "cost-model-llvm-standin.zip"
+    assert resolve_path("llvm-standin").is_file()
+    with pytest.raises(MuLayerError, match=r"'nonesuch' is neither a file nor.*llvm-standin"):
+        load_cost_model("nonesuch", target=spec)
+    # MULAYER_DATA_DIR overrides where names are looked up; paths stay paths.
+    monkeypatch.setenv("MULAYER_DATA_DIR", str(tmp_path))
+    trained.training["fingerprint"] = fingerprint(spec)
+    save_cost_model(trained, tmp_path / "cost-model-mine.zip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_cost_model("mine", target=spec).shared_memory
+    assert resolve_path(tmp_path / "cost-model-mine.zip") == tmp_path / "cost-model-mine.zip"
+    assert resolve_path("other.zip") == Path("other.zip")
 
 
 def test_shipped_stand_in_model_loads():

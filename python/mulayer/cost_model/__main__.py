@@ -1,7 +1,9 @@
 """``python -m mulayer.cost_model train PROFILE.jsonl... -o MODEL.zip``: train and save.
 
-python -m mulayer.cost_model train data/profile-h100.jsonl -o data/cost-model-h100.zip
-python -m mulayer.cost_model show data/cost-model-h100.zip
+python -m mulayer.cost_model train data/profile-h100.jsonl -o cost-model-h100.zip
+python -m mulayer.cost_model show h100   # a file, or the name of a shipped model
+
+The shipped models are python/mulayer/cost_model/shipped/cost-model-<name>.zip (package data).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     from .archive import read_manifest
+    from .defaults import resolve_path
 
-    manifest = read_manifest(args.model)
+    manifest = read_manifest(resolve_path(args.model))
     manifest["feature_schema"] = {
         k: v for k, v in manifest["feature_schema"].items() if k != "names"
     }
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     train.set_defaults(handler=_train)
     show = sub.add_parser("show", help="print a cost model's manifest")
-    show.add_argument("model", help="cost model archive (.zip)")
+    show.add_argument("model", help="cost model archive (.zip) or a shipped model's name (h100)")
     show.set_defaults(handler=_show)
     args = parser.parse_args(argv)
     try:

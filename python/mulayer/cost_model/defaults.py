@@ -1,10 +1,12 @@
-"""The shipped cost models in ``data/`` and :func:`load_cost_model`, which picks one.
+"""The shipped cost models and :func:`load_cost_model`, which picks one.
 
-``data/cost-model-<device>.zip`` files are trained on profiles measured on known machines.
-:func:`load_cost_model` without a path takes the one whose training fingerprint matches this
-machine and the target's GPU kind; with no exact match it takes one of the same GPU kind and
-warns (predictions for other hardware are only a starting point: profile this machine). The data
-folder is the repository's ``data/`` (``MULAYER_DATA_DIR`` overrides it).
+``cost-model-<name>.zip`` files, trained on profiles measured on known machines, ship inside the
+package (``mulayer/cost_model/shipped/``, package data, so a plain ``pip install`` has them);
+``MULAYER_DATA_DIR`` names another folder to take them from instead. :func:`load_cost_model`
+without a path takes the one whose training fingerprint matches this machine and the target's
+GPU kind; with no exact match it takes one of the same GPU kind and warns (predictions for other
+hardware are only a starting point: profile this machine). A path that is a bare name
+(``-cost-model=h100``) names a shipped model: ``cost-model-h100.zip`` in that folder.
 """
 
 from __future__ import annotations
@@ -21,13 +23,34 @@ from .model import CostModel, shared_memory_for
 
 DATA_ENV = "MULAYER_DATA_DIR"
 PATTERN = "cost-model-*.zip"
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 
 
 def data_dir() -> Path:
-    """Where shipped profiles and cost models live."""
+    """Where the shipped cost models live: ``MULAYER_DATA_DIR``, else the package's own."""
     if os.environ.get(DATA_ENV):
         return Path(os.environ[DATA_ENV])
-    return Path(__file__).resolve().parents[3] / "data"
+    return SHIPPED_DIR
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A ``-cost-model=`` value as a file: a path, or the name of a shipped model.
+
+    A bare name (no folder, no suffix) that is not a file here is looked up in :func:`data_dir`:
+    ``h100`` is ``cost-model-h100.zip`` there.
+    """
+    path = Path(path)
+    if path.exists() or path.suffix or len(path.parts) != 1:
+        return path
+    shipped = data_dir() / PATTERN.replace("*", path.name)
+    if shipped.is_file():
+        return shipped
+    prefix, suffix = PATTERN.split("*")
+    names = [p.name[len(prefix) : -len(suffix)] for p, _ in shipped_models()]
+    raise MuLayerError(
+        f"cost model {str(path)!r} is neither a file nor a shipped model "
+        f"(shipped in {data_dir()}: {', '.join(names) or 'none'})"
+    )
 
 
 def _spec(target: str | TargetSpec | None) -> TargetSpec:
@@ -94,7 +117,8 @@ def load_cost_model(path: str | Path | None = None, target: str | TargetSpec | N
     Parameters
     ----------
     path : str or Path, optional
-        A cost model archive; ``None`` picks a shipped one from the data folder.
+        A cost model archive, or a shipped model's name (``"h100"``: see :func:`resolve_path`);
+        ``None`` picks a shipped one from the data folder.
     target : str or TargetSpec, optional
         The target the model will plan for (default: cuda when a CUDA GPU is here, else the
         llvm stand-in). It decides ``shared_memory`` and which shipped model fits.
@@ -106,7 +130,7 @@ def load_cost_model(path: str | Path | None = None, target: str | TargetSpec | N
     if path is None:
         path, manifest, exact = _choose(spec, local)
     else:
-        path = Path(path)
+        path = resolve_path(path)
         manifest = read_manifest(path)
         exact = local is None
         if local is not None:
