@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from mulayer import zoo
 from mulayer.errors import MuLayerError
+from mulayer.models import zoo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PHOTOS_FILE = "photos.npz"
@@ -83,7 +83,7 @@ def make_models(
         written.append(zoo.save_model(name, out / f"{name}.onnx", seed=seed))
         _report(name, written[-1], start)
     if real:
-        from mulayer import pretrained
+        from mulayer.models import pretrained
 
         print("exporting the pretrained models", flush=True)
         for name in pretrained.PRETRAINED_MODELS:

@@ -9,7 +9,7 @@ What counts as an edge ``a -> b`` (``a`` and ``b`` modules of mulayer, ``mulayer
 - ``from pkg import name`` depends on ``pkg.name`` when that is a module, else on ``pkg``;
 - importing ``p.q.b`` also runs the ``__init__`` of every package on the way (``p``, ``p.q``)
   that ``a`` is not inside itself, so ``a`` depends on those too;
-- a module importing itself (``if __name__ == "__main__": from mulayer import isolation``)
+- a module importing itself (``if __name__ == "__main__": from mulayer.compiler import isolation``)
   is no edge.
 """
 

@@ -16,8 +16,8 @@ pytest.importorskip("torch")
 
 import torch  # noqa: E402
 
-from mulayer import zoo  # noqa: E402
 from mulayer.errors import MuLayerError  # noqa: E402
+from mulayer.models import zoo  # noqa: E402
 from mulayer.models.reference import max_rel_error, onnxruntime_session  # noqa: E402
 
 pytestmark = pytest.mark.models
@@ -137,7 +137,7 @@ def test_eager_runner_predicts_like_the_module(torch_peer) -> None:
 
 @pytest.mark.slow
 def test_pretrained_models_match_onnxruntime(torch_peer, tmp_path: Path) -> None:
-    from mulayer import pretrained
+    from mulayer.models import pretrained
 
     if not pretrained.models_extra_available():
         pytest.skip("the models extra is not installed")

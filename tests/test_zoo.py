@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 import pytest
 
-from mulayer import zoo
 from mulayer.errors import MuLayerError
+from mulayer.models import zoo
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -239,7 +239,7 @@ def test_make_models_script_rejects_unknown_name(tmp_path: Path, capsys) -> None
 
 
 def test_pretrained_without_the_extra_says_how_to_install(monkeypatch) -> None:
-    from mulayer import pretrained
+    from mulayer.models import pretrained
 
     # A None entry makes `import torch` fail, as if torch were not installed.
     monkeypatch.setitem(sys.modules, "torch", None)
@@ -251,7 +251,7 @@ def test_pretrained_without_the_extra_says_how_to_install(monkeypatch) -> None:
 
 def _needs_models_extra():
     pytest.importorskip("torch")
-    from mulayer import pretrained
+    from mulayer.models import pretrained
 
     if not pretrained.models_extra_available():
         pytest.skip("the models extra is not installed")
