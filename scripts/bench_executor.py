@@ -30,6 +30,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+from benchlib.timing import sqnr_db
 
 
 def variants(ratios: list[float], gpu: str) -> dict[str, dict]:
@@ -80,12 +81,12 @@ def measure(record: dict, model_path: Path, repeat: int, warmup: int) -> dict:
         if str(d.get("placement", "")).startswith("split")
     )
     kernels = len(model.metadata.get("kernel_sites", [])) or None
-    noise = float(((out.astype("f8") - ref) ** 2).sum())
+    sqnr = sqnr_db(out, ref)
     return {
         **record,
         "median_ms": timing.median_ms,
         "rel_error": max_rel_error(out, ref),
-        "sqnr_db": float("inf") if noise == 0 else 10 * np.log10(float((ref**2).sum()) / noise),
+        "sqnr_db": float("inf") if sqnr is None else sqnr,
         "split_layers": split_layers,
         "kernels": kernels,
         "trace": summary.to_json(),

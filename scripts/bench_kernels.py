@@ -60,6 +60,8 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+from benchlib.machine import cpu_model
+from benchlib.timing import error_text
 
 SCHEMA = 1
 RESULT_NAME = "bench_kernels"
@@ -608,7 +610,7 @@ def _environment(threads: int) -> dict:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "python": platform.python_version(),
         "threads": threads,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
     }
     for name in ("tvm", "torch", "onnxruntime", "numpy"):
@@ -631,23 +633,6 @@ def _environment(threads: int) -> dict:
     except ImportError:
         pass
     return env
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _error_text(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-    # TVM errors put the message last, after a C++ backtrace.
-    message = lines[-1] if lines else ""
-    return f"{type(err).__name__}: {message[:300]}"
 
 
 def use_checkout() -> None:
@@ -719,7 +704,7 @@ def run_worker(spec: dict) -> int:
                     }[column_key]
                     cell = measure(layer, column, data[layer_name], opts)
             except Exception as err:  # noqa: BLE001 - a failing cell is a result, not a crash
-                cell = Cell(layer_name, column_key, error=_error_text(err))
+                cell = Cell(layer_name, column_key, error=error_text(err))
                 cell.extra["traceback"] = traceback.format_exc(limit=4)[-2000:]
         emit({"event": "cell", "cell": asdict(cell)})
         print(_cell_line(cell), file=sys.stderr, flush=True)
