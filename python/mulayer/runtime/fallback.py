@@ -1,13 +1,18 @@
-"""CPU fallback at load time: which library of an artifact runs on this machine.
+"""CPU fallback: an artifact built for a GPU may carry a CPU-only library for machines without it.
 
 A library compiled for CUDA (or OpenCL) cannot run on the CPU, and the artifact does not hold the
-ONNX model to recompile from, so the only honest fallback is one built ahead of time
-(``mulayer compile --fallback cpu``, :mod:`mulayer.compiler.fallback`: the member ``lib.cpu.so``,
-described under ``metadata["fallback"]["cpu"]``). With ``mulayer run --fallback cpu`` /
-``load_artifact(path, fallback="cpu")``, when a device the artifact needs is missing, the CPU
-library runs instead, with a warning. Without ``--fallback`` a missing device stays an error
-(naming the flag when the artifact has a fallback), so a GPU artifact never runs on the CPU
-silently.
+ONNX model to recompile from, so the only honest fallback is one built ahead of time:
+
+- compile side, ``mulayer compile --fallback cpu``: besides the GPU (or cooperative) library the
+  model is also built for the host CPU alone (fp32, the same as ``--target llvm``) and stored as
+  the member ``lib.cpu.so``, described under ``metadata["fallback"]["cpu"]``. It costs one more
+  build and about one more library in the file;
+- runtime side, ``mulayer run --fallback cpu`` / ``load_artifact(path, fallback="cpu")``: when a
+  device the artifact needs is missing, the CPU library runs instead, with a warning. Without
+  ``--fallback`` a missing device stays an error (naming the flag when the artifact has a
+  fallback), so a GPU artifact never runs on the CPU silently.
+
+This module is the runtime side; the compile side is :mod:`mulayer.compiler.fallback`.
 """
 
 from __future__ import annotations
