@@ -27,6 +27,7 @@ from tvm.target import Target
 from ._intrin import load_tvm_tensor_intrinsics
 from .base import GPUScheduleRule
 from .gpu_conv2d import Conv2dTensorCore
+from .gpu_depthwise import DepthwiseConv2d
 
 
 class WithTensorIntrinsics(GPUScheduleRule):
@@ -61,4 +62,4 @@ def dlight_default_rules() -> list[ScheduleRule]:
 def default_gpu_rules(target: Target) -> list[ScheduleRule]:
     """Rules for ``target``: mulayer's GPU conv rules first, then dlight's defaults."""
     del target  # each rule gates itself (the tensor-core conv needs cuda sm_70+)
-    return [Conv2dTensorCore(), *dlight_default_rules()]
+    return [Conv2dTensorCore(), DepthwiseConv2d(), *dlight_default_rules()]
