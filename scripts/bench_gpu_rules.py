@@ -75,7 +75,8 @@ def tile_name(tile) -> str:
 # Timing
 # ---------------------------------------------------------------------------------------------
 def cuda_graph_us(fn, per_graph: int = 20, replays: int = 50, repeat: int = 7) -> float:
-    """µs per call of ``fn``: median over batches of graph replays, CUDA events around them."""
+    """µs per call of ``fn``: median over batches of graph replays (up to ``replays``, about
+    20 ms a batch), CUDA events around them."""
     import torch
     import tvm_ffi
 
@@ -90,8 +91,10 @@ def cuda_graph_us(fn, per_graph: int = 20, replays: int = 50, repeat: int = 7) -
     with torch.cuda.graph(graph), tvm_ffi.use_torch_stream():
         for _ in range(per_graph):
             fn()
+    begin = time.perf_counter()
     graph.replay()
     torch.cuda.synchronize()
+    replays = max(3, min(replays, int(0.02 / max(1e-6, time.perf_counter() - begin))))
     samples = []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
