@@ -282,15 +282,14 @@ def other_rows(target) -> list[dict]:
             y = relax.op.matmul(v, rhs, out_dtype="float32")
             return relax.op.add(relax.op.astype(y, "float16"), relax.const(bd))
 
-        wtorch = wd if transposed else np.ascontiguousarray(wd.T)
+        wtorch = torch.from_numpy(wd if transposed else np.ascontiguousarray(wd.T)).cuda()
+        btorch = torch.from_numpy(bd).cuda()
         cases.append(
             (
                 f"dense_{k}x{n}{'_wT' if transposed else ''}",
                 module(xd.shape, "float16", body),
                 [xd],
-                lambda t, w=wtorch, b=bd: F.linear(
-                    t[0], torch.from_numpy(w).cuda(), torch.from_numpy(b).cuda()
-                ),
+                lambda t, w=wtorch, b=btorch: F.linear(t[0], w, b),
             )
         )
     dev = tvm.cuda(0)

@@ -191,7 +191,7 @@ def test_cuda_depthwise_numerics(case, epilogue, tile):
     assert sch is not None
     lib = build_prim_func(sch.mod["main"], CUDA)
     data = _inputs(case, epilogue, np.random.default_rng())
-    names = [func.buffer_map[p].name for p in func.params[:-1]]
+    names = [p.name for p in func.params[:-1]]
     inputs = [data[name] for name in names]  # the fused function keeps the Relax var names
     dev = tvm.cuda()
     oh, ow = case.out_hw
