@@ -86,7 +86,7 @@ class DepthwiseConv2d(GPUScheduleRule):
         tile = self.tile or choose_tile(info)
         try:
             return schedule_depthwise(sch, info, tile)
-        except SCHEDULE_ERRORS as err:
+        except (*SCHEDULE_ERRORS, AssertionError) as err:  # dlight's inliner asserts
             logger.debug("depthwise conv: schedule failed (%s)", err)
             return None
 

@@ -157,6 +157,17 @@ def test_cuda_source_compiles_with_nvcc(tile, tmp_path):
         )
 
 
+def test_opencl_source_is_generated():
+    opencl = tvm.target.Target({"kind": "opencl"}, host={"kind": "llvm"})
+    for tile in TILES:
+        with opencl:
+            sch = DepthwiseConv2d(tile).apply(
+                depthwise_func(CASES[1], "bias_residual"), opencl, False
+            )
+        assert sch is not None
+        assert "__kernel" in build_prim_func(sch.mod["main"], opencl).imports[0].inspect_source()
+
+
 def _inputs(case: ConvCase, epilogue: str, rng) -> dict[str, np.ndarray]:
     oh, ow = case.out_hw
     return {
