@@ -45,8 +45,9 @@ process must call :func:`~.cpu_amx.request_amx_permission` before running its ke
 (VNNI / Arm dot product), :class:`~.cpu_conv2d.Conv2dChannelVector`,
 :class:`~.cpu_conv2d.Conv2dWidthVector`, :class:`~.cpu_dense.MatmulCPU`,
 :class:`~.cpu_generic.CPUFallback` (pooling, elementwise, reductions).
-cuda/opencl: :class:`~.gpu_conv2d.Conv2dTensorCore` (cuda sm_70+), then dlight's
-Matmul, GEMV, Reduction, GeneralReduction, Fallback.
+cuda/opencl: :class:`~.gpu_conv2d.Conv2dTensorCore` (cuda sm_70+),
+:class:`~.gpu_depthwise.DepthwiseConv2d` (NCHW depthwise, fp16/fp32, any GPU kind), then
+dlight's Matmul, GEMV, Reduction, GeneralReduction, Fallback.
 """
 
 from .apply import ApplySchedules, apply_schedules, cpu_rules, gpu_rules

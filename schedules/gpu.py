@@ -1,8 +1,10 @@
 """GPU rules (cuda, opencl, and other kinds with the ``gpu`` key).
 
 First :class:`~.gpu_conv2d.Conv2dTensorCore` (fp16 conv as an implicit GEMM on tensor cores,
-cuda sm_70+), then dlight's generic GPU rules in the order TVM's own ``default`` pipeline uses,
-so anything mulayer does not specialise is scheduled exactly as stock TVM would:
+cuda sm_70+) and :class:`~.gpu_depthwise.DepthwiseConv2d` (NCHW depthwise convs, which dlight's
+``GeneralReduction`` would otherwise claim at 0.03x cuDNN), then dlight's generic GPU rules in
+the order TVM's own ``default`` pipeline uses, so anything mulayer does not specialise is
+scheduled exactly as stock TVM would:
 
 ``dlight.gpu.Matmul``
     matmul *and* legalized NCHW conv2d (it treats the conv as an implicit GEMM). With
@@ -27,6 +29,7 @@ from tvm.target import Target
 from ._intrin import load_tvm_tensor_intrinsics
 from .base import GPUScheduleRule
 from .gpu_conv2d import Conv2dTensorCore
+from .gpu_depthwise import DepthwiseConv2d
 
 
 class WithTensorIntrinsics(GPUScheduleRule):
@@ -61,4 +64,4 @@ def dlight_default_rules() -> list[ScheduleRule]:
 def default_gpu_rules(target: Target) -> list[ScheduleRule]:
     """Rules for ``target``: mulayer's GPU conv rules first, then dlight's defaults."""
     del target  # each rule gates itself (the tensor-core conv needs cuda sm_70+)
-    return [Conv2dTensorCore(), *dlight_default_rules()]
+    return [Conv2dTensorCore(), DepthwiseConv2d(), *dlight_default_rules()]

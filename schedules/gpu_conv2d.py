@@ -17,7 +17,8 @@ What differs:
 - Accumulation follows the conv's ``out_dtype``: fp32 accumulators for ``out_dtype=float32``,
   fp16 ones for ``float16``.
 
-Grouped and depthwise convs are left to dlight's SIMT rules (their GEMM is block-diagonal).
+Grouped convs are left to dlight's SIMT rules (their GEMM is block-diagonal), depthwise ones to
+:class:`~.gpu_depthwise.DepthwiseConv2d`.
 Numerics need a GPU: see ``tests/test_schedules_gpu.py`` (``-m gpu``).
 """
 

@@ -49,8 +49,8 @@ def _compile(case: ConvCase, target, dtype="float16", out_dtype=None):
     return mod, tvm.compile(mod, target=target)
 
 
-# (case, tensor cores expected): depthwise, narrow (< 64 outputs) and tiny convs stay on
-# dlight's SIMT rules.
+# (case, tensor cores expected): no tensor cores for the depthwise conv (DepthwiseConv2d) nor
+# for narrow (< 64 outputs) and tiny convs (dlight's SIMT rules).
 TENSOR_CORE = [True, True, False, False, False]
 
 
