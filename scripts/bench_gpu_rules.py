@@ -327,7 +327,7 @@ def end_to_end(repeat: int = 200) -> dict:
 
     import mulayer
     import mulayer.schedules.gpu as gpu_mod
-    from mulayer.zoo import build_model
+    from mulayer.models.zoo import build_model
 
     sys.path.insert(0, str(SCRIPTS))
     import torch_peer
