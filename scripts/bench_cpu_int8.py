@@ -10,8 +10,8 @@ machine falls on all of them alike. ``--extra model:label=artifact.mulayer`` add
 built artifact (e.g. the same model built by an older checkout) to the rounds.
 
 Each system is timed as one call on inputs already in place (mulayer: the VM call; onnxruntime:
-``session.run``). SQNR is measured against onnxruntime fp32 on the random input of
-``scripts/bench.py`` (``standard_normal``, seed 0).
+``session.run``). SQNR is measured against onnxruntime fp32 over ``--sqnr-inputs`` random
+inputs (the first is the input of ``scripts/bench.py``: ``standard_normal``, seed 0).
 
     TVM_NUM_THREADS=2 python scripts/bench_cpu_int8.py --models resnet18 resnet50 \\
         --threads 2 --out docs/bench/cpu-int8-dev.json
@@ -56,9 +56,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def sqnr_db(out: np.ndarray, ref: np.ndarray) -> float | None:
-    noise = float(((out.astype(np.float64) - ref) ** 2).sum())
-    signal = float((ref.astype(np.float64) ** 2).sum())
+def sqnr_db(run, reference, xs: list[np.ndarray]) -> float | None:
+    """Output SQNR against fp32 over the inputs ``xs`` (total signal / total noise)."""
+    signal = noise = 0.0
+    for x in xs:
+        ref = np.asarray(reference(x), dtype=np.float64)
+        signal += float((ref**2).sum())
+        noise += float(((np.asarray(run(x), dtype=np.float64) - ref) ** 2).sum())
     return None if noise == 0 else round(10 * float(np.log10(signal / noise)), 2)
 
 
@@ -153,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=10, help="calls per system and round")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--sqnr-inputs", type=int, default=8, help="random inputs for SQNR")
     parser.add_argument("--extra", nargs="*", default=[], help="model:label=artifact.mulayer")
     parser.add_argument("--out", type=Path, help="JSON results")
     args = parser.parse_args(argv)
@@ -184,7 +189,13 @@ def main(argv: list[str] | None = None) -> int:
 
             x = np.random.default_rng(0).standard_normal(zoo.get_model_info(name).input_shape)
             x = x.astype(np.float32)
-            ref = entry["reference"].run(None, {INPUT_NAME: x})[0]
+            session = entry["reference"]
+            reference = lambda image, s=session: s.run(None, {INPUT_NAME: image})[0]  # noqa: E731
+            # bench.py's input (seed 0) and seven more: the SQNR of one image is noisy.
+            xs = [x] + [
+                np.random.default_rng(seed).standard_normal(x.shape).astype(np.float32)
+                for seed in range(100, 100 + args.sqnr_inputs - 1)
+            ]
             ort = entry["ort_int8"]
             runners = {"mulayer int8": mulayer_runner(entry["artifact"])}
             for label, path in extra.get(name, {}).items():
@@ -199,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                     "system": key,
                     **summary(values),
                     "vs_ort_int8": round(statistics.median(values) / ort_median, 2),
-                    "sqnr_db": sqnr_db(np.asarray(runners[key](x)), ref),
+                    "sqnr_db": sqnr_db(runners[key], reference, xs),
                     "load_during": load,
                 }
                 if key == "mulayer int8":

@@ -16,7 +16,10 @@ from tvm import relax
 import mulayer
 from mulayer.build import build_single, legalize_and_fuse
 from mulayer.calibration import calibrate, quantize_weight
+from mulayer.passes.chain_int8 import ChainInt8
 from mulayer.passes.pipeline import cpu_only_passes
+from mulayer.passes.quantize_cpu import QuantizeCPU
+from mulayer.passes.split_channels import SplitChannels
 from mulayer.plan import Plan
 from mulayer.schedules import apply_schedules
 from mulayer.schedules.apply import claiming_rule
@@ -123,6 +126,27 @@ def test_chain_is_bit_exact_against_numpy_requantization():
         x = rng.standard_normal((1, C, H, H)).astype("float32")
         out = vm["main"](tvm.runtime.tensor(x)).numpy()
         np.testing.assert_array_equal(out, _numpy_chain(x, weights, stats))
+
+
+def test_chain_without_int8_skips_is_exact():
+    """Merging quantizes, quantizing before max pooling and padding inside the conv change no
+    number: with the skip kept in fp32 the chained build equals the unchained one bit for bit."""
+    rng = np.random.default_rng()
+    mod, _ = _chain_module(rng)
+    samples = rng.standard_normal((2, 1, C, H, H)).astype("float32")
+    stats = calibrate(mod, [{"input": s} for s in samples], method="percentile")
+    split = SplitChannels(Plan.uniform(0.0))(mod)
+    quantized = QuantizeCPU(stats, guard_db=-100.0)(split)
+    chained = ChainInt8(int8_skips=False)(quantized)
+    assert sum(1 for _ in _kernels(legalize_and_fuse(chained, HOST))) < sum(
+        1 for _ in _kernels(legalize_and_fuse(quantized, HOST))
+    )
+    x = tvm.runtime.tensor(rng.standard_normal((1, C, H, H)).astype("float32"))
+    outs = [
+        relax.VirtualMachine(build_single(m, HOST), tvm.cpu())["main"](x).numpy()
+        for m in (quantized, chained)
+    ]
+    np.testing.assert_array_equal(outs[1], outs[0])
 
 
 def _fused(mod: tvm.IRModule, stats) -> tvm.IRModule:
