@@ -22,7 +22,9 @@ from mulayer.passes.quantize_cpu import QuantizeCPU
 from mulayer.passes.split_channels import SplitChannels
 from mulayer.plan import Plan
 from mulayer.schedules import apply_schedules
+from mulayer.schedules._util import leaf_blocks
 from mulayer.schedules.apply import claiming_rule
+from mulayer.schedules.cpu_amx import Conv2dInt8AMX
 from mulayer.schedules.cpu_int8 import Conv2dInt8DotProduct
 from mulayer.schedules.testing import build_prim_func, run_poisoned
 from mulayer.target import parse_target
@@ -312,3 +314,29 @@ def test_zoo_cpu_only_int8_is_fused_and_accurate(name, tmp_path):
     assert new_db >= old_db - 0.5, (new_db, old_db)
     # Every output element written (NaN-poisoned outputs would show).
     assert np.isfinite(next(iter(model({"input": xs[0]}).values()))).all()
+
+
+AMX = tvm.target.Target(
+    {"kind": "llvm", "mcpu": "sapphirerapids", "mattr": ["+amx-int8", "+amx-tile"], "num-cores": 2}
+)
+
+
+@pytest.mark.parametrize(
+    ("rule", "target"), [(Conv2dInt8DotProduct(), HOST), (Conv2dInt8AMX(), AMX)], ids=str
+)
+def test_int8_rules_claim_fused_kernels_with_the_epilogue_in_the_tile(rule, target):
+    """Requantize, residual add (dequantized skip) and relu run in the conv's output tiles: no
+    epilogue block is left as a separate pass over memory."""
+    rng = np.random.default_rng()
+    mod, _ = _chain_module(rng)
+    samples = rng.standard_normal((2, 1, C, H, H)).astype("float32")
+    stats = calibrate(mod, [{"input": s} for s in samples], method="percentile")
+    kernels = [f for _, f, _, _ in _kernels(_fused(mod, stats)) if _is_int8_kernel(f)]
+    assert len(kernels) == 3
+    for func in kernels:
+        with target:
+            sch = rule.apply(func, target, False)
+        assert sch is not None
+        conv_blocks = ("conv2d_nchw", "pad_temp", "param_0_global", "amx_request_permission")
+        names = [sch.get(block).name_hint for block in leaf_blocks(sch)]
+        assert all(name.startswith(conv_blocks) for name in names), names
