@@ -187,10 +187,35 @@ def inline_epilogue_into(sch: s_tir.Schedule, writer: SBlockRV) -> SBlockRV:
             try:
                 sch.reverse_compute_inline(consumer)
             except SCHEDULE_ERRORS:
-                continue
+                # A side input computed in the function (the dequantized skip of a residual
+                # add) blocks the inlining: inline it into the consumer, then try again.
+                if not _inline_side_inputs(sch, consumer, writer):
+                    continue
+                try:
+                    sch.reverse_compute_inline(consumer)
+                except SCHEDULE_ERRORS:
+                    continue
             changed = True
             break
     return writer
+
+
+def _inline_side_inputs(sch: s_tir.Schedule, consumer: SBlockRV, writer: SBlockRV) -> bool:
+    """Compute-inline the producers of ``consumer`` other than ``writer``; True if any was."""
+    inlined = False
+    progress = True
+    while progress:
+        progress = False
+        for producer in sch.get_producers(consumer):
+            if sch.get(producer).same_as(sch.get(writer)):
+                continue
+            try:
+                sch.compute_inline(producer)
+            except SCHEDULE_ERRORS:
+                continue
+            progress = inlined = True
+            break
+    return inlined
 
 
 def new_schedule(func: tirx.PrimFunc) -> s_tir.Schedule:

@@ -27,6 +27,7 @@ from tvm import relax
 
 from .build_helpers import legalize_keeping_vdevices
 from .cast_gpu import CastGPU
+from .chain_int8 import ChainInt8
 from .lift_cpu_weights import LiftCPUWeights
 from .place_devices import PlaceDevices, make_vdevices
 from .quantize_cpu import QuantizeCPU
@@ -43,6 +44,21 @@ def cooperative_passes(
         passes.append(QuantizeCPU(calibration, guard_db=guard_db))
     passes += [CastGPU(), PlaceDevices(gpu_target, cpu_target), LiftCPUWeights()]
     return tvm.transform.Sequential(passes, name="mulayer.CooperativePasses")
+
+
+def cpu_only_passes(plan, calibration=None, guard_db: float = 30.0) -> tvm.transform.Sequential:
+    """The Relax passes of a plan that keeps every layer on the CPU (a single-device module).
+
+    Split (names the CPU parts) → int8 CPU parts (calibrated, guarded) → uint8 chains between
+    int8 layers → stem convs padded to 4 input channels (dot-product rule). The result is built
+    like any llvm module (legalize, fuse, schedule).
+    """
+    from mulayer.schedules import PadConvInputChannels
+
+    passes = [SplitChannels(plan)]
+    if calibration is not None:
+        passes += [QuantizeCPU(calibration, guard_db=guard_db), ChainInt8(), PadConvInputChannels()]
+    return tvm.transform.Sequential(passes, name="mulayer.CPUOnlyPasses")
 
 
 def lower_two_device(mod: tvm.IRModule, gpu_target) -> tvm.IRModule:

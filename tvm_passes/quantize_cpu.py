@@ -27,8 +27,10 @@ whose SQNR is below ``guard_db`` stays fp32.
 Not rewritten (left fp32, with the reason in the report): pooling parts (max/avg pooling is
 memory-bound and cheap; keeping it fp32 avoids a quantize/dequantize pair around it), parts whose
 weight is not a constant, layers without calibration stats, and inputs that are not fp32.
-Consecutive int8 layers are *not* yet chained in int8: every CPU part dequantizes to fp32 and
-the next one quantizes again.
+In cooperative plans consecutive int8 layers are not chained: every CPU part dequantizes to
+fp32 and the next one quantizes again (the join is fp32). A plan with every layer on the CPU is
+built as one fused module where :class:`~mulayer.passes.chain_int8.ChainInt8` chains them in
+uint8.
 
 The decision for every CPU part is stored as the module attribute ``mulayer.precision`` (JSON
 ``{layer: {"precision", "sqnr_db", "reason"}}``) and as ``pass.report``.

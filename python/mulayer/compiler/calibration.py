@@ -512,12 +512,19 @@ def calibrate(
     # Pass 1: ranges. Pass 2 (below) needs the input scales, so it runs the samples again
     # rather than holding every activation of every sample in memory.
     rng = np.random.default_rng(seed)
-    in_ranges = {name: _Range(method, percentile, rng) for name in order}
+    # Layers that read one tensor share its range: the tensor is quantized once, for all.
+    observers: dict = {}
+    for name in order:
+        observers.setdefault(tensors[name][1], _Range(method, percentile, rng))
+    in_ranges = {name: observers[tensors[name][1]] for name in order}
     out_ranges = {name: _Range(method, percentile, rng) for name in order}
     for sample in batches:
         outs = run(sample)
+        fed: set[int] = set()
         for i, name in enumerate(order):
-            in_ranges[name].add(outs[2 * i])
+            if id(in_ranges[name]) not in fed:
+                fed.add(id(in_ranges[name]))
+                in_ranges[name].add(outs[2 * i])
             out_ranges[name].add(outs[2 * i + 1])
 
     stats = CalibrationStats(method=method, percentile=float(percentile), num_samples=len(batches))

@@ -39,13 +39,14 @@ class CompiledModel:
     plan: Plan | None = None
     build_seconds: float = 0.0
     extra_metadata: dict = field(default_factory=dict)
-    built_as: str | None = None  # "gpu": a cooperative plan built as the GPU-only module
+    # "gpu" / "cpu": a cooperative plan built as that processor's single-device module
+    built_as: str | None = None
 
     def metadata(self) -> dict:
         device_kind = None if self.spec.device is None else self.spec.device["kind"]
         gpu_kind = {"llvm": "cpu"}.get(device_kind, device_kind)
-        vm_devices = ["cpu"] if gpu_kind is None else [gpu_kind, "cpu"]
         built = self.built_as or self.spec.mode
+        vm_devices = ["cpu"] if gpu_kind is None or built == "cpu" else [gpu_kind, "cpu"]
         input_device = "cpu" if built != "gpu" else gpu_kind
         return {
             "mulayer_version": __version__,
@@ -121,6 +122,12 @@ def compile_model(
             built_as = "gpu"
             executable, extra = _build_gpu_only(mod, spec, cuda_graph, None)
             extra["built_as"] = "gpu"
+        elif plan.sole_processor(sizes) == "cpu":
+            # Every layer on the CPU: one fused llvm module, int8 layers chained in uint8
+            # (no two-device machinery with one side empty).
+            built_as = "cpu"
+            executable, extra = build_cpu_only(mod, spec, plan, layers, calibration, inputs)
+            extra["built_as"] = "cpu"
         else:
             executable, extra = build_cooperative(mod, spec, plan, layers, calibration, inputs)
     elif spec.mode == "gpu":
@@ -204,13 +211,7 @@ def build_cooperative(mod, spec: TargetSpec, plan: Plan, layers, calibration, in
     from mulayer.passes.quantize_cpu import precision_report
 
     gpu_target, cpu_target = spec.device_target(), spec.host_target()
-    stats = _calibration_stats(mod, calibration, inputs)
-    if stats is None:
-        warnings.warn(
-            "no calibration data: the CPU parts stay in fp32; give --calibration samples.npz "
-            "(or calibration=...) for int8",
-            stacklevel=3,
-        )
+    stats = _stats_or_warn(mod, calibration, inputs)
     # Split each layer's output channels, CPU parts in int8 (calibrated, guarded), GPU parts in
     # fp16, VDevices and copies (GPU launches first), CPU weights copied to the host once.
     passes = cooperative_passes(plan, gpu_target, cpu_target, stats, spec.mulayer.guard_db)
@@ -220,6 +221,46 @@ def build_cooperative(mod, spec: TargetSpec, plan: Plan, layers, calibration, in
     mod = lower_two_device(mod, make_vdevices(gpu_target, cpu_target)["gpu"].target)
     sites = kernel_sites(mod)
     executable = compile_lowered(mod)
+    meta = {
+        "precision": _decisions(plan, layers, precision),
+        "calibrated": stats is not None,
+        "kernel_sites": sites,
+    }
+    if cpu_weights:
+        meta["cpu_weights"] = {"function": WEIGHTS_FUNC, "count": cpu_weights}
+    return executable, meta
+
+
+def build_cpu_only(mod, spec: TargetSpec, plan: Plan, layers, calibration, inputs):
+    """A plan with every layer on the CPU: one fused llvm module; return (executable, meta).
+
+    CPU parts run in int8 where calibrated (the accuracy guard decides per layer), consecutive
+    int8 layers chained in uint8 (:class:`~mulayer.passes.chain_int8.ChainInt8`).
+    """
+    from mulayer.passes.pipeline import cpu_only_passes
+    from mulayer.passes.quantize_cpu import precision_report
+
+    stats = _stats_or_warn(mod, calibration, inputs)
+    mod = cpu_only_passes(plan, stats, spec.mulayer.guard_db)(mod)
+    precision = precision_report(mod)
+    executable = build_single(mod, spec.host_target())
+    meta = {"precision": _decisions(plan, layers, precision), "calibrated": stats is not None}
+    return executable, meta
+
+
+def _stats_or_warn(mod, calibration, inputs):
+    stats = _calibration_stats(mod, calibration, inputs)
+    if stats is None:
+        warnings.warn(
+            "no calibration data: the CPU parts stay in fp32; give --calibration samples.npz "
+            "(or calibration=...) for int8",
+            stacklevel=4,
+        )
+    return stats
+
+
+def _decisions(plan: Plan, layers, precision: dict) -> dict:
+    """Per layer: placement, GPU channels, precision of each side and the guard's figures."""
     decisions = {}
     for layer in layers:
         gpu = plan.gpu_size(layer.name, layer.out_channels)
@@ -242,7 +283,4 @@ def build_cooperative(mod, spec: TargetSpec, plan: Plan, layers, calibration, in
             ),
             **{k: v for k, v in precision.get(layer.name, {}).items() if k != "precision"},
         }
-    meta = {"precision": decisions, "calibrated": stats is not None, "kernel_sites": sites}
-    if cpu_weights:
-        meta["cpu_weights"] = {"function": WEIGHTS_FUNC, "count": cpu_weights}
-    return executable, meta
+    return decisions
