@@ -69,8 +69,8 @@ def sqnr_db(run, reference, xs: list[np.ndarray]) -> float | None:
 def prepare(name: str, work: Path, samples: int, threads: int) -> dict:
     """Build, calibrate, compile and quantize one zoo model; return its runners."""
     import mulayer
-    from mulayer import zoo
-    from mulayer.reference import onnxruntime_session
+    from mulayer.models import zoo
+    from mulayer.models.reference import onnxruntime_session
 
     sys.path.insert(0, str(SCRIPTS))
     from eval_accuracy import ort_static_int8
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 entry = prepare(name, Path(tmp), args.samples, args.threads)
-            from mulayer import zoo
+            from mulayer.models import zoo
 
             x = np.random.default_rng(0).standard_normal(zoo.get_model_info(name).input_shape)
             x = x.astype(np.float32)

@@ -14,8 +14,8 @@ import tvm
 from tvm import relax
 
 import mulayer
-from mulayer.build import build_single, legalize_and_fuse
-from mulayer.calibration import calibrate, quantize_weight
+from mulayer.compiler.build import build_single, legalize_and_fuse
+from mulayer.compiler.calibration import calibrate, quantize_weight
 from mulayer.passes.chain_int8 import ChainInt8
 from mulayer.passes.pipeline import cpu_only_passes
 from mulayer.passes.quantize_cpu import QuantizeCPU
@@ -278,8 +278,8 @@ def _sqnr(model, reference, xs) -> float:
 
 @pytest.mark.parametrize("name", ["tiny"])
 def test_zoo_cpu_only_int8_is_fused_and_accurate(name, tmp_path):
-    from mulayer import zoo
-    from mulayer.reference import onnxruntime_session
+    from mulayer.models import zoo
+    from mulayer.models.reference import onnxruntime_session
 
     path = zoo.save_model(name, tmp_path / f"{name}.onnx")
     shape = zoo.get_model_info(name).input_shape
@@ -294,8 +294,8 @@ def test_zoo_cpu_only_int8_is_fused_and_accurate(name, tmp_path):
     )
     model = mulayer.load(compiled.export(tmp_path / f"{name}.mulayer"))
     # The unchained two-device build of the same plan (today's cooperative path).
-    from mulayer.compiler import build_cooperative
-    from mulayer.frontend import import_onnx
+    from mulayer.compiler.driver import build_cooperative
+    from mulayer.frontend.onnx_import import import_onnx
 
     mod, inputs, _ = import_onnx(str(path))
     spec = compiled.spec
