@@ -364,12 +364,29 @@ def test_eval_script_json_on_shipped_data(capsys, monkeypatch):
         runpy.run_path(str(script), run_name="__main__")
     assert info.value.code == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"xgboost", "flops_linear", "neurosurgeon", "measurement"}
+    predictors = {"xgboost", "flops_linear", "neurosurgeon"}
+    extras = {"measurement", "crossing", "kernel_rules", "xgboost_breakdown", "config"}
+    assert set(out) == predictors | extras
     assert 0.0 < out["measurement"]["all"]["within"] <= 1.0
+    # The features' mirror of the schedule rules names the rules the CPU side recorded (the
+    # stand-in's "GPU" runs CPU rules, which the GPU mirror does not describe).
+    assert out["kernel_rules"]["cpu"]["n"] > 0
+    assert out["kernel_rules"]["cpu"]["agree"] == 1.0, out["kernel_rules"]["mismatches"]
     for name in ("xgboost", "flops_linear", "neurosurgeon"):
         for processor in ("cpu", "gpu"):
             assert 0.0 <= out[name][processor]["within"] <= 1.0
             assert out[name][processor]["n"] > 0
+
+
+def test_kernel_rules_match_the_h100_profile():
+    from mulayer.cost_model.evaluate import rule_agreement
+    from mulayer.profiler import read_many
+
+    data = profile_data(read_many([ROOT / "data" / "profile-h100.jsonl"]))
+    agreement = rule_agreement(data)
+    for processor in ("cpu", "gpu"):
+        assert agreement[processor]["n"] > 0
+        assert agreement[processor]["agree"] == 1.0, agreement["mismatches"]
 
 
 # ------------------------------------------------------------------------ kernel features

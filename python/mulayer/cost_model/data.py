@@ -61,7 +61,11 @@ class ProfileData:
             and normalize_rule(p.rule) != "DepthwiseConv2d"
             for p in self.parts
         )
-        return replace(traits, gpu_depthwise_rule=not old_depthwise)
+        # Whether AMX ran is a property of the profiling machine (a VM may hide it), not of
+        # the target alone: a profile that records rules says.
+        recorded = {p.rule for p in self.parts if p.processor == "cpu" and p.rule}
+        amx = "Conv2dInt8AMX" in recorded if recorded else traits.cpu_amx
+        return replace(traits, gpu_depthwise_rule=not old_depthwise, cpu_amx=amx)
 
     def summary(self) -> dict:
         """What a trained model records about its training set."""
