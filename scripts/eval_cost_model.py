@@ -6,8 +6,12 @@ model in turn (layer shapes the held-out model shares with others are left out o
 unless ``--shared include``). Prints, per processor, the share of predictions within ±10% of the
 measurement and the MAPE, for XGBoost and both baselines side by side; ``--json`` prints the same
 keyed by predictor (``xgboost``, ``flops_linear``, ``neurosurgeon``) plus ``measurement``: the
-share of single timing repeats within ±10% of their part's latency, the noise ceiling no
-predictor can beat by much. ``--plot`` writes a
+share of single timing repeats within ±10% of their part's latency and the repeats' spread, the
+noise ceiling no predictor can beat by much; ``crossing``: the leave-one-size-out error of the
+copy lines and the sync's spread; ``kernel_rules``: how often the features' mirror of the
+schedule rules names the rule the profile recorded; ``xgboost_breakdown``: XGBoost's accuracy
+per schedule rule and per latency bucket (where the residual error is). ``--prior`` chooses
+how XGBoost uses the roofline prior (margin, feature, none). ``--plot`` writes a
 predicted-vs-measured scatter plot (needs matplotlib: ``pip install -e ".[plot]"``).
 
     python scripts/eval_cost_model.py data/profile-h100.jsonl --plot docs/cost-model.png
@@ -20,9 +24,17 @@ import json
 import sys
 from pathlib import Path
 
-from mulayer.cost_model import PREDICTORS, profile_data
+from mulayer.cost_model import PREDICTORS, XGBoostConfig, profile_data
 from mulayer.cost_model.data import STATISTICS
-from mulayer.cost_model.evaluate import SHARED, EvalReport, holdout_eval, repeatability
+from mulayer.cost_model.evaluate import (
+    SHARED,
+    EvalReport,
+    holdout_eval,
+    repeatability,
+    rule_agreement,
+    transfer_eval,
+)
+from mulayer.cost_model.predictors import PRIOR_USES
 from mulayer.errors import MuLayerError
 from mulayer.profiler import read_many
 
@@ -47,6 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=STATISTICS,
         default="median",
         help="latency of a part from its repeats: median (default) or min (busy machines)",
+    )
+    parser.add_argument(
+        "--prior",
+        choices=PRIOR_USES,
+        default=XGBoostConfig().prior,
+        help="how XGBoost uses the roofline prior: fit the trees to log(measured / prior) "
+        f"(margin), give it as a feature, or none (default: {XGBoostConfig().prior})",
     )
     parser.add_argument("--tolerance", type=float, default=0.10, help="relative tolerance")
     parser.add_argument("--per-model", action="store_true", help="also print each held-out model")
@@ -125,7 +144,8 @@ def main(argv=None) -> int:
     try:
         data = profile_data(read_many(args.profiles), args.profile_id, args.statistic)
         predictors = tuple(p.strip() for p in args.predictors.split(",") if p.strip())
-        report = holdout_eval(data, predictors, shared=args.shared)
+        xgb_config = XGBoostConfig(prior=args.prior)
+        report = holdout_eval(data, predictors, shared=args.shared, xgboost=xgb_config)
         metrics = report.metrics(args.tolerance)
         per_model = report.per_model(args.tolerance)
         if args.plot:
@@ -134,12 +154,19 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     noise = repeatability(data, args.tolerance)
+    crossing = transfer_eval(data, tolerance=args.tolerance)
+    rules = rule_agreement(data)
     if args.json:
         out = {
             name: {**groups, "held_out": {m: per_model[m].get(name, {}) for m in per_model}}
             for name, groups in metrics.items()
         }
         out["measurement"] = noise
+        out["crossing"] = crossing
+        out["kernel_rules"] = rules
+        if "xgboost" in metrics:
+            out["xgboost_breakdown"] = report.by_group("xgboost", args.tolerance)
+        out["config"] = {"prior": args.prior, "shared": args.shared, "statistic": args.statistic}
         print(json.dumps(out, indent=2, sort_keys=True))
         return 0
     fp = data.fingerprint
@@ -153,6 +180,19 @@ def main(argv=None) -> int:
         "measurement repeatability (single repeats within "
         f"±{args.tolerance * 100:g}% of their part's latency): "
         + ", ".join(f"{p} {m['within'] * 100:.1f}%" for p, m in noise.items())
+    )
+    print(
+        "crossing model (leave one copy size out): "
+        + ", ".join(
+            f"{d} {m['within'] * 100:.0f}% within, MAPE {m['mape']:.1f}%"
+            for d, m in crossing.items()
+            if d != "sync"
+        )
+        + (f"; sync {crossing['sync']['median_us']:.1f} us" if "sync" in crossing else "")
+    )
+    print(
+        "schedule rule derived = recorded: "
+        + ", ".join(f"{p} {m['agree'] * 100:.1f}%" for p, m in rules.items() if p != "mismatches")
     )
     if args.per_model:
         for model, m in per_model.items():

@@ -99,6 +99,20 @@ def test_channel_grid():
     assert channel_grid(depthwise, (0.5, 1.0), 8) == [8, 16, 24]
 
 
+def test_sweep_covers_the_families_of_the_nets():
+    """A held-out net meets no layer family for the first time: the sweep has depthwise convs
+    (3x3 and 5x5, strided too), 1x1 convs, large inputs and channel counts off the alignment."""
+    from mulayer.profiler.sweep import sweep_specs
+
+    convs = [s for s in sweep_specs(60) if s.kind == "conv2d"]
+    depthwise = [s for s in convs if s.attrs["groups"] == s.input_shape[1] > 1]
+    assert {s.weight_shape[2] for s in depthwise} >= {3, 5}
+    assert any(s.attrs["strides"][0] == 2 for s in depthwise)
+    assert any(s.weight_shape[2] == 1 and s.attrs["groups"] == 1 for s in convs)
+    assert max(s.input_shape[2] for s in convs) >= 224
+    assert any(s.input_shape[1] % 8 or s.output_shape[1] % 8 for s in convs)
+
+
 def test_sweep_is_deterministic_and_well_formed():
     from mulayer.profiler.models import resolve_models
     from mulayer.profiler.sweep import SWEEP_MODEL, sweep_specs
@@ -236,6 +250,10 @@ def test_profile_stand_in(stand_in_profile):
     assert {r["processor"] for r in parts} == {"cpu", "gpu"}
     for row in parts:
         assert row["latency_us"] > 0 and len(row["samples_us"]) == FAST.repeat
+        # The repeats' spread is recorded with their median (the noise ceiling of the model).
+        samples = row["samples_us"]
+        assert row["spread"] == pytest.approx(max(samples) / min(samples), rel=1e-3)
+        assert min(samples) <= row["latency_us"] <= max(samples)
         assert row["fingerprint"]["gpu_kind"] == "llvm"
         assert row["fingerprint"]["tvm_version"] == tvm.__version__
         assert row["schedule"]["rule"] and row["schedule"]["target"] == "llvm"

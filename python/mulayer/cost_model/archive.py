@@ -23,7 +23,9 @@ from .predictors import PREDICTORS, predictor_from_json
 from .transfer import TransferModel
 
 ARCHIVE_FORMAT = "mulayer-cost-model"
-ARCHIVE_VERSION = 1
+# 2: feature schema 2 (kernel features), XGBoost regressors carry their processor, the machine
+# traits and a roofline prior. Version 1 archives are refused with a retrain hint.
+ARCHIVE_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -65,8 +67,8 @@ def read_manifest(path: str | Path) -> dict:
     if manifest.get("version") != ARCHIVE_VERSION:
         raise MuLayerError(
             f"cost model {str(path)!r} has archive version {manifest.get('version')!r}; this "
-            f"mulayer reads version {ARCHIVE_VERSION}: retrain it (python -m mulayer.cost_model "
-            "train)"
+            f"mulayer reads version {ARCHIVE_VERSION}: retrain it on its profile "
+            "(python -m mulayer.cost_model train PROFILE.jsonl -o MODEL.zip)"
         )
     return manifest
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mulayer.errors import MuLayerError
 from mulayer.frontend.layers import Layer
+
+from .kernels import MachineTraits, normalize_rule, traits_for
 
 
 @dataclass
@@ -19,6 +21,7 @@ class PartSample:
     channels: int
     latency_us: float
     samples_us: tuple[float, ...] = ()
+    rule: str = ""  # the schedule rule the profiler recorded for the part's main kernel
 
 
 STATISTICS = ("median", "min")
@@ -42,6 +45,27 @@ class ProfileData:
 
     def processors(self) -> list[str]:
         return sorted({p.processor for p in self.parts})
+
+    def traits(self) -> MachineTraits:
+        """The machine's :class:`~.kernels.MachineTraits`, from the profile's target.
+
+        A profile measured before the GPU depthwise rule existed recorded another rule for its
+        depthwise parts: the traits then say so, so its features describe the kernels it timed.
+        """
+        traits = traits_for(self.target, self.fingerprint)
+        old_depthwise = any(
+            p.processor == "gpu"
+            and p.rule
+            and p.layer.kind == "conv2d"
+            and 1 < p.layer.groups == p.layer.input_shape[1]
+            and normalize_rule(p.rule) != "DepthwiseConv2d"
+            for p in self.parts
+        )
+        # Whether AMX ran is a property of the profiling machine (a VM may hide it), not of
+        # the target alone: a profile that records rules says.
+        recorded = {p.rule for p in self.parts if p.processor == "cpu" and p.rule}
+        amx = "Conv2dInt8AMX" in recorded if recorded else traits.cpu_amx
+        return replace(traits, gpu_depthwise_rule=not old_depthwise, cpu_amx=amx)
 
     def summary(self) -> dict:
         """What a trained model records about its training set."""
@@ -103,6 +127,7 @@ def profile_data(
                     channels=int(row["channels"]),
                     latency_us=_latency(row, statistic),
                     samples_us=tuple(row.get("samples_us") or ()),
+                    rule=(row.get("schedule") or {}).get("rule", ""),
                 )
             )
     for row in rows:

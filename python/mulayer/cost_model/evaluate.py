@@ -10,6 +10,7 @@ processor: the share within ±10% of the measurement and the MAPE.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,9 +18,17 @@ import numpy as np
 from mulayer.errors import MuLayerError
 
 from .data import ProfileData
+from .kernels import kernel_info, normalize_rule
 from .predictors import PREDICTORS, XGBoostConfig, make_predictor, relative_errors
+from .transfer import DIRECTIONS, fit_line
 
 SHARED = ("exclude", "include")
+LATENCY_BUCKETS = (
+    ("<30us", 30.0),
+    ("30-100us", 100.0),
+    ("100us-1ms", 1000.0),
+    (">=1ms", float("inf")),
+)
 
 
 @dataclass
@@ -31,6 +40,7 @@ class Prediction:
     channels: int
     measured_us: float
     predicted_us: float
+    rule: str = ""  # the schedule rule of the part's main kernel (:func:`.kernels.kernel_info`)
 
 
 @dataclass
@@ -49,6 +59,21 @@ class EvalReport:
             groups["all"] = mine
             out[name] = {g: _metrics(rows, tolerance) for g, rows in groups.items()}
         return out
+
+    def by_group(self, predictor: str, tolerance: float = 0.10) -> dict:
+        """Where ``predictor``'s errors are: ``{"rule": {processor/rule: metrics},
+        "latency": {processor/bucket: metrics}}`` (buckets of the measured latency)."""
+        mine = [p for p in self.predictions if p.predictor == predictor]
+        rules: dict[str, list[Prediction]] = {}
+        sizes: dict[str, list[Prediction]] = {}
+        for p in mine:
+            rules.setdefault(f"{p.processor}/{p.rule}", []).append(p)
+            bucket = next(name for name, top in LATENCY_BUCKETS if p.measured_us < top)
+            sizes.setdefault(f"{p.processor}/{bucket}", []).append(p)
+        return {
+            "rule": {k: _metrics(v, tolerance) for k, v in sorted(rules.items())},
+            "latency": {k: _metrics(v, tolerance) for k, v in sorted(sizes.items())},
+        }
 
     def per_model(self, tolerance: float = 0.10) -> dict:
         """``{held-out model: {predictor: {processor: metrics}}}``."""
@@ -73,15 +98,79 @@ def _metrics(rows: list[Prediction], tolerance: float) -> dict:
 
 
 def repeatability(data: ProfileData, tolerance: float = 0.10) -> dict:
-    """The noise ceiling: the share of single repeats within ``tolerance`` of their part's
-    latency, per processor (no predictor can do much better than the measurement repeats)."""
+    """The noise ceiling, per processor: ``within``, the share of single repeats within
+    ``tolerance`` of their part's latency (no predictor can do much better than the measurement
+    repeats); ``spread_median`` / ``spread_p90``, the repeats' (max - min) / median over parts;
+    ``parts_within``, the share of parts all of whose repeats are within ``tolerance``."""
     out = {}
     for processor in [*data.processors(), "all"]:
         parts = [p for p in data.parts if processor in ("all", p.processor) and p.samples_us]
         errors = [abs(s - p.latency_us) / p.latency_us for p in parts for s in p.samples_us]
+        spread = np.array([(max(p.samples_us) - min(p.samples_us)) / p.latency_us for p in parts])
+        worst = np.array(
+            [max(abs(s - p.latency_us) for s in p.samples_us) / p.latency_us for p in parts]
+        )
         out[processor] = {
             "within": float(np.mean(np.array(errors) <= tolerance)) if errors else 0.0,
+            "parts_within": float(np.mean(worst <= tolerance)) if parts else 0.0,
+            "spread_median": float(np.median(spread)) if parts else 0.0,
+            "spread_p90": float(np.percentile(spread, 90)) if parts else 0.0,
+            "repeats": int(np.median([len(p.samples_us) for p in parts])) if parts else 0,
             "n": len(parts),
+        }
+    return out
+
+
+def rule_agreement(data: ProfileData) -> dict:
+    """How often :func:`.kernels.kernel_info` names the rule the profile recorded, per processor
+    (parts without a recorded rule are skipped), and the disagreements seen most."""
+    traits = data.traits()
+    out: dict[str, dict] = {}
+    mismatches: Counter = Counter()
+    for processor in data.processors():
+        parts = [p for p in data.parts if p.processor == processor and p.rule]
+        same = 0
+        for p in parts:
+            ours = kernel_info(p.layer, p.channels, processor, traits).rule
+            if ours == normalize_rule(p.rule):
+                same += 1
+            else:
+                mismatches[f"{processor}: recorded {p.rule}, derived {ours}"] += 1
+        out[processor] = {"agree": same / len(parts) if parts else 0.0, "n": len(parts)}
+    out["mismatches"] = dict(mismatches.most_common(8))
+    return out
+
+
+def transfer_eval(data: ProfileData, memory: str = "pageable", tolerance: float = 0.10) -> dict:
+    """Leave-one-size-out error of the crossing model's copy lines (per direction) and the
+    sync's spread: the line is fitted on the other sizes and predicts the held-out one."""
+    out: dict[str, dict] = {}
+    for direction in DIRECTIONS:
+        rows = [r for r in data.transfers if r["direction"] == direction and r["memory"] == memory]
+        if len(rows) < 3:
+            continue
+        n = np.array([r["nbytes"] for r in rows], dtype=np.float64)
+        t = np.array([r["latency_us"] for r in rows], dtype=np.float64)
+        predicted = []
+        for i in range(len(rows)):
+            keep = np.arange(len(rows)) != i
+            a, b = fit_line(n[keep], t[keep])
+            predicted.append(a + b * n[i])
+        err = relative_errors(np.array(predicted), t)
+        out[direction] = {
+            "within": float(np.mean(err <= tolerance)),
+            "mape": float(np.mean(err) * 100.0),
+            "n": len(rows),
+            "memory": memory,
+        }
+    syncs = [s for r in data.syncs for s in (r.get("samples_us") or [r["latency_us"]])]
+    if syncs:
+        median = float(np.median(syncs))
+        err = np.abs(np.array(syncs) - median) / median
+        out["sync"] = {
+            "median_us": median,
+            "within": float(np.mean(err <= tolerance)),
+            "n": len(syncs),
         }
     return out
 
@@ -111,6 +200,7 @@ def holdout_eval(
             f"{', '.join(held_out) or 'none'}"
         )
     report = EvalReport()
+    traits = data.traits()
     for model in held_out:
         test_keys = data.models[model]
         if shared == "exclude":
@@ -130,10 +220,14 @@ def holdout_eval(
             y = np.array([p.latency_us for p in train])
             samples = [(p.layer, p.channels) for p in train]
             test_samples = [(p.layer, p.channels) for p in test]
+            rules = [kernel_info(p.layer, p.channels, processor, traits).rule for p in test]
             for name in predictors:
-                predicted = make_predictor(name, xgboost).fit(samples, y).predict(test_samples)
+                predictor = make_predictor(name, xgboost, processor, traits)
+                predicted = predictor.fit(samples, y).predict(test_samples)
                 report.predictions += [
-                    Prediction(model, name, processor, p.key, p.channels, p.latency_us, float(t))
-                    for p, t in zip(test, predicted, strict=True)
+                    Prediction(
+                        model, name, processor, p.key, p.channels, p.latency_us, float(t), rule
+                    )
+                    for p, t, rule in zip(test, predicted, rules, strict=True)
                 ]
     return report

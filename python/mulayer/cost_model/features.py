@@ -1,10 +1,13 @@
-"""Features of a part: what one processor computes of a layer, from the layer table alone.
+"""Features of a part: what one processor computes of a layer, and the kernel that computes it.
 
 The partitioner asks for the time of ``channels`` output channels of a
-:class:`mulayer.frontend.layers.Layer` on one processor; everything here derives from those two, so
-the profile rows (which carry the layer's table entry) and the partitioner's queries go through the
-same :func:`part_features`. The processor's precision (CPU int8, GPU fp16) is implied by which
-regressor is asked (one per processor) and recorded in :data:`FEATURE_SCHEMA`.
+:class:`mulayer.frontend.layers.Layer` on one processor; everything here derives from those two
+and the machine's :class:`~.kernels.MachineTraits`, so the profile rows (which carry the layer's
+table entry) and the partitioner's queries go through the same :func:`part_features`. The layer
+features (shapes, work, alignment) come first, then those of the kernel the schedule rules build
+for the part (:mod:`.kernels`: rule, tensor-core / AMX / VNNI path, tiles, CPU tasks per thread,
+GPU blocks and waves, bytes moved). The processor's precision (CPU int8, GPU fp16) is implied by
+which regressor is asked (one per processor) and recorded in :data:`FEATURE_SCHEMA`.
 
 Bump :data:`FEATURE_SCHEMA_VERSION` whenever :data:`FEATURE_NAMES` or their meaning changes: a
 saved model with another schema is refused on load.
@@ -19,10 +22,12 @@ import numpy as np
 
 from mulayer.frontend.layers import SPLITTABLE_KINDS, Layer
 
-FEATURE_SCHEMA_VERSION = 1
+from .kernels import KERNEL_FEATURE_NAMES, MachineTraits, kernel_info, rule_log_features
+
+FEATURE_SCHEMA_VERSION = 2
 PRECISIONS = {"cpu": "int8 (pooling float32)", "gpu": "float16 (fp32 accumulation)"}
 
-FEATURE_NAMES: tuple[str, ...] = (
+LAYER_FEATURE_NAMES: tuple[str, ...] = (
     # op
     *(f"is_{kind}" for kind in SPLITTABLE_KINDS),
     "is_depthwise",
@@ -51,6 +56,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "log2_out_elems",
     "log2_intensity",
 )
+FEATURE_NAMES: tuple[str, ...] = LAYER_FEATURE_NAMES + KERNEL_FEATURE_NAMES
 FEATURE_SCHEMA = {
     "version": FEATURE_SCHEMA_VERSION,
     "names": list(FEATURE_NAMES),
@@ -136,8 +142,11 @@ def _log2(x: float) -> float:
     return math.log2(max(x, 1.0))
 
 
-def part_features(layer: Layer, channels: int) -> list[float]:
-    """The feature vector (:data:`FEATURE_NAMES` order) of ``channels`` channels of ``layer``."""
+def part_features(
+    layer: Layer, channels: int, processor: str, traits: MachineTraits | None = None
+) -> list[float]:
+    """The feature vector (:data:`FEATURE_NAMES` order) of ``channels`` channels of ``layer``
+    on ``processor`` of a machine with ``traits`` (default: :class:`MachineTraits`)."""
     p = part_shape(layer, channels)
     groups_in_part = max(1, round(p.groups * p.share)) if p.groups > 1 else 1
     cin_per_group = p.in_channels // p.groups if p.kind == "conv2d" else p.in_channels
@@ -167,12 +176,17 @@ def part_features(layer: Layer, channels: int) -> list[float]:
         _log2(p.out_elems),
         math.log2(max(p.flops, 1.0) / max(traffic, 1.0)),
     ]
+    values += rule_log_features(kernel_info(layer, channels, processor, traits or MachineTraits()))
     assert len(values) == len(FEATURE_NAMES)
     return values
 
 
-def feature_matrix(samples: list[tuple[Layer, int]]) -> np.ndarray:
-    """Rows of :func:`part_features` for ``(layer, channels)`` samples."""
+def feature_matrix(
+    samples: list[tuple[Layer, int]], processor: str, traits: MachineTraits | None = None
+) -> np.ndarray:
+    """Rows of :func:`part_features` for ``(layer, channels)`` samples on ``processor``."""
     if not samples:
         return np.zeros((0, len(FEATURE_NAMES)), dtype=np.float64)
-    return np.array([part_features(layer, k) for layer, k in samples], dtype=np.float64)
+    return np.array(
+        [part_features(layer, k, processor, traits) for layer, k in samples], dtype=np.float64
+    )

@@ -131,9 +131,10 @@ def train_cost_model(data: ProfileData, config: CostModelConfig | None = None) -
             f"transfer memory {config.transfer_memory!r}: use one of {', '.join(MEMORIES)}"
         )
     predictors = {}
+    traits = data.traits()
     for processor in data.processors():
         parts = [p for p in data.parts if p.processor == processor]
-        predictor = make_predictor(config.predictor, config.xgboost)
+        predictor = make_predictor(config.predictor, config.xgboost, processor, traits)
         samples = [(p.layer, p.channels) for p in parts]
         predictors[processor] = predictor.fit(samples, np.array([p.latency_us for p in parts]))
     if not predictors:

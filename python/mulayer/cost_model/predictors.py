@@ -4,10 +4,11 @@ All three follow one protocol (:class:`Predictor`): ``fit(samples, latencies_us)
 ``predict(samples)`` on ``(Layer, channels)`` samples, and ``to_json`` / ``from_json`` for the
 archive, so training, evaluation and the partitioner's queries go through the same code.
 
-- :class:`XGBoostPredictor`: gradient-boosted trees on :mod:`.features`, fitted to
-  ``log(latency)`` (so the loss is a relative error). The trees refine an analytic prior
-  (``base_margin``): a roofline-like least-squares fit ``t = a + b FLOPs + c bytes`` per layer
-  kind, which the trees cannot extrapolate on their own.
+- :class:`XGBoostPredictor`: gradient-boosted trees on :mod:`.features` (the layer and the kernel
+  its schedule rule builds), fitted to ``log(latency)`` (so the loss is a relative error). The
+  trees refine an analytic prior (:class:`RooflinePrior`, ``base_margin``): ``overhead +
+  max(FLOPs / peak, bytes / bandwidth)`` of the kernel, constants fitted per schedule rule, which
+  extrapolates to sizes the trees never saw.
 - :class:`FlopsLinear` (µLayer, after Neurosurgeon): ``t = a + b FLOPs``, least squares.
 - :class:`Neurosurgeon`: per layer kind, a linear or a log-log regression (whichever fits the
   training data better) on the kind's own variables: conv ``(k/s)^2 x filters`` and the input
@@ -21,9 +22,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from mulayer.errors import MuLayerError
 from mulayer.frontend.layers import Layer
 
 from .features import FEATURE_NAMES, feature_matrix, part_shape
+from .kernels import MachineTraits, kernel_info, roofline_terms
 
 Sample = tuple[Layer, int]
 _FLOOR_US = 0.05  # predictions are clipped to at least this
@@ -41,8 +44,9 @@ class XGBoostConfig:
     min_child_weight: float = 2.0
     reg_lambda: float = 1.0
     seed: int = 0
-    # Fit the trees to the residual of the analytic prior (see the module docstring).
-    analytic_prior: bool = True
+    # How the trees use the roofline prior: "margin" (fit log(measured / prior)), "feature" or
+    # "none" (see XGBoostPredictor).
+    prior: str = "margin"
 
 
 class Predictor:
@@ -161,75 +165,136 @@ class Neurosurgeon(Predictor):
 
 
 # ------------------------------------------------------------------------------------ XGBoost
-def _prior_vars(samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
-    shapes = [part_shape(layer, k) for layer, k in samples]
-    x = np.array(
-        [[1.0, p.flops, p.bytes_in + p.bytes_out + p.weight_elems] for p in shapes],
-        dtype=np.float64,
-    )
-    kinds = np.array([p.kind for p in shapes])
-    return x, kinds
+def _roofline_vars(samples: list[Sample], processor: str, traits: MachineTraits) -> tuple:
+    infos = [kernel_info(layer, k, processor, traits) for layer, k in samples]
+    terms = np.array([roofline_terms(i) for i in infos], dtype=np.float64).reshape(-1, 2)
+    return terms[:, 0], terms[:, 1], np.array([i.rule for i in infos])
+
+
+ROOFLINE_FORMS = ("max", "sum")
+
+
+def _roofline(params, flops: np.ndarray, nbytes: np.ndarray, form: str = "max") -> np.ndarray:
+    """``overhead + max(flops / peak, bytes / bandwidth)`` (form "max": compute and memory
+    overlap) or ``overhead + flops / peak + bytes / bandwidth`` ("sum"); ``params`` are the
+    logs of ``(overhead, 1 / peak, 1 / bandwidth)``."""
+    overhead, inv_peak, inv_bw = np.exp(np.asarray(params, dtype=np.float64))
+    compute, memory = flops * inv_peak, nbytes * inv_bw
+    return overhead + (np.maximum(compute, memory) if form == "max" else compute + memory)
 
 
 @dataclass
-class AnalyticPrior:
-    """``t = a + b FLOPs + c bytes`` per layer kind, fitted to relative error (non-negative)."""
+class RooflinePrior:
+    """The analytic estimate the trees correct: ``t = o + max(F / P, B / W)`` (µs).
 
-    coef: dict[str, list[float]] = field(default_factory=dict)
-    fallback: list[float] = field(default_factory=lambda: [1.0, 0.0, 0.0])
+    ``F`` is the kernel's work including tile padding and idle threads / SMs, ``B`` its bytes
+    (:func:`~.kernels.roofline_terms`); the overhead ``o`` (launches, syncs, thread pool wake-up),
+    peak ``P`` and bandwidth ``W`` are fitted on the training parts (log-space least squares), per
+    schedule rule where the rule has at least :attr:`MIN_PARTS` parts, else one set per processor.
+    Where the kernel does not overlap compute and memory (``o + F / P + B / W`` fits better) that
+    form is kept instead.
+    """
+
+    MIN_PARTS = 12
+    # rule -> {"form": "max" | "sum", "log": log(o, 1/P, 1/W)}
+    params: dict[str, dict] = field(default_factory=dict)
+    fallback: dict = field(default_factory=lambda: {"form": "max", "log": [0.0, -30.0, -30.0]})
 
     @staticmethod
-    def _fit(x: np.ndarray, y: np.ndarray) -> list[float]:
-        coef = _lstsq(x, y, weights=1.0 / y)
-        # Negative costs make no sense; refit without the offending terms.
-        keep = coef > 0
-        if not keep.all():
-            sub = np.zeros_like(coef)
-            if keep.any():
-                sub[keep] = _lstsq(x[:, keep], y, weights=1.0 / y)
-            coef = np.maximum(sub, 0.0)
-            if not coef.any():
-                coef[0] = float(np.median(y))
-        return [float(c) for c in coef]
+    def _fit(flops: np.ndarray, nbytes: np.ndarray, y: np.ndarray, start=None) -> dict:
+        from scipy.optimize import least_squares
 
-    def fit(self, samples, y) -> AnalyticPrior:
-        x, kinds = _prior_vars(samples)
-        self.coef = {kind: self._fit(x[kinds == kind], y[kinds == kind]) for kind in set(kinds)}
-        self.fallback = self._fit(x, y)
+        if start is None:
+            start = [
+                np.log(max(np.min(y) * 0.5, 1e-3)),
+                np.log(np.median(y / np.maximum(flops, 1.0))),
+                np.log(np.median(y / np.maximum(nbytes, 1.0))),
+            ]
+        log_y = np.log(y)
+        best = None
+        for form in ROOFLINE_FORMS:
+            fit = least_squares(
+                lambda p, form=form: np.log(_roofline(p, flops, nbytes, form)) - log_y,
+                start,
+                loss="soft_l1",
+            )
+            if best is None or fit.cost < best[0]:
+                best = (fit.cost, {"form": form, "log": [float(v) for v in fit.x]})
+        return best[1]
+
+    def fit(self, flops, nbytes, rules, y) -> RooflinePrior:
+        self.fallback = self._fit(flops, nbytes, y)
+        self.params = {}
+        for rule in sorted(set(rules)):
+            mask = rules == rule
+            if mask.sum() >= self.MIN_PARTS:
+                start = self.fallback["log"]
+                self.params[rule] = self._fit(flops[mask], nbytes[mask], y[mask], start)
         return self
 
-    def predict(self, samples) -> np.ndarray:
-        x, kinds = _prior_vars(samples)
-        coef = np.array([self.coef.get(k, self.fallback) for k in kinds])
-        return np.maximum((x * coef).sum(axis=1), _FLOOR_US)
+    def predict(self, flops, nbytes, rules) -> np.ndarray:
+        out = np.empty(len(rules))
+        for rule in set(rules):
+            mask = rules == rule
+            fit = self.params.get(rule, self.fallback)
+            out[mask] = _roofline(fit["log"], flops[mask], nbytes[mask], fit["form"])
+        return np.maximum(out, _FLOOR_US)
+
+
+PRIOR_USES = ("margin", "feature", "none")
 
 
 class XGBoostPredictor(Predictor):
-    """XGBoost on :data:`~.features.FEATURE_NAMES`, target ``log(latency_us)``."""
+    """XGBoost on :data:`~.features.FEATURE_NAMES` of one processor, target ``log(latency_us)``.
+
+    ``config.prior``: "margin" fits the trees to ``log(measured / prior)`` (the prior is the
+    base margin), "feature" gives them ``log2(prior)`` as one more feature, "none" neither.
+    """
 
     name = "xgboost"
 
-    def __init__(self, config: XGBoostConfig | None = None):
+    def __init__(
+        self,
+        config: XGBoostConfig | None = None,
+        processor: str = "cpu",
+        traits: MachineTraits | None = None,
+    ):
         self.config = config or XGBoostConfig()
+        if self.config.prior not in PRIOR_USES:
+            raise MuLayerError(f"prior {self.config.prior!r}: use one of {', '.join(PRIOR_USES)}")
+        self.processor = processor
+        self.traits = traits or MachineTraits()
         self.booster = None
-        self.prior: AnalyticPrior | None = None
+        self.prior: RooflinePrior | None = None
 
-    def _margin(self, samples) -> np.ndarray | None:
+    def _inputs(self, samples) -> tuple[np.ndarray, np.ndarray | None]:
+        """The feature matrix and the base margin."""
+        x = feature_matrix(samples, self.processor, self.traits)
         if self.prior is None:
-            return None
-        return np.log(self.prior.predict(samples))
+            return x, None
+        log_prior = np.log(
+            self.prior.predict(*_roofline_vars(samples, self.processor, self.traits))
+        )
+        if self.config.prior == "feature":
+            return np.concatenate([x, log_prior[:, None] / np.log(2.0)], axis=1), None
+        return x, log_prior
+
+    def _feature_names(self) -> list[str]:
+        extra = ["log2_prior_us"] if self.config.prior == "feature" else []
+        return [*FEATURE_NAMES, *extra]
 
     def fit(self, samples, latency_us):
         import xgboost as xgb
 
         y = np.asarray(latency_us, dtype=np.float64)
         cfg = self.config
-        self.prior = AnalyticPrior().fit(samples, y) if cfg.analytic_prior else None
+        self.prior = None
+        if cfg.prior != "none":
+            flops, nbytes, rules = _roofline_vars(samples, self.processor, self.traits)
+            self.prior = RooflinePrior().fit(flops, nbytes, rules, y)
+        x, margin = self._inputs(samples)
         dtrain = xgb.DMatrix(
-            feature_matrix(samples),
-            label=np.log(y),
-            base_margin=self._margin(samples),
-            feature_names=list(FEATURE_NAMES),
+            x, label=np.log(y), base_margin=margin, feature_names=self._feature_names()
         )
         params = {
             "objective": "reg:squarederror",
@@ -242,7 +307,7 @@ class XGBoostPredictor(Predictor):
             "seed": cfg.seed,
             "nthread": 1,
         }
-        if self.prior is not None:
+        if margin is not None:
             params["base_score"] = 0.0
         self.booster = xgb.train(params, dtrain, num_boost_round=cfg.n_estimators)
         return self
@@ -250,15 +315,16 @@ class XGBoostPredictor(Predictor):
     def predict(self, samples):
         if not samples:
             return np.zeros(0)
-        log_us = self.booster.inplace_predict(
-            feature_matrix(samples), base_margin=self._margin(samples)
-        )
+        x, margin = self._inputs(samples)
+        log_us = self.booster.inplace_predict(x, base_margin=margin)
         return np.maximum(np.exp(log_us), _FLOOR_US)
 
     def to_json(self):
         raw = bytes(self.booster.save_raw(raw_format="json"))
         return {
             "config": asdict(self.config),
+            "processor": self.processor,
+            "traits": self.traits.to_json(),
             "prior": asdict(self.prior) if self.prior is not None else None,
             "booster": json.loads(raw),
         }
@@ -267,9 +333,13 @@ class XGBoostPredictor(Predictor):
     def from_json(cls, raw: dict) -> XGBoostPredictor:
         import xgboost as xgb
 
-        self = cls(XGBoostConfig(**raw["config"]))
+        self = cls(
+            XGBoostConfig(**raw["config"]),
+            raw["processor"],
+            MachineTraits.from_json(raw["traits"]),
+        )
         if raw.get("prior") is not None:
-            self.prior = AnalyticPrior(**raw["prior"])
+            self.prior = RooflinePrior(**raw["prior"])
         self.booster = xgb.Booster()
         self.booster.load_model(bytearray(json.dumps(raw["booster"]).encode()))
         return self
@@ -282,9 +352,15 @@ PREDICTORS: dict[str, type] = {
 }
 
 
-def make_predictor(name: str, xgboost: XGBoostConfig | None = None) -> Predictor:
+def make_predictor(
+    name: str,
+    xgboost: XGBoostConfig | None = None,
+    processor: str = "cpu",
+    traits: MachineTraits | None = None,
+) -> Predictor:
+    """A new predictor ``name`` for ``processor`` of a machine with ``traits``."""
     if name == "xgboost":
-        return XGBoostPredictor(xgboost)
+        return XGBoostPredictor(xgboost, processor, traits)
     return PREDICTORS[name]()
 
 

@@ -99,16 +99,15 @@ def _main_rule(kernels: list[str], rules: dict[str, str]) -> tuple[str, str]:
     return name, rules.get(name, "unscheduled")
 
 
-def compile_parts(functions: dict, target, prepack: bool = False):
-    """Lower and compile Relax part functions (``{name: function}``) into one executable.
+def schedule_parts(functions: dict, target, prepack: bool = False):
+    """Legalize and schedule Relax part functions (``{name: function}``) without compiling.
 
-    Returns ``(executable, {name: schedule info})``; the schedule info names the rule that
+    Returns ``(module, {name: schedule info})``; the schedule info names the rule that
     scheduled the part's main kernel.
     """
     import tvm
     from tvm import relax
 
-    from mulayer.compiler.build import check_device_module
     from mulayer.schedules import apply_schedules
 
     mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in functions.items()})
@@ -134,6 +133,19 @@ def compile_parts(functions: dict, target, prepack: bool = False):
             "prepacked": prepack,
             "target": str(target.kind.name),
         }
+    return mod, schedules
+
+
+def compile_parts(functions: dict, target, prepack: bool = False):
+    """Lower and compile Relax part functions (``{name: function}``) into one executable.
+
+    Returns ``(executable, {name: schedule info})`` (see :func:`schedule_parts`).
+    """
+    import tvm
+
+    from mulayer.compiler.build import check_device_module
+
+    mod, schedules = schedule_parts(functions, target, prepack)
     ex = tvm.compile(mod, target=target, relax_pipeline="default_build")
     if target.kind.name in ("cuda", "opencl"):
         check_device_module(ex, target.kind.name)

@@ -231,9 +231,12 @@ def _chunks(parts: list[dict], size: int) -> list[list[dict]]:
 
 
 def _timing_row(timing: Timing) -> dict:
+    # The median over repeats is the latency; the repeats and their spread bound what a cost
+    # model can reach (scripts/eval_cost_model.py reports it as the measurement repeatability).
     return {
         "latency_us": round(timing.median_us, 3),
         "samples_us": timing.samples_us,
+        "spread": round(timing.spread, 4),
         "number": timing.number,
         "attempts": timing.attempts,
     }

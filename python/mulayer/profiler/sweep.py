@@ -4,8 +4,10 @@ The layers of a handful of nets leave gaps (only MobileNetV2 has depthwise convs
 wide 224x224 convs), and a cost model evaluated on a held-out net must predict layers unlike any
 it was trained on. As CoDL does, the profiler can also time random layers drawn from the space
 of CNN layers (``mulayer profile --sweep N``): conv 1x1 / 3x3 / 5x5 / 7x7, strided or not,
-depthwise or not, 7..112 pixels wide, 16..1024 channels; dense; max and global pooling. They are
-recorded as the synthetic model ``sweep``, used for training and never held out.
+depthwise (3x3 and 5x5, stride 1 or 2) or not, 7..224 pixels wide (odd sizes such as 27 and 55
+too), 3..1024 channels including odd counts (3, 27, 40, 100, 1000); dense; max and global
+pooling. They are recorded as the synthetic model ``sweep``, used for training and never held
+out.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from .layer_spec import LayerSpec
 
 SWEEP_MODEL = "sweep"
 _CHANNELS = (16, 24, 32, 48, 64, 96, 128, 144, 160, 192, 256, 320, 384, 512, 576, 768, 960, 1024)
-_SIZES = (7, 13, 14, 28, 56, 112)
+# Channel counts off the 8/16 alignment the int8 and tensor-core rules want (first convs,
+# SqueezeNet's and classifier convs): drawn for one conv side in five.
+_ODD_CHANNELS = (3, 27, 40, 100, 1000)
+_SIZES = (7, 13, 14, 27, 28, 55, 56, 112, 224)
 _MAX_FLOPS = 4e9
 _MAX_INPUT = 64 * 112 * 112 * 2
 
@@ -33,13 +38,17 @@ def _bias_relu(cout: int, relu: bool) -> list[dict]:
     return steps + ([{"op": "relax.nn.relu"}] if relu else [])
 
 
+def _channels(rng: np.random.Generator) -> int:
+    return int(rng.choice(_ODD_CHANNELS if rng.random() < 0.2 else _CHANNELS))
+
+
 def _conv(rng: np.random.Generator) -> LayerSpec | None:
-    k = int(rng.choice([1, 3, 5, 7], p=[0.45, 0.45, 0.05, 0.05]))
-    stride = int(rng.choice([1, 2], p=[0.8, 0.2]))
+    k = int(rng.choice([1, 3, 5, 7], p=[0.45, 0.4, 0.1, 0.05]))
+    stride = int(rng.choice([1, 2], p=[0.75, 0.25]))
     hw = int(rng.choice(_SIZES))
-    cin = int(rng.choice(_CHANNELS))
-    depthwise = k == 3 and rng.random() < 0.3
-    cout = cin if depthwise else int(rng.choice(_CHANNELS))
+    cin = _channels(rng)
+    depthwise = k in (3, 5) and rng.random() < 0.35
+    cout = cin if depthwise else _channels(rng)
     groups = cin if depthwise else 1
     pad = k // 2
     out_hw = (hw + 2 * pad - k) // stride + 1
