@@ -39,13 +39,16 @@ class CompiledModel:
     plan: Plan | None = None
     build_seconds: float = 0.0
     extra_metadata: dict = field(default_factory=dict)
-    built_as: str | None = None  # "gpu": a cooperative plan built as the GPU-only module
+    # "gpu" / "cpu": a cooperative plan built as the GPU-only / CPU-only module
+    built_as: str | None = None
 
     def metadata(self) -> dict:
         device_kind = None if self.spec.device is None else self.spec.device["kind"]
         gpu_kind = {"llvm": "cpu"}.get(device_kind, device_kind)
         vm_devices = ["cpu"] if gpu_kind is None else [gpu_kind, "cpu"]
         built = self.built_as or self.spec.mode
+        if built == "cpu":  # a cooperative plan built as the CPU-only module (-verify)
+            vm_devices = ["cpu"]
         input_device = "cpu" if built != "gpu" else gpu_kind
         return {
             "mulayer_version": __version__,
@@ -74,20 +77,29 @@ class CompiledModel:
 
 def _export_options(spec: TargetSpec) -> dict:
     """Cross-compile the library when the host target is not this machine (e.g. aarch64)."""
-    triple = spec.host.get("mtriple")
-    if not triple or triple.startswith("x86_64"):
+    compiler = check_cross_compiler(spec)
+    if compiler is None:
         return {}
+    from tvm.support import cc  # tvm.contrib.cc before TVM 0.27
+
+    return {"fcompile": cc.cross_compiler(compiler)}
+
+
+def check_cross_compiler(spec: TargetSpec) -> str | None:
+    """The cross compiler exporting for ``spec``'s host needs (``None``: the native one), or a
+    ``MuLayerError`` saying how to install it when it is not on PATH."""
     import shutil
 
-    from tvm.contrib import cc
-
+    triple = spec.host.get("mtriple")
+    if not triple or triple.startswith("x86_64"):
+        return None
     compiler = f"{triple}-g++"
     if shutil.which(compiler) is None:
         raise MuLayerError(
             f"exporting for {triple} needs the cross compiler {compiler!r} on PATH "
             f"(Debian: apt-get install g++-{triple.split('-')[0].replace('_', '-')}-linux-gnu)"
         )
-    return {"fcompile": cc.cross_compiler(compiler)}
+    return compiler
 
 
 def compile_model(
@@ -107,7 +119,8 @@ def compile_model(
     model : path or onnx.ModelProto
     target : tvmc-style target string, e.g. ``"llvm"``, ``"cuda -arch=sm_90, llvm"`` or
         ``"mulayer -ratio=0.5, cuda, llvm"``, or a parsed :class:`TargetSpec`.
-    plan : a :class:`Plan` (or its JSON file) for cooperative targets; overrides ``-ratio``.
+    plan : a :class:`Plan` (or its JSON file) for cooperative targets; it sets every layer, so
+        the target must not give ``-ratio`` too.
     calibration : calibration samples for the CPU int8 parts (cooperative targets).
     input_shapes : static shapes for dynamic inputs (``{"input": [1, 3, 224, 224]}``).
     cuda_graph : GPU-only CUDA builds capture their kernels in a CUDA graph (TVM's
@@ -124,6 +137,8 @@ def compile_model(
         )
     if plan is not None and not spec.cooperative:
         raise MuLayerError('a plan needs a cooperative target such as "mulayer, cuda, llvm"')
+    if plan is not None:
+        check_plan_target(spec)
     # 1. ONNX → canonical Relax (params bound, BN folded, constants folded)
     mod, inputs, outputs = import_onnx(model, input_shapes)
     layers = splittable_layers(mod["main"])
@@ -141,6 +156,11 @@ def compile_model(
             extra["built_as"] = "gpu"
         else:
             executable, extra = build_cooperative(mod, spec, plan, layers, calibration, inputs)
+        if spec.mulayer.split == "auto":
+            # 3. Keep the fastest of the plan and the single-processor builds, measured here
+            executable, extra, built_as = check_auto_plan(
+                mod, spec, plan, (executable, extra, built_as), inputs, outputs, cuda_graph
+            )
     elif spec.mode == "gpu":
         executable, extra = _build_gpu_only(mod, spec, cuda_graph, tuning_db)
     else:
@@ -164,6 +184,120 @@ def _build_gpu_only(mod, spec: TargetSpec, cuda_graph: bool, tuning_db):
     with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": use_graph}):
         executable = build_single(to_fp16(mod), spec.device_target(), tuning_db=tuning_db)
     return executable, {"cuda_graph": use_graph}
+
+
+def check_plan_target(spec: TargetSpec) -> None:
+    """A plan sets every layer: refuse a target ``-ratio`` that it would silently override."""
+    if spec.mulayer is not None and spec.mulayer.ratio is not None:
+        raise MuLayerError(
+            f"--plan sets every layer's split, so -ratio={spec.mulayer.ratio:g} would be "
+            "ignored: drop -ratio from the target (the plan's default_ratio covers the layers it "
+            'does not name), e.g. "mulayer, cuda, llvm"'
+        )
+
+
+# ------------------------------------------------------------------- -verify: measure the plan
+VERIFY_ROUNDS = 3  # rounds of timed runs, candidates interleaved (a noisy machine)
+VERIFY_REPEAT = 10  # timed runs per candidate and round (after 2 warm-up runs)
+
+
+def processors_here(spec: TargetSpec) -> str | None:
+    """``None`` when this machine can run both sides of ``spec``, else why not."""
+    import platform
+
+    machine = platform.machine().lower().replace("amd64", "x86_64")
+    for side in (spec.host, spec.device):
+        triple = (side or {}).get("mtriple")
+        if triple and not triple.startswith(machine):
+            return f"the target is for {triple.split('-')[0]} and this machine is {machine}"
+    kind = spec.device["kind"] if spec.device is not None else "llvm"
+    if kind != "llvm" and not tvm.device(kind, 0).exist:
+        return f"no {kind} device on this machine"
+    return None
+
+
+def _measure_ms(candidates: dict[str, CompiledModel]) -> dict[str, float]:
+    """Median latency (ms) of each in-memory build on the same random inputs, the best of
+    ``VERIFY_ROUNDS`` interleaved rounds."""
+    from .executor import LoadedModel
+
+    loaded = {}
+    with tempfile.TemporaryDirectory(prefix="mulayer-verify-") as tmp:
+        for name, c in candidates.items():
+            # Exported and loaded, not ``jit()``-ed: TVM warns when exporting a jitted executable.
+            lib_path = Path(tmp) / f"{len(loaded)}.so"
+            c.executable.export_library(str(lib_path))
+            lib = tvm.runtime.load_module(str(lib_path))
+            loaded[name] = LoadedModel(lib, c.metadata(), c.inputs, c.outputs)
+    inputs = next(iter(loaded.values())).random_inputs(seed=0)
+    best = dict.fromkeys(loaded, float("inf"))
+    for _ in range(VERIFY_ROUNDS):
+        for name, model in loaded.items():
+            ms = model.benchmark(inputs, repeat=VERIFY_REPEAT, warmup=2).median_ms
+            best[name] = min(best[name], ms)
+    return best
+
+
+def check_auto_plan(mod, spec: TargetSpec, plan: Plan, built, inputs, outputs, cuda_graph):
+    """``-verify``: time the ``-split=auto`` build against the GPU-only and CPU-only builds
+    and keep the fastest, where this machine has the target's processors.
+
+    ``built`` is ``(executable, extra metadata, built_as)`` of the plan; returns the same for the
+    build kept. The figures go into the plan's notes and ``extra["plan_check"]``.
+    """
+    executable, extra, built_as = built
+    why_not = processors_here(spec)
+    verify = spec.mulayer.verify
+    if verify == "off" or why_not is not None:
+        if verify == "measure":
+            raise MuLayerError(
+                f"mulayer -verify=measure times the plan on this machine, but {why_not}: "
+                "compile on a machine with the target's processors, or use -verify=auto"
+            )
+        reason = "-verify=off" if verify == "off" else why_not
+        note = (
+            f"plan chosen by the cost model alone, not measured ({reason}); on a machine with "
+            "the target's processors -verify=measure times it against the GPU-only and "
+            "CPU-only builds and keeps the fastest"
+        )
+        plan.notes.append(note)
+        extra["plan_check"] = {"measured": False, "note": note}
+        return executable, extra, built_as
+
+    def candidate(exe, meta, as_):
+        return CompiledModel(
+            exe, spec, inputs, outputs, [], plan, extra_metadata=meta, built_as=as_
+        )
+
+    plan_name = f"{built_as} only (the plan)" if built_as else "plan"
+    candidates = {plan_name: candidate(executable, extra, built_as)}
+    if built_as != "gpu":
+        gpu_exe, gpu_meta = _build_gpu_only(mod, spec, cuda_graph, None)
+        candidates["gpu"] = candidate(gpu_exe, {**gpu_meta, "built_as": "gpu"}, "gpu")
+    candidates["cpu"] = candidate(
+        build_single(mod, spec.host_target()), {"built_as": "cpu"}, "cpu"
+    )
+    measured = _measure_ms(candidates)
+    kept = min(measured, key=measured.get)
+    shown = {"gpu": "GPU only", "cpu": "CPU only"}
+    figures = ", ".join(f"{shown.get(k, k)} {v:.3f} ms" for k, v in measured.items())
+    if kept == plan_name:
+        note = f"measured here: {figures}: kept the plan (fastest)"
+    else:
+        note = (
+            f"measured here: {figures}: built as {shown[kept]} (faster than the plan; "
+            "-verify=off keeps the plan)"
+        )
+    log.info(note)
+    plan.notes.append(note)
+    chosen = candidates[kept]
+    check = {
+        "measured": True,
+        "measured_ms": {k: round(v, 4) for k, v in measured.items()},
+        "kept": "plan" if kept == plan_name else kept,
+        "note": note,
+    }
+    return chosen.executable, {**chosen.extra_metadata, "plan_check": check}, chosen.built_as
 
 
 def resolve_plan(
@@ -260,6 +394,10 @@ def build_cooperative(mod, spec: TargetSpec, plan: Plan, layers, calibration, in
             ),
             **{k: v for k, v in precision.get(layer.name, {}).items() if k != "precision"},
         }
+        why = plan.placement_reason(layer.name, layer.out_channels)
+        if why:  # e.g. too few channels to split at -align: say so in inspect's "why"
+            reasons = [why, decisions[layer.name].get("reason", "")]
+            decisions[layer.name]["reason"] = "; ".join(r for r in reasons if r)
     meta = {"precision": decisions, "calibrated": stats is not None, "kernel_sites": sites}
     if cpu_weights:
         meta["cpu_weights"] = {"function": WEIGHTS_FUNC, "count": cpu_weights}
