@@ -139,6 +139,7 @@ def compile_model(
         raise MuLayerError('a plan needs a cooperative target such as "mulayer, cuda, llvm"')
     if plan is not None:
         check_plan_target(spec)
+    check_verify(spec)
     # 1. ONNX → canonical Relax (params bound, BN folded, constants folded)
     mod, inputs, outputs = import_onnx(model, input_shapes)
     layers = splittable_layers(mod["main"])
@@ -201,6 +202,19 @@ VERIFY_ROUNDS = 3  # rounds of timed runs, candidates interleaved (a noisy machi
 VERIFY_REPEAT = 10  # timed runs per candidate and round (after 2 warm-up runs)
 
 
+def check_verify(spec: TargetSpec) -> None:
+    """``-verify=measure`` needs the target's processors on this machine."""
+    if spec.mulayer is None or spec.mulayer.verify != "measure":
+        return
+    why_not = processors_here(spec)
+    if why_not is not None:
+        raise MuLayerError(
+            f"mulayer -verify=measure times the plan on this machine, but {why_not}: compile "
+            "on a machine with the target's processors, or use -verify=auto (measures where it "
+            "can) or -verify=off"
+        )
+
+
 def processors_here(spec: TargetSpec) -> str | None:
     """``None`` when this machine can run both sides of ``spec``, else why not."""
     import platform
@@ -248,12 +262,7 @@ def check_auto_plan(mod, spec: TargetSpec, plan: Plan, built, inputs, outputs, c
     executable, extra, built_as = built
     why_not = processors_here(spec)
     verify = spec.mulayer.verify
-    if verify == "off" or why_not is not None:
-        if verify == "measure":
-            raise MuLayerError(
-                f"mulayer -verify=measure times the plan on this machine, but {why_not}: "
-                "compile on a machine with the target's processors, or use -verify=auto"
-            )
+    if verify == "off" or why_not is not None:  # (-verify=measure was checked up front)
         reason = "-verify=off" if verify == "off" else why_not
         note = (
             f"plan chosen by the cost model alone, not measured ({reason}); on a machine with "

@@ -226,16 +226,18 @@ class Plan:
             name: _decision_from_json(name, decision)
             for name, decision in raw.get("layers", {}).items()
         }
-        if "default_ratio" not in raw:
+        ratio = raw.get("default_ratio", 1.0)
+        cls._check_type("default_ratio", ratio, (int, float), "a number in [0, 1]")
+        cls._check_type("align", raw.get("align", 8), int, "a positive integer")
+        if raw.get("predicted_ms") is not None:
+            cls._check_type("predicted_ms", raw["predicted_ms"], (int, float), "a number")
+        plan = cls(**{**raw, "layers": layers})
+        if "default_ratio" not in raw:  # the dataclass default (GPU) would surprise a file
             raise MuLayerError(
                 "plan has no default_ratio: give the share of output channels on the GPU for "
                 'the layers it does not name (0 = CPU, 1 = GPU), e.g. "default_ratio": 0.5'
             )
-        cls._check_type("default_ratio", raw["default_ratio"], (int, float), "a number in [0, 1]")
-        cls._check_type("align", raw.get("align", 8), int, "a positive integer")
-        if raw.get("predicted_ms") is not None:
-            cls._check_type("predicted_ms", raw["predicted_ms"], (int, float), "a number")
-        return cls(**{**raw, "layers": layers})
+        return plan
 
     @staticmethod
     def _check_type(key: str, value, types, what: str = "an integer") -> None:

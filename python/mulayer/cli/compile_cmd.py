@@ -146,12 +146,13 @@ def check_request(args: argparse.Namespace, spec) -> None:
     the options against the target, the output path, the model file, the plan, the calibration.
     """
     from ..calibration import load_calibration_npz
-    from ..compiler import check_cross_compiler, check_plan_target
+    from ..compiler import check_cross_compiler, check_plan_target, check_verify
     from ..fallback import needs_cpu_fallback
     from ..frontend import check_onnx
 
     check_output_path(Path(args.output))
     check_cross_compiler(spec)
+    check_verify(spec)
     if args.plan and not spec.cooperative:
         raise MuLayerError('--plan needs a cooperative target such as "mulayer, cuda, llvm"')
     if args.calibration and not spec.cooperative:
