@@ -147,6 +147,7 @@ def compile_model(
     # 2. Build for the processors the target names
     built_as = None
     if spec.cooperative:
+        searched = plan is None and spec.mulayer.split == "auto"  # the partitioner's plan
         plan = resolve_plan(plan, spec, [layer.name for layer in layers], mod)
         sizes = {layer.name: layer.out_channels for layer in layers}
         if spec.mulayer.split == "auto" and plan.sole_processor(sizes) == "gpu":
@@ -157,8 +158,8 @@ def compile_model(
             extra["built_as"] = "gpu"
         else:
             executable, extra = build_cooperative(mod, spec, plan, layers, calibration, inputs)
-        if spec.mulayer.split == "auto":
-            # 3. Keep the fastest of the plan and the single-processor builds, measured here
+        if searched:
+            # 2b. Keep the fastest of the plan and the single-processor builds, measured here
             executable, extra, built_as = check_auto_plan(
                 mod, spec, plan, (executable, extra, built_as), inputs, outputs, cuda_graph
             )

@@ -122,9 +122,9 @@ def build_artifact(
     else:
         export_with_cpu_fallback(compiled, cpu_compiled, output)
     notes = []
-    if spec.cooperative and spec.mulayer.split == "auto" and compiled.plan is not None:
-        # Which plan was chosen and why (the partitioner's first note), and the measured check.
-        notes = compiled.plan.notes[:1] + [compiled.extra_metadata["plan_check"]["note"]]
+    check = compiled.extra_metadata.get("plan_check")
+    if check is not None:  # -split=auto: the plan chosen and why, and the measured check
+        notes = [*compiled.plan.notes[:1], check["note"]]
     return {"layers": len(compiled.layers), "build_seconds": seconds, "notes": notes}
 
 
