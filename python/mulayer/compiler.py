@@ -279,8 +279,10 @@ def check_auto_plan(mod, spec: TargetSpec, plan: Plan, built, inputs, outputs, c
             exe, spec, inputs, outputs, [], plan, extra_metadata=meta, built_as=as_
         )
 
-    plan_name = f"{built_as} only (the plan)" if built_as else "plan"
-    candidates = {plan_name: candidate(executable, extra, built_as)}
+    shown = {"gpu": "GPU only", "cpu": "CPU only"}
+    # An all-GPU plan is built as the GPU module already: then it is the "plan" candidate.
+    shown["plan"] = f"plan ({shown[built_as]})" if built_as else "plan"
+    candidates = {"plan": candidate(executable, extra, built_as)}
     if built_as != "gpu":
         gpu_exe, gpu_meta = _build_gpu_only(mod, spec, cuda_graph, None)
         candidates["gpu"] = candidate(gpu_exe, {**gpu_meta, "built_as": "gpu"}, "gpu")
@@ -289,9 +291,8 @@ def check_auto_plan(mod, spec: TargetSpec, plan: Plan, built, inputs, outputs, c
     )
     measured = _measure_ms(candidates)
     kept = min(measured, key=measured.get)
-    shown = {"gpu": "GPU only", "cpu": "CPU only"}
-    figures = ", ".join(f"{shown.get(k, k)} {v:.3f} ms" for k, v in measured.items())
-    if kept == plan_name:
+    figures = ", ".join(f"{shown[k]} {v:.3f} ms" for k, v in measured.items())
+    if kept == "plan":
         note = f"measured here: {figures}: kept the plan (fastest)"
     else:
         note = (
@@ -304,7 +305,7 @@ def check_auto_plan(mod, spec: TargetSpec, plan: Plan, built, inputs, outputs, c
     check = {
         "measured": True,
         "measured_ms": {k: round(v, 4) for k, v in measured.items()},
-        "kept": "plan" if kept == plan_name else kept,
+        "kept": kept,
         "note": note,
     }
     return chosen.executable, {**chosen.extra_metadata, "plan_check": check}, chosen.built_as
