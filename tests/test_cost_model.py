@@ -29,7 +29,7 @@ from mulayer.cost_model import (
 )
 from mulayer.cost_model.defaults import data_dir, resolve_path
 from mulayer.cost_model.evaluate import holdout_eval
-from mulayer.cost_model.features import part_shape
+from mulayer.cost_model.part_shape import part_shape
 from mulayer.cost_model.transfer import fit_line
 from mulayer.errors import MuLayerError
 from mulayer.frontend.layers import Layer

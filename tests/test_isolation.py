@@ -124,7 +124,7 @@ def test_in_process_opt_out_runs_no_child(model_path, tmp_path, monkeypatch):
 
 
 def test_user_error_in_the_child_is_exit_2(model_path, tmp_path, capsys):
-    target = "mulayer -ratio=0.5, llvm, llvm"
+    target = "mulayer, llvm, llvm"  # the plan sets the ratio
     plan = tmp_path / "plan.json"
     mulayer.Plan(layers={"conv2d.7": mulayer.LayerDecision("gpu")}).save(plan)
     args = ["compile", str(model_path), "--target", target, "--plan", str(plan)]

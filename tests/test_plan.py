@@ -141,3 +141,72 @@ def test_sole_processor():
     assert Plan.uniform(0.5).sole_processor(sizes) is None
     mixed = Plan(layers={"conv2d.0": LayerDecision("gpu"), "dense.0": LayerDecision("cpu")})
     assert mixed.sole_processor(sizes) is None
+
+
+# ------------------------------------------------------------- issue 17: plan files checked
+def test_the_plan_format_is_documented_in_help_and_readme():
+    from pathlib import Path
+
+    doc = Plan.__doc__
+    for word in ("default_ratio", "align", "layers", "placement", "gpu_size", '"split"'):
+        assert word in doc, word
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Plan files") :]
+    assert '"default_ratio"' in section and '"gpu_size"' in section
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"layers": {}}, "plan has no default_ratio"),
+        ({"default_ratio": True}, "default_ratio is True; it must be a number"),
+        ({"default_ratio": "0.5"}, "default_ratio is '0.5'; it must be a number"),
+        ({"default_ratio": 0.5, "align": "8"}, "align is '8'; it must be a positive integer"),
+        ({"default_ratio": 0.5, "layers": {"conv2d.0": "gpu"}}, "'gpu' is not an object"),
+        (
+            {"default_ratio": 0.5, "layers": {"conv2d.0": {"placment": "gpu"}}},
+            "unknown field\\(s\\) placment; valid: placement, axis, gpu_size, predicted_ms",
+        ),
+        (
+            {"default_ratio": 0.5, "layers": {"conv2d.0": {"placement": "split", "gpu_size": 8.0}}},
+            "gpu_size 8.0 must be an integer",
+        ),
+        (
+            {"default_ratio": 0.5, "layers": {"d": {"placement": "gpu", "predicted_ms": "1"}}},
+            "predicted_ms '1' must be a number",
+        ),
+    ],
+)
+def test_plan_files_are_checked_on_load(raw, message):
+    with pytest.raises(MuLayerError, match=message):
+        Plan.from_json(json.dumps(raw))
+
+
+def test_gpu_size_must_be_a_multiple_of_align():
+    plan = Plan(align=8, layers={"conv2d.0": LayerDecision("split", gpu_size=13)})
+    with pytest.raises(MuLayerError, match="gpu_size 13 is not a multiple of the plan's align 8"):
+        plan.gpu_size("conv2d.0", 32)
+    assert Plan(layers={"c": LayerDecision("split", gpu_size=16)}).gpu_size("c", 32) == 16
+    assert Plan(layers={"c": LayerDecision("split", gpu_size=10)}).gpu_size("c", 10) == 10
+
+
+def test_layers_the_plan_does_not_name_follow_its_default_ratio(tiny_onnx, tmp_path, capsys):
+    from mulayer.cli.main import main
+    from mulayer.runtime.artifact import read_metadata
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"default_ratio": 0, "layers": {"conv2d.1": {"placement": "gpu"}}}))
+    out = tmp_path / "m.mulayer"
+    argv = ["compile", str(tiny_onnx), "--target", "mulayer, llvm, llvm", "--plan", str(plan)]
+    assert main([*argv, "-o", str(out)]) == 0
+    placements = {k: v["placement"] for k, v in read_metadata(out)[0]["precision"].items()}
+    assert placements.pop("conv2d.1") == "gpu"
+    assert set(placements.values()) == {"cpu"}
+    # A target -ratio is not silently ignored (nor shown by inspect): it is refused.
+    argv[3] = "mulayer -ratio=0.25, llvm, llvm"
+    assert main([*argv, "-o", str(tmp_path / "r.mulayer")]) == 2
+    assert "-ratio=0.25 would be ignored" in capsys.readouterr().err
+    import mulayer
+
+    with pytest.raises(MuLayerError, match="would be ignored"):
+        mulayer.compile(str(tiny_onnx), target="mulayer -ratio=0.25, llvm, llvm", plan=plan)

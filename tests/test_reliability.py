@@ -25,6 +25,8 @@ from mulayer.runtime.fallback import CPU_LIB_NAME
 from mulayer.runtime.loader import load_artifact
 
 COOPERATIVE = "mulayer -ratio=0.5, llvm, llvm"
+PLANNED = "mulayer, llvm, llvm"  # with --plan (the plan sets the ratio)
+PHONE = "opencl -device=mali, llvm -mtriple=aarch64-linux-gnu"
 
 
 # ------------------------------------------------------------------------------ models
@@ -151,7 +153,7 @@ def _rewritten(src: str, dst: Path, **changes) -> str:
 
 
 def _plan(path: Path, **raw) -> str:
-    path.write_text(json.dumps({"schema_version": 1, **raw}))
+    path.write_text(json.dumps({"schema_version": 1, "default_ratio": 0.5, **raw}))
     return str(path)
 
 
@@ -245,12 +247,12 @@ ROWS = [
         2, "is not a .npz archive; write one with numpy.savez"),
     # ---- plans
     Row("plan-unknown-layer", "plan naming a layer the model does not have",
-        _compile(lambda c: c.small, "--target", COOPERATIVE, "--plan",
+        _compile(lambda c: c.small, "--target", PLANNED, "--plan",
                  lambda c: _plan(c.tmp / "p.json", layers={"conv2d.7": {"placement": "gpu"}})),
         2, "plan does not match the model: unknown layer(s) conv2d.7; the model's splittable "
            "layers are conv2d.0, max_pool2d.0"),
     Row("plan-gpu-size", "plan splitting more channels than the layer has",
-        _compile(lambda c: c.small, "--target", COOPERATIVE, "--plan",
+        _compile(lambda c: c.small, "--target", PLANNED, "--plan",
                  lambda c: _plan(c.tmp / "p.json", layers={
                      "conv2d.0": {"placement": "split", "gpu_size": 64}})),
         2, "plan layer 'conv2d.0': gpu_size 64 is more than the layer's 16 output channels"),
@@ -289,7 +291,7 @@ ROWS = [
                                                      "--random"), 2, "does not exist"),
     Row("artifact-truncated", "truncated artifact",
         _run(lambda c: _save_bytes(c.tmp / "a.mulayer", Path(c.artifact).read_bytes()[:5000]),
-             "--random"), 2, "is not a mulayer artifact or is truncated"),
+             "--random"), 2, "is a truncated or damaged mulayer artifact"),
     Row("artifact-tampered-lib", "artifact whose library was changed",
         _run(lambda c: _edit_artifact(c.artifact, c.tmp / "a.mulayer", _flip_lib), "--random"),
         2, "is corrupt: checksum mismatch for 'lib.so'"),
@@ -337,6 +339,95 @@ ROWS = [
     Row("repeat-zero", "run --repeat 0", _run(lambda c: c.artifact, "--random", "--repeat", "0"),
         2, "--repeat must be at least 1, got 0"),
 ]  # fmt: skip
+
+# Issue 17 (a new user's report): the phone target, plans, damaged files, inputs, options.
+ROWS += [
+    Row("phone-no-cross-compiler", "phone target, no aarch64 cross compiler on PATH",
+        _compile(lambda c: c.small, "--target", PHONE), 2,
+        "exporting for aarch64-linux-gnu needs the cross compiler 'aarch64-linux-gnu-g++' on "
+        "PATH (Debian: apt-get install g++-aarch64-linux-gnu)", env={"PATH": "/nonexistent"}),
+    Row("plan-with-ratio", "--plan and a target -ratio (the ratio would be ignored)",
+        _compile(lambda c: c.small, "--target", COOPERATIVE, "--plan",
+                 lambda c: _plan(c.tmp / "p.json")),
+        2, "--plan sets every layer's split, so -ratio=0.5 would be ignored: drop -ratio"),
+    Row("plan-no-default-ratio", "plan file without default_ratio",
+        _compile(lambda c: c.small, "--target", PLANNED, "--plan",
+                 lambda c: _save_bytes(c.tmp / "p.json", b'{"layers": {}}')),
+        2, "plan has no default_ratio: give the share of output channels on the GPU for the "
+           "layers it does not name"),
+    Row("plan-gpu-size-align", "plan gpu_size not a multiple of align",
+        _compile(lambda c: c.small, "--target", PLANNED, "--plan",
+                 lambda c: _plan(c.tmp / "p.json", layers={
+                     "conv2d.0": {"placement": "split", "gpu_size": 13}})),
+        2, "plan layer 'conv2d.0': gpu_size 13 is not a multiple of the plan's align 8"),
+    Row("plan-layer-field", "plan layer entry with an unknown field",
+        _compile(lambda c: c.small, "--target", PLANNED, "--plan",
+                 lambda c: _plan(c.tmp / "p.json", layers={"conv2d.0": {"placment": "gpu"}})),
+        2, "plan has a malformed layer entry 'conv2d.0': unknown field(s) placment; valid: "
+           "placement, axis, gpu_size, predicted_ms"),
+    Row("plan-wrong-type", "plan value of the wrong type (gpu_size as a string)",
+        _compile(lambda c: c.small, "--target", PLANNED, "--plan",
+                 lambda c: _plan(c.tmp / "p.json", layers={
+                     "conv2d.0": {"placement": "split", "gpu_size": "8"}})),
+        2, "plan layer 'conv2d.0': gpu_size '8' must be an integer"),
+    Row("target-ratio-not-number", "target -ratio that is not a number",
+        _compile(lambda c: c.small, "--target", "mulayer -ratio=abc, llvm, llvm"),
+        2, "mulayer -ratio='abc' is not a number: use a number in [0, 1]"),
+    Row("target-verify", "target -verify with an unknown mode",
+        _compile(lambda c: c.small, "--target", "mulayer -split=auto -verify=maybe, llvm, llvm"),
+        2, "mulayer -verify='maybe' is not valid; use auto, measure, off"),
+    Row("verify-measure-no-gpu", "-verify=measure for a GPU this machine lacks",
+        _compile(lambda c: c.small, "--target",
+                 "mulayer -split=auto -verify=measure, cuda -arch=sm_90, llvm"),
+        2, "mulayer -verify=measure times the plan on this machine, but no cuda device on this "
+           "machine", gpu=True),
+    Row("artifact-damaged-member", "artifact with bytes overwritten inside a member",
+        _run(lambda c: _damage_member(c.artifact, c.tmp / "a.mulayer", "lib.so"), "--random"),
+        2, "is damaged: its member 'lib.so' cannot be read"),
+    Row("inspect-truncated-artifact", "inspect on a truncated artifact",
+        lambda c: ["inspect", _save_bytes(c.tmp / "a.mulayer",
+                                          Path(c.artifact).read_bytes()[:5000])],
+        2, "is a truncated or damaged mulayer artifact"),
+    Row("calibration-names", "calibration arrays named differently from the model's inputs",
+        _compile(lambda c: c.small, "--target", COOPERATIVE, "--calibration",
+                 lambda c: _npz(c.tmp / "cal.npz", x=np.zeros((4, 3, 8, 8), "float32"))),
+        2, "input names ['x'] do not match the model's inputs ['input'] (unknown: x) "
+           "(missing: input)"),
+    Row("calibration-int64", "calibration data of an integer dtype",
+        _compile(lambda c: c.small, "--target", COOPERATIVE, "--calibration",
+                 lambda c: _npz(c.tmp / "cal.npz", input=np.ones((4, 3, 8, 8), "int64"))),
+        2, "input 'input' has dtype int64, expected float32"),
+    Row("calibration-nan", "calibration data holding NaN",
+        _compile(lambda c: c.small, "--target", COOPERATIVE, "--calibration",
+                 lambda c: _npz(c.tmp / "cal.npz", input=np.full((2, 3, 8, 8), np.nan, "f4"))),
+        2, "input 'input' holds NaN or Inf values (384 of 384); calibration ranges need "
+           "finite samples"),
+    Row("input-int64", "inputs of an integer dtype",
+        _run(lambda c: c.artifact, "--inputs",
+             lambda c: _npz(c.tmp / "x.npz", input=np.ones((1, 3, 8, 8), "int64"))),
+        2, "input 'input' has dtype int64; the model expects float32 (integer arrays are not "
+           "converted"),
+    Row("input-all-nan-allowed", "all-NaN inputs with --allow-nonfinite",
+        _run(lambda c: c.artifact, "--repeat", "1", "--allow-nonfinite", "--inputs",
+             lambda c: _npz(c.tmp / "x.npz", input=np.full((1, 3, 8, 8), np.nan, "float32"))),
+        0, "warning: running NaN or Inf values in input(s) 'input' (192 of 192): what the model "
+           "computes from them is unspecified"),
+]  # fmt: skip
+
+
+def _damage_member(src: str, dst: Path, member: str) -> str:
+    """Copy an artifact and overwrite two bytes inside ``member``'s compressed data."""
+    data = bytearray(Path(src).read_bytes())
+    with zipfile.ZipFile(src) as archive:
+        info = archive.getinfo(member)
+    header = info.header_offset  # local header: 30 bytes, then the name and the extra field
+    name_len = int.from_bytes(data[header + 26 : header + 28], "little")
+    extra_len = int.from_bytes(data[header + 28 : header + 30], "little")
+    start = header + 30 + name_len + extra_len
+    middle = start + info.compress_size // 2
+    data[middle : middle + 2] = bytes(b ^ 0x5A for b in data[middle : middle + 2])
+    dst.write_bytes(bytes(data))
+    return str(dst)
 
 
 def _save_bytes(path: Path, data: bytes) -> str:

@@ -72,7 +72,7 @@ INVALID = [
     ("cuda -arch=90, llvm", "cuda -arch='90' is not valid"),
     ("opencl -device=nokia, llvm", "opencl -device='nokia'"),
     ("mulayer -ratio=1.5, llvm, llvm", "out of range"),
-    ("mulayer -ratio=abc, llvm, llvm", "out of range"),
+    ("mulayer -ratio=abc, llvm, llvm", "is not a number"),
     ("mulayer -split=diagonal, llvm, llvm", "-split='diagonal'"),
     ("mulayer -ratio=0.5, llvm", "needs a device and a host"),
     ("llvm, mulayer, llvm", "must come first"),

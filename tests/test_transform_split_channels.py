@@ -122,7 +122,7 @@ def test_grouped_conv_slices_input_on_group_boundary():
 
     w = rand(16, 2, 3, 3)
     # 6 output channels asked; groups hold 4 each, so the split moves to 8.
-    after = split(bind(Before, w=w), gpu_size("conv2d.0", 6))
+    after = split(bind(Before, w=w), gpu_size("conv2d.0", 6, align=2))
     tvm.ir.assert_structural_equal(after, bind(Expected, wg=w[:8], wc=w[8:]))
 
 

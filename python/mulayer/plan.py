@@ -58,7 +58,40 @@ class LayerDecision:
 
 @dataclass
 class Plan:
-    """Per-layer placement for one model."""
+    """Per-layer placement for one model (``--plan plan.json``, ``compile(plan=...)``).
+
+    The JSON file (what :meth:`save` writes and :meth:`load` reads) is one object::
+
+        {
+          "schema_version": 1,
+          "default_ratio": 0.5,
+          "align": 8,
+          "layers": {
+            "conv2d.0": {"placement": "cpu"},
+            "conv2d.1": {"placement": "split", "gpu_size": 16},
+            "dense.0": {"placement": "gpu"}
+          }
+        }
+
+    ``default_ratio`` (required in a file; a number in [0, 1])
+        The share of output channels on the GPU for every layer ``layers`` does not name,
+        rounded to a multiple of ``align`` (1 = GPU only, 0 = CPU only).
+    ``align`` (optional, default 8; a positive integer)
+        GPU slices are multiples of it.
+    ``layers`` (optional, default {})
+        Layer name (as ``mulayer inspect MODEL.onnx`` lists them: ``conv2d.3``, ``dense.0``,
+        ``max_pool2d.1``, ...) to a decision: ``placement`` is ``"gpu"``, ``"cpu"`` or
+        ``"split"``; a split needs ``gpu_size``, the number of output channels the GPU
+        computes (a multiple of ``align``, at most the layer's channels); ``axis`` is
+        ``"channel"`` (the default; ``"height"`` is not built yet); ``predicted_ms`` is
+        informational.
+    ``schema_version`` (optional, 1), ``predicted_ms``, ``baselines_ms``, ``notes``
+        Written by ``-split=auto`` (predicted times, how the plan was found); optional.
+
+    Loading refuses unknown fields, values of the wrong type and, at compile time, layer names
+    the model does not have, naming the value and the valid choices. A plan sets every layer:
+    a target's ``-ratio`` cannot be combined with it.
+    """
 
     default_ratio: float = 1.0
     align: int = 8
@@ -114,12 +147,41 @@ class Plan:
             return size
         if decision.placement == "cpu":
             return 0
-        if int(decision.gpu_size or 0) > size:
+        gpu = int(decision.gpu_size or 0)
+        if gpu > size:
             raise MuLayerError(
                 f"plan layer {name!r}: gpu_size {decision.gpu_size} is more than the layer's "
                 f"{size} output {'rows' if decision.axis == 'height' else 'channels'}"
             )
-        return int(decision.gpu_size or 0)
+        if decision.axis == "channel" and gpu % self.align and gpu != size:
+            lower = gpu // self.align * self.align
+            raise MuLayerError(
+                f"plan layer {name!r}: gpu_size {gpu} is not a multiple of the plan's align "
+                f"{self.align} (GPU slices are multiples of align): use e.g. {lower} or "
+                f"{lower + self.align}, or set \"align\" in the plan"
+            )
+        return gpu
+
+    def placement_reason(self, name: str, size: int) -> str:
+        """Why layer ``name`` (``size`` output channels) runs wholly on one processor although
+        the plan's ``default_ratio`` splits layers; ``""`` when it is split or the plan names it.
+        """
+        ratio = self.default_ratio
+        if name in self.layers or not 0.0 < ratio < 1.0:
+            return ""
+        gpu = self.gpu_size(name, size)
+        if 0 < gpu < size:
+            return ""
+        side = "GPU" if gpu else "CPU"
+        if size < 2 * self.align:
+            return (
+                f"not split: {size} channels < 2 x align {self.align}; at ratio {ratio:g} the "
+                f"{side} has the larger share"
+            )
+        return (
+            f"not split: ratio {ratio:g} of {size} channels rounds to {gpu} in multiples of "
+            f"align {self.align}"
+        )
 
     def sole_processor(self, sizes: dict[str, int]) -> str | None:
         """``"gpu"`` or ``"cpu"`` when every layer (name -> output channels) runs wholly there.
@@ -155,15 +217,32 @@ class Plan:
             raise MuLayerError(
                 f"plan has unknown field(s) {', '.join(extra)}; valid: {', '.join(sorted(known))}"
             )
+        if raw.get("schema_version", PLAN_SCHEMA_VERSION) != PLAN_SCHEMA_VERSION:
+            cls._check_type("schema_version", raw["schema_version"], int)
+            return cls(schema_version=raw["schema_version"])  # raises: names the version
         if not isinstance(raw.get("layers", {}), dict):
             raise MuLayerError("plan field layers must map layer names to decisions")
-        try:
-            layers = {
-                name: LayerDecision(**decision) for name, decision in raw.get("layers", {}).items()
-            }
-            return cls(**{**raw, "layers": layers})
-        except TypeError as err:
-            raise MuLayerError(f"plan has a malformed layer entry: {err}") from None
+        layers = {
+            name: _decision_from_json(name, decision)
+            for name, decision in raw.get("layers", {}).items()
+        }
+        ratio = raw.get("default_ratio", 1.0)
+        cls._check_type("default_ratio", ratio, (int, float), "a number in [0, 1]")
+        cls._check_type("align", raw.get("align", 8), int, "a positive integer")
+        if raw.get("predicted_ms") is not None:
+            cls._check_type("predicted_ms", raw["predicted_ms"], (int, float), "a number")
+        plan = cls(**{**raw, "layers": layers})
+        if "default_ratio" not in raw:  # the dataclass default (GPU) would surprise a file
+            raise MuLayerError(
+                "plan has no default_ratio: give the share of output channels on the GPU for "
+                'the layers it does not name (0 = CPU, 1 = GPU), e.g. "default_ratio": 0.5'
+            )
+        return plan
+
+    @staticmethod
+    def _check_type(key: str, value, types, what: str = "an integer") -> None:
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise MuLayerError(f"plan field {key} is {value!r}; it must be {what}")
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(Path(path), self.to_json())
@@ -178,6 +257,34 @@ class Plan:
     @classmethod
     def uniform(cls, ratio: float, align: int = 8) -> Plan:
         return cls(default_ratio=ratio, align=align)
+
+
+def _decision_from_json(name: str, raw) -> LayerDecision:
+    """One ``layers`` entry of a plan file, with its keys and types checked."""
+    valid = [f.name for f in fields(LayerDecision)]
+    if not isinstance(raw, dict):
+        raise MuLayerError(
+            f"plan has a malformed layer entry {name!r}: {raw!r} is not an object such as "
+            '{"placement": "gpu"}'
+        )
+    extra = sorted(set(raw) - set(valid))
+    if extra:
+        raise MuLayerError(
+            f"plan has a malformed layer entry {name!r}: unknown field(s) {', '.join(extra)}; "
+            f"valid: {', '.join(valid)}"
+        )
+    gpu_size = raw.get("gpu_size")
+    if gpu_size is not None and (isinstance(gpu_size, bool) or not isinstance(gpu_size, int)):
+        raise MuLayerError(
+            f"plan layer {name!r}: gpu_size {gpu_size!r} must be an integer (output channels "
+            "on the GPU)"
+        )
+    predicted = raw.get("predicted_ms")
+    if predicted is not None and (
+        isinstance(predicted, bool) or not isinstance(predicted, (int, float))
+    ):
+        raise MuLayerError(f"plan layer {name!r}: predicted_ms {predicted!r} must be a number")
+    return LayerDecision(**raw)
 
 
 def aligned_split(size: int, ratio: float, align: int) -> int:

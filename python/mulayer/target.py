@@ -23,7 +23,10 @@ TARGET_OPTIONS: dict[str, tuple[str, ...]] = {
 GPU_KINDS = ("cuda", "opencl")
 OPENCL_DEVICES = ("mali", "adreno", "generic")
 SPLIT_AXES = ("channel", "height", "auto")
-MULAYER_OPTIONS = ("ratio", "split", "align", "cost-model", "guard-db")
+# -verify: time an auto plan against the single-processor builds and keep the fastest
+# ("auto": where the target's processors are on this machine).
+VERIFY_MODES = ("auto", "measure", "off")
+MULAYER_OPTIONS = ("ratio", "split", "align", "cost-model", "guard-db", "verify")
 
 
 @dataclass
@@ -35,6 +38,7 @@ class MulayerOptions:
     align: int = 8
     cost_model: str | None = None
     guard_db: float = 30.0
+    verify: str = "auto"
 
 
 @dataclass
@@ -136,7 +140,9 @@ def _llvm(options: dict[str, str], detected: list[str]) -> dict:
         _check_mcpu(options["mcpu"])
     elif "mtriple" not in options:
         target["mcpu"] = detect_cpu()
-        detected.append(f"llvm -mcpu={target['mcpu']} (detected)")
+        note = f"llvm -mcpu={target['mcpu']} (detected)"
+        if note not in detected:  # host and "GPU" side of an llvm + llvm target: once
+            detected.append(note)
     if "mattr" in options:
         target["mattr"] = options["mattr"].split(",")
     if "num-cores" in options:
@@ -214,7 +220,10 @@ def _mulayer(options: dict[str, str]) -> MulayerOptions:
         try:
             opts.ratio = float(options["ratio"])
         except ValueError:
-            opts.ratio = -1.0
+            raise MuLayerError(
+                f"mulayer -ratio={options['ratio']!r} is not a number: use a number in [0, 1] "
+                "(the share of output channels computed on the GPU)"
+            ) from None
         if not 0.0 <= opts.ratio <= 1.0:
             raise MuLayerError(
                 f"mulayer -ratio={options['ratio']!r} is out of range: use a number in [0, 1] "
@@ -228,6 +237,19 @@ def _mulayer(options: dict[str, str]) -> MulayerOptions:
         opts.split = options["split"]
     if "align" in options:
         opts.align = _positive_int("align", options["align"])
+    if "verify" in options:
+        if options["verify"] not in VERIFY_MODES:
+            raise MuLayerError(
+                f"mulayer -verify={options['verify']!r} is not valid; use "
+                f"{', '.join(VERIFY_MODES)} (time the -split=auto plan against the "
+                "single-processor builds: where the processors are here, always, never)"
+            )
+        if opts.split != "auto":
+            raise MuLayerError(
+                f"mulayer -verify={options['verify']} checks a -split=auto plan; this target "
+                f"has -split={opts.split}"
+            )
+        opts.verify = options["verify"]
     if "cost-model" in options:
         opts.cost_model = options["cost-model"]
     if "guard-db" in options:

@@ -24,7 +24,8 @@ from .output import print_json, step
 EXAMPLE = """example:
   mulayer compile models/resnet18.onnx --target llvm -o resnet18.mulayer
   mulayer compile model.onnx --target "cuda -arch=sm_90, llvm" -o model.mulayer
-  mulayer compile model.onnx --target "cuda, llvm" --fallback cpu -o model.mulayer
+  mulayer compile model.onnx --target "cuda -arch=sm_90, llvm" --fallback cpu -o model.mulayer
+  mulayer compile model.onnx --target "mulayer -split=auto, llvm, llvm" -o model.mulayer
   mulayer compile model.onnx --input-shapes "input:[1,3,224,224]" --target llvm -o m.mulayer
 """
 EXIT_INTERNAL = 1  # as in cli.main: a crash is not the user's fault
@@ -120,7 +121,11 @@ def build_artifact(
         compiled.export(output)
     else:
         export_with_cpu_fallback(compiled, cpu_compiled, output)
-    return {"layers": len(compiled.layers), "build_seconds": seconds}
+    notes = []
+    check = compiled.extra_metadata.get("plan_check")
+    if check is not None:  # -split=auto: the plan chosen and why, and the measured check
+        notes = [*compiled.plan.notes[:1], check["note"]]
+    return {"layers": len(compiled.layers), "build_seconds": seconds, "notes": notes}
 
 
 def _build_in_child(output: Path, request: dict) -> dict:
@@ -140,11 +145,15 @@ def check_request(args: argparse.Namespace, spec) -> None:
     """Everything that can be checked without building, so that bad input fails at once:
     the options against the target, the output path, the model file, the plan, the calibration.
     """
+    from ..compiler.build import check_cross_compiler
     from ..compiler.calibration import load_calibration_npz
+    from ..compiler.driver import check_plan_target, check_verify
     from ..compiler.fallback import needs_cpu_fallback
     from ..frontend.onnx_import import check_onnx
 
     check_output_path(Path(args.output))
+    check_cross_compiler(spec)
+    check_verify(spec)
     if args.plan and not spec.cooperative:
         raise MuLayerError('--plan needs a cooperative target such as "mulayer, cuda, llvm"')
     if args.calibration and not spec.cooperative:
@@ -155,6 +164,7 @@ def check_request(args: argparse.Namespace, spec) -> None:
     _, inputs = check_onnx(args.model, args.input_shapes)
     if args.plan:
         Plan.load(args.plan)
+        check_plan_target(spec)
     if args.calibration:
         load_calibration_npz(args.calibration, inputs)
     if args.fallback and not needs_cpu_fallback(spec):
@@ -209,11 +219,11 @@ def run(args: argparse.Namespace) -> int:
         "build_seconds": round(summary["build_seconds"], 2),
         "fallback": args.fallback if args.fallback and needs_cpu_fallback(spec) else None,
     }
+    for note in [*spec.detected, *summary.get("notes", [])]:
+        print(f"note: {note}", file=sys.stderr)
     if args.json:
-        print_json(result)
+        print_json({**result, "notes": summary.get("notes", [])})
     else:
-        for note in spec.detected:
-            print(f"note: {note}")
         with_fallback = " with a CPU fallback" if result["fallback"] else ""
         print(
             f"wrote {output} ({spec.mode}{with_fallback}, {summary['layers']} splittable layers, "

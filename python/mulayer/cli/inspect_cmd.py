@@ -8,7 +8,6 @@ time); ``--measure`` runs the artifact here and adds measured times (see
 from __future__ import annotations
 
 import argparse
-import zipfile
 from pathlib import Path
 
 from ..errors import MuLayerError
@@ -156,8 +155,10 @@ def run(args: argparse.Namespace) -> int:
         raise MuLayerError(f"{args.path!r} does not exist or is not a file")
     if (args.measure or args.plot) and not args.plan:
         raise MuLayerError("--measure and --plot go with --plan")
+    from ..runtime.artifact import looks_like_artifact
+
     if args.plan:
-        if not zipfile.is_zipfile(path):
+        if not looks_like_artifact(path):
             raise MuLayerError(f"--plan needs a mulayer artifact; {args.path!r} is not one")
         report = _plan_report(args.path, args.measure, args.repeat)
         if args.plot:
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     report = (
         _artifact_report(args.path)
-        if zipfile.is_zipfile(path)
+        if looks_like_artifact(path)
         else _model_report(args.path, args.input_shapes)
     )
     if args.json:
@@ -187,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
             f"  mulayer {report['mulayer_version']}, TVM {report['tvm_version']}, "
             f"schema v{report['schema_version']}"
         )
+        if report.get("plan_check"):
+            print(f"  note: {report['plan_check']['note']}")
     for direction in ("inputs", "outputs"):
         for spec in report[direction]:
             print(f"  {direction[:-1]} {spec['name']}: {spec['dtype']}{spec['shape']}")
@@ -201,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
                 layer["output_shape"],
                 layer["weight_shape"] or "",
                 layer["flops"] / 1e6,
-                decision.get("placement", report.get("mode", "")),
+                decision.get("placement", report.get("built_as") or report.get("mode", "")),
                 decision.get("precision", ""),
                 "" if decision.get("sqnr_db") is None else round(decision["sqnr_db"], 1),
                 decision.get("reason", ""),

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -61,3 +64,38 @@ def step(message: str, quiet: bool = False):
         raise
     if not quiet:
         print(f" done ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def native_stderr_silenced(enabled: bool = True):
+    """Drop what native code writes on file descriptor 2 (TVM's C++ ``Warning:`` lines, its
+    worker processes) while Python's ``sys.stderr`` (progress bars, warnings, logging) stays on
+    the terminal. ``enabled=False`` (``--verbose``) changes nothing."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    old = sys.stderr
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        sys.stderr = open(  # noqa: SIM115 (closed below; the descriptor stays ours)
+            saved, "w", buffering=1, closefd=False, errors="backslashreplace"
+        )
+        handlers = [
+            h
+            for h in logging.getLogger().handlers
+            if isinstance(h, logging.StreamHandler) and h.stream is old
+        ]
+        for handler in handlers:
+            handler.setStream(sys.stderr)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            for handler in handlers:
+                handler.setStream(old)
+            sys.stderr.close()
+            sys.stderr = old
+            os.dup2(saved, 2)
+            os.close(saved)

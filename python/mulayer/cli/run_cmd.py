@@ -120,6 +120,13 @@ def run(args: argparse.Namespace) -> int:
             f"NaN or Inf values in input(s) {_describe(bad, inputs)}; fix the inputs, or pass "
             "--allow-nonfinite to run them anyway"
         )
+    if bad:
+        warnings.warn(
+            f"running NaN or Inf values in input(s) {_describe(bad, inputs)}: what the model "
+            "computes from them is unspecified (TVM's max pooling and ReLU may turn a NaN into "
+            "a finite value where onnxruntime propagates it)",
+            stacklevel=1,
+        )
     outputs = model.run(inputs)
     bad_out = nonfinite(outputs)
     if bad_out:  # from finite inputs: an overflow (fp16 parts) or a bad model

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import MuLayerError
-from .output import print_json, print_table
+from .output import native_stderr_silenced, print_json, print_table
 
 EXAMPLE = """example:
   mulayer tune models/mobilenetv2.onnx --target llvm --trials 512 -o tuned/
@@ -70,18 +70,20 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tasks is not None and args.max_tasks < 1:
         raise MuLayerError(f"--max-tasks must be at least 1, got {args.max_tasks}")
     check_onnx(args.model, args.input_shapes)
-    report = tune_model(
-        args.model,
-        args.target,
-        args.trials,
-        args.output,
-        progress=not args.json,
-        input_shapes=args.input_shapes,
-        select=args.select,
-        max_tasks=args.max_tasks,
-        seed=args.seed,
-        strategy=args.strategy,
-    )
+    # TVM's C++ warnings (MetaSchedule and its workers) are noise here; --verbose shows them.
+    with native_stderr_silenced(not args.verbose):
+        report = tune_model(
+            args.model,
+            args.target,
+            args.trials,
+            args.output,
+            progress=not args.json,
+            input_shapes=args.input_shapes,
+            select=args.select,
+            max_tasks=args.max_tasks,
+            seed=args.seed,
+            strategy=args.strategy,
+        )
     if args.json:
         print_json({**asdict(report), "db_dir": str(report.db_dir)})
         return 0

@@ -79,20 +79,29 @@ def build_single(mod: tvm.IRModule, target: tvm.target.Target, tuning_db: str | 
 
 def export_options(spec: TargetSpec) -> dict:
     """Cross-compile the library when the host target is not this machine (e.g. aarch64)."""
-    triple = spec.host.get("mtriple")
-    if not triple or triple.startswith("x86_64"):
+    compiler = check_cross_compiler(spec)
+    if compiler is None:
         return {}
+    from tvm.support import cc  # tvm.contrib.cc before TVM 0.27
+
+    return {"fcompile": cc.cross_compiler(compiler)}
+
+
+def check_cross_compiler(spec: TargetSpec) -> str | None:
+    """The cross compiler exporting for ``spec``'s host needs (``None``: the native one), or a
+    ``MuLayerError`` saying how to install it when it is not on PATH."""
     import shutil
 
-    from tvm.contrib import cc
-
+    triple = spec.host.get("mtriple")
+    if not triple or triple.startswith("x86_64"):
+        return None
     compiler = f"{triple}-g++"
     if shutil.which(compiler) is None:
         raise MuLayerError(
             f"exporting for {triple} needs the cross compiler {compiler!r} on PATH "
             f"(Debian: apt-get install g++-{triple.split('-')[0].replace('_', '-')}-linux-gnu)"
         )
-    return {"fcompile": cc.cross_compiler(compiler)}
+    return compiler
 
 
 def check_device_module(ex, kind: str) -> None:

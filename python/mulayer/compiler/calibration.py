@@ -194,6 +194,12 @@ def _split_samples(
         )
     if not samples:
         raise MuLayerError(f"{what}: input {name!r} holds no samples (N = 0)")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        count = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise MuLayerError(
+            f"{what}: input {name!r} holds NaN or Inf values ({count} of {array.size}); "
+            "calibration ranges need finite samples"
+        )
     return [s.astype(dtype) for s in samples]
 
 
@@ -243,7 +249,7 @@ def _normalize_samples(
 def load_calibration_npz(path: str | Path, input_specs) -> dict[str, np.ndarray]:
     """Read ``--calibration samples.npz``: one array per input name, leading axis = sample.
 
-    A file with a single array (any name) is accepted for a single-input model.
+    The array names must be the model's input names, as for ``mulayer run --inputs``.
     ``input_specs`` are :class:`mulayer.tensor_spec.TensorSpec` (or ``(name, shape, dtype)``).
     Returns ``{input name: [N, *shape] array}``, checked against the specs.
     """
@@ -261,8 +267,6 @@ def load_calibration_npz(path: str | Path, input_specs) -> dict[str, np.ndarray]
         for s in input_specs
     ]
     names = [name for name, _, _ in specs]
-    if len(arrays) == 1 and len(specs) == 1 and names[0] not in arrays:
-        arrays = {names[0]: next(iter(arrays.values()))}
     samples = _normalize_samples(arrays, specs, what)
     return {name: np.stack([s[name] for s in samples]) for name in names}
 

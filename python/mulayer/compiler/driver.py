@@ -90,7 +90,8 @@ def compile_model(
     model : path or onnx.ModelProto
     target : tvmc-style target string, e.g. ``"llvm"``, ``"cuda -arch=sm_90, llvm"`` or
         ``"mulayer -ratio=0.5, cuda, llvm"``, or a parsed :class:`TargetSpec`.
-    plan : a :class:`Plan` (or its JSON file) for cooperative targets; overrides ``-ratio``.
+    plan : a :class:`Plan` (or its JSON file) for cooperative targets; it sets every layer, so
+        the target must not give ``-ratio`` too.
     calibration : calibration samples for the CPU int8 parts (cooperative targets).
     input_shapes : static shapes for dynamic inputs (``{"input": [1, 3, 224, 224]}``).
     cuda_graph : GPU-only CUDA builds capture their kernels in a CUDA graph (TVM's
@@ -107,6 +108,9 @@ def compile_model(
         )
     if plan is not None and not spec.cooperative:
         raise MuLayerError('a plan needs a cooperative target such as "mulayer, cuda, llvm"')
+    if plan is not None:
+        check_plan_target(spec)
+    check_verify(spec)
     # 1. ONNX → canonical Relax (params bound, BN folded, constants folded)
     mod, inputs, outputs = import_onnx(model, input_shapes)
     layers = splittable_layers(mod["main"])
@@ -114,6 +118,7 @@ def compile_model(
     # 2. Build for the processors the target names
     built_as = None
     if spec.cooperative:
+        searched = plan is None and spec.mulayer.split == "auto"  # the partitioner's plan
         plan = resolve_plan(plan, spec, [layer.name for layer in layers], mod)
         sizes = {layer.name: layer.out_channels for layer in layers}
         if spec.mulayer.split == "auto" and plan.sole_processor(sizes) == "gpu":
@@ -130,6 +135,11 @@ def compile_model(
             extra["built_as"] = "cpu"
         else:
             executable, extra = build_cooperative(mod, spec, plan, layers, calibration, inputs)
+        if searched:
+            # 2b. Keep the fastest of the plan and the single-processor builds, measured here
+            executable, extra, built_as = check_auto_plan(
+                mod, spec, plan, (executable, extra, built_as), inputs, outputs, cuda_graph
+            )
     elif spec.mode == "gpu":
         executable, extra = _build_gpu_only(mod, spec, cuda_graph, tuning_db)
     else:
@@ -153,6 +163,129 @@ def _build_gpu_only(mod, spec: TargetSpec, cuda_graph: bool, tuning_db):
     with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": use_graph}):
         executable = build_single(to_fp16(mod), spec.device_target(), tuning_db=tuning_db)
     return executable, {"cuda_graph": use_graph}
+
+
+def check_plan_target(spec: TargetSpec) -> None:
+    """A plan sets every layer: refuse a target ``-ratio`` that it would silently override."""
+    if spec.mulayer is not None and spec.mulayer.ratio is not None:
+        raise MuLayerError(
+            f"--plan sets every layer's split, so -ratio={spec.mulayer.ratio:g} would be "
+            "ignored: drop -ratio from the target (the plan's default_ratio covers the layers it "
+            'does not name), e.g. "mulayer, cuda, llvm"'
+        )
+
+
+# ------------------------------------------------------------------- -verify: measure the plan
+VERIFY_ROUNDS = 3  # rounds of timed runs, candidates interleaved (a noisy machine)
+VERIFY_REPEAT = 10  # timed runs per candidate and round (after 2 warm-up runs)
+
+
+def check_verify(spec: TargetSpec) -> None:
+    """``-verify=measure`` needs the target's processors on this machine."""
+    if spec.mulayer is None or spec.mulayer.verify != "measure":
+        return
+    why_not = processors_here(spec)
+    if why_not is not None:
+        raise MuLayerError(
+            f"mulayer -verify=measure times the plan on this machine, but {why_not}: compile "
+            "on a machine with the target's processors, or use -verify=auto (measures where it "
+            "can) or -verify=off"
+        )
+
+
+def processors_here(spec: TargetSpec) -> str | None:
+    """``None`` when this machine can run both sides of ``spec``, else why not."""
+    import platform
+
+    machine = platform.machine().lower().replace("amd64", "x86_64")
+    for side in (spec.host, spec.device):
+        triple = (side or {}).get("mtriple")
+        if triple and not triple.startswith(machine):
+            return f"the target is for {triple.split('-')[0]} and this machine is {machine}"
+    kind = spec.device["kind"] if spec.device is not None else "llvm"
+    if kind != "llvm" and not tvm.device(kind, 0).exist:
+        return f"no {kind} device on this machine"
+    return None
+
+
+def _measure_ms(candidates: dict[str, CompiledModel]) -> dict[str, float]:
+    """Median latency (ms) of each in-memory build on the same random inputs, the best of
+    ``VERIFY_ROUNDS`` interleaved rounds."""
+    from .executor import LoadedModel
+
+    loaded = {}
+    with tempfile.TemporaryDirectory(prefix="mulayer-verify-") as tmp:
+        for name, c in candidates.items():
+            # Exported and loaded, not ``jit()``-ed: TVM warns when exporting a jitted executable.
+            lib_path = Path(tmp) / f"{len(loaded)}.so"
+            c.executable.export_library(str(lib_path))
+            lib = tvm.runtime.load_module(str(lib_path))
+            loaded[name] = LoadedModel(lib, c.metadata(), c.inputs, c.outputs)
+    inputs = next(iter(loaded.values())).random_inputs(seed=0)
+    best = dict.fromkeys(loaded, float("inf"))
+    for _ in range(VERIFY_ROUNDS):
+        for name, model in loaded.items():
+            ms = model.benchmark(inputs, repeat=VERIFY_REPEAT, warmup=2).median_ms
+            best[name] = min(best[name], ms)
+    return best
+
+
+def check_auto_plan(mod, spec: TargetSpec, plan: Plan, built, inputs, outputs, cuda_graph):
+    """``-verify``: time the ``-split=auto`` build against the GPU-only and CPU-only builds
+    and keep the fastest, where this machine has the target's processors.
+
+    ``built`` is ``(executable, extra metadata, built_as)`` of the plan; returns the same for the
+    build kept. The figures go into the plan's notes and ``extra["plan_check"]``.
+    """
+    executable, extra, built_as = built
+    why_not = processors_here(spec)
+    verify = spec.mulayer.verify
+    if verify == "off" or why_not is not None:  # (-verify=measure was checked up front)
+        reason = "-verify=off" if verify == "off" else why_not
+        note = (
+            f"plan chosen by the cost model alone, not measured ({reason}); on a machine with "
+            "the target's processors -verify=measure times it against the GPU-only and "
+            "CPU-only builds and keeps the fastest"
+        )
+        plan.notes.append(note)
+        extra["plan_check"] = {"measured": False, "note": note}
+        return executable, extra, built_as
+
+    def candidate(exe, meta, as_):
+        return CompiledModel(
+            exe, spec, inputs, outputs, [], plan, extra_metadata=meta, built_as=as_
+        )
+
+    shown = {"gpu": "GPU only", "cpu": "CPU only"}
+    # An all-GPU plan is built as the GPU module already: then it is the "plan" candidate.
+    shown["plan"] = f"plan ({shown[built_as]})" if built_as else "plan"
+    candidates = {"plan": candidate(executable, extra, built_as)}
+    if built_as != "gpu":
+        gpu_exe, gpu_meta = _build_gpu_only(mod, spec, cuda_graph, None)
+        candidates["gpu"] = candidate(gpu_exe, {**gpu_meta, "built_as": "gpu"}, "gpu")
+    candidates["cpu"] = candidate(
+        build_single(mod, spec.host_target()), {"built_as": "cpu"}, "cpu"
+    )
+    measured = _measure_ms(candidates)
+    kept = min(measured, key=measured.get)
+    figures = ", ".join(f"{shown[k]} {v:.3f} ms" for k, v in measured.items())
+    if kept == "plan":
+        note = f"measured here: {figures}: kept the plan (fastest)"
+    else:
+        note = (
+            f"measured here: {figures}: built as {shown[kept]} (faster than the plan; "
+            "-verify=off keeps the plan)"
+        )
+    log.info(note)
+    plan.notes.append(note)
+    chosen = candidates[kept]
+    check = {
+        "measured": True,
+        "measured_ms": {k: round(v, 4) for k, v in measured.items()},
+        "kept": kept,
+        "note": note,
+    }
+    return chosen.executable, {**chosen.extra_metadata, "plan_check": check}, chosen.built_as
 
 
 def resolve_plan(
@@ -283,4 +416,8 @@ def _decisions(plan: Plan, layers, precision: dict) -> dict:
             ),
             **{k: v for k, v in precision.get(layer.name, {}).items() if k != "precision"},
         }
+        why = plan.placement_reason(layer.name, layer.out_channels)
+        if why:  # e.g. too few channels to split at -align: say so in inspect's "why"
+            reasons = [why, decisions[layer.name].get("reason", "")]
+            decisions[layer.name]["reason"] = "; ".join(r for r in reasons if r)
     return decisions

@@ -146,7 +146,9 @@ def load_cost_model(path: str | Path | None = None, target: str | TargetSpec | N
         warnings.warn(
             f"cost model {path.name} was trained on other hardware than this machine ({diff}); "
             "its predictions are only a starting point: profile this machine with "
-            "`mulayer profile` for accurate plans",
+            "`mulayer profile` for accurate plans (where this machine has the target's "
+            "processors, -split=auto also times the plan against the single-processor builds "
+            "and keeps the fastest: -verify)",
             stacklevel=2,
         )
     if spec is not None:

@@ -25,6 +25,8 @@ from types import SimpleNamespace
 
 from mulayer.frontend.layers import Layer
 
+from .part_shape import part_shape
+
 # The rule names :func:`kernel_info` can return, per processor (one-hot features, in this order).
 CPU_RULES = (
     "Conv2dInt8AMX",
@@ -178,8 +180,6 @@ class _Shape:
 
 
 def _shape(layer: Layer, channels: int) -> _Shape:
-    from .features import part_shape
-
     p = part_shape(layer, channels)
     in_per_channel = p.in_height * p.in_width
     if p.kind == "conv2d":

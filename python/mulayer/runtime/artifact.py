@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
+import zlib
 from pathlib import Path
 
 from ..errors import MuLayerError
@@ -27,6 +28,16 @@ READABLE_SCHEMA_VERSIONS = (1, 2)
 LIB_NAME = "lib.so"
 METADATA_NAME = "metadata.json"
 PLAN_NAME = "plan.json"
+ZIP_MAGIC = b"PK\x03\x04"  # an artifact's first bytes, whole or truncated
+
+
+def looks_like_artifact(path: str | Path) -> bool:
+    """Whether ``path`` is a zip archive, or the beginning of one (a truncated artifact)."""
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as handle:
+        return handle.read(len(ZIP_MAGIC)) == ZIP_MAGIC
 
 
 def _sha256(data: bytes) -> str:
@@ -82,10 +93,17 @@ def read_metadata(path: str | Path) -> tuple[dict, dict[str, bytes]]:
             names = set(archive.namelist())
             if METADATA_NAME not in names:
                 raise MuLayerError(f"{str(path)!r} is not a mulayer artifact (no {METADATA_NAME})")
-            meta_bytes = archive.read(METADATA_NAME)
+            meta_bytes = _read_member(archive, METADATA_NAME, path)
             comment = archive.comment.decode(errors="replace")
-            members = {name: archive.read(name) for name in names - {METADATA_NAME}}
+            members = {
+                name: _read_member(archive, name, path) for name in sorted(names - {METADATA_NAME})
+            }
     except zipfile.BadZipFile:
+        if looks_like_artifact(path):
+            raise MuLayerError(
+                f"{str(path)!r} is a truncated or damaged mulayer artifact (its zip directory "
+                "is missing: was the copy cut short?); copy or recompile it again"
+            ) from None
         raise MuLayerError(
             f"{str(path)!r} is not a mulayer artifact or is truncated (not a valid archive)"
         ) from None
@@ -109,6 +127,17 @@ def read_metadata(path: str | Path) -> tuple[dict, dict[str, bytes]]:
         if _sha256(members[name]) != digest:
             raise MuLayerError(f"artifact {str(path)!r} is corrupt: checksum mismatch for {name!r}")
     return metadata, members
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, path: Path) -> bytes:
+    """One member's bytes; damaged compressed data (or a CRC mismatch) is bad input."""
+    try:
+        return archive.read(name)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+        raise MuLayerError(
+            f"artifact {str(path)!r} is damaged: its member {name!r} cannot be read ({err}); "
+            "copy or recompile it again"
+        ) from None
 
 
 def check_runtime_compatible(metadata: dict, path: str | Path) -> None:

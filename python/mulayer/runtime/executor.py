@@ -42,6 +42,26 @@ def make_device(kind: str):
     return device
 
 
+def check_input_dtype(name: str, got, expected: str, what: str = "input") -> None:
+    """Refuse an array that needs more than a conversion within its kind of number.
+
+    float64 -> float32 (and int32 -> int64) are converted; integers or booleans for a float
+    input are refused: an image as uint8 or int64 pixels usually needs scaling first, and a
+    silent cast would hide that. Complex and string arrays are refused too.
+    """
+    got, want = np.dtype(got), np.dtype(expected)
+    same_kind = got.kind == want.kind or {got.kind, want.kind} <= {"i", "u"}
+    if same_kind and np.can_cast(got, want, casting="same_kind"):
+        return
+    hint = ""
+    if want.kind == "f" and got.kind in "iub":
+        hint = (
+            f" (integer arrays are not converted: convert and scale them first, e.g. "
+            f"x.astype('{expected}') / 255 for 8-bit pixels, whatever the model expects)"
+        )
+    raise MuLayerError(f"{what} {name!r} has dtype {got}; the model expects {expected}{hint}")
+
+
 @dataclass
 class Timing:
     """Latency statistics of repeated runs, in milliseconds."""
@@ -120,11 +140,7 @@ class LoadedModel:
                     f"{list(spec.shape)}"
                 )
             if str(array.dtype) != spec.dtype:
-                if not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
-                    raise MuLayerError(
-                        f"input {spec.name!r} has dtype {array.dtype}; the model expects "
-                        f"{spec.dtype}"
-                    )
+                check_input_dtype(spec.name, array.dtype, spec.dtype)
                 array = array.astype(spec.dtype)
             arrays.append(np.ascontiguousarray(array))
         return arrays
@@ -150,9 +166,24 @@ class LoadedModel:
         values = list(result) if not hasattr(result, "numpy") else [result]
         return {spec.name: value.numpy() for spec, value in zip(self.outputs, values, strict=True)}
 
-    def run(self, inputs) -> dict[str, np.ndarray]:
-        """Run once and return the outputs by name."""
-        return self._to_numpy(self._invoke(self._upload(self.check_inputs(inputs))))
+    def run(self, inputs, check_finite: bool = False) -> dict[str, np.ndarray]:
+        """Run once and return the outputs by name.
+
+        NaN and Inf inputs are not scanned for by default (the scan is a pass over every
+        input, on the hot path), and what the model computes from them is unspecified: TVM's
+        max pooling and ReLU may turn a NaN into a finite value where onnxruntime propagates it.
+        ``check_finite=True`` refuses them with a ``MuLayerError``, as ``mulayer run`` does.
+        """
+        arrays = self.check_inputs(inputs)
+        if check_finite:
+            for spec, array in zip(self.inputs, arrays, strict=True):
+                if array.dtype.kind == "f" and not np.isfinite(array).all():
+                    count = int(array.size - np.count_nonzero(np.isfinite(array)))
+                    raise MuLayerError(
+                        f"NaN or Inf values in input {spec.name!r} ({count} of {array.size}); "
+                        "outputs computed from them are unspecified"
+                    )
+        return self._to_numpy(self._invoke(self._upload(arrays)))
 
     __call__ = run
 
