@@ -211,7 +211,7 @@ def processors_here(spec: TargetSpec) -> str | None:
 def _measure_ms(candidates: dict[str, CompiledModel]) -> dict[str, float]:
     """Median latency (ms) of each in-memory build on the same random inputs, the best of
     ``VERIFY_ROUNDS`` interleaved rounds."""
-    from .executor import LoadedModel
+    from ..runtime.executor import LoadedModel
 
     loaded = {}
     with tempfile.TemporaryDirectory(prefix="mulayer-verify-") as tmp:
