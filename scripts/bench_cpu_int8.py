@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -33,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from benchlib.machine import cpu_model
 
 SCRIPTS = Path(__file__).resolve().parent
 INPUT_NAME = "input"
@@ -44,16 +44,6 @@ def load_average() -> list[float]:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return []
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def sqnr_db(run, reference, xs: list[np.ndarray]) -> float | None:
@@ -171,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "scripts/bench_cpu_int8.py", *argv]),
-        "cpu": cpu_name(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "threads": args.threads,
         "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"),
