@@ -12,7 +12,7 @@ from .cpu_amx import Conv2dInt8AMX
 from .cpu_conv2d import Conv2dChannelVector, Conv2dWidthVector
 from .cpu_dense import MatmulCPU
 from .cpu_generic import CPUFallback
-from .cpu_int8 import Conv2dInt8DotProduct, MatmulInt8DotProduct
+from .cpu_int8 import Conv2dInt8Depthwise, Conv2dInt8DotProduct, MatmulInt8DotProduct
 from .prepack import fold_weight_packing, has_layout_rewrite
 
 
@@ -23,6 +23,7 @@ def cpu_rules(target: Target) -> list[ScheduleRule]:
         Conv2dInt8AMX(),
         Conv2dInt8DotProduct(),
         MatmulInt8DotProduct(),
+        Conv2dInt8Depthwise(),
         Conv2dChannelVector(),
         Conv2dWidthVector(),
         MatmulCPU(),

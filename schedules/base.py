@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight import ScheduleRule
 from tvm.target import Target
@@ -16,6 +18,10 @@ from ._util import (
     leaf_blocks,
     vector_bits,
 )
+
+# Parallel tasks the outer loops must give before an elementwise block's innermost loop stays
+# serial (see :func:`schedule_spatial_cpu`).
+MIN_TASKS = 64
 
 
 class CPUScheduleRule(ScheduleRule):
@@ -81,6 +87,11 @@ def schedule_spatial_cpu(
                 _, vec_loop = sch.split(loops[-1], [None, factor])
             loops = sch.get_loops(block)[:-1]
             n_lead = len(loops)
+    if vec_loop is None and n_lead == len(loops) > 1 and math.prod(extents[:-1]) >= MIN_TASKS:
+        # No vector split (no divisor of the width fits, e.g. a stem's 226-wide quantize +
+        # pad): keep the innermost loop serial, out of the parallel one, so that its index
+        # arithmetic stays incremental and LLVM can vectorise it (that stem: 0.51 -> 0.04 ms).
+        n_lead -= 1
     if n_lead > 0:
         n_fuse, work = 1, extents[0]
         while n_fuse < n_lead and work < max_parallel:

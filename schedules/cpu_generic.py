@@ -61,11 +61,11 @@ def _schedule_window_reduction(sch: s_tir.Schedule, block, target: Target) -> bo
     spatial, reduce = loops[:n_s], loops[n_s:]
     xo, xi = sch.split(spatial[-1], [None, factor])
     sch.reorder(*spatial[:-1], xo, *reduce, xi)
-    sch.decompose_reduction(block, reduce[0])
     outer = sch.fuse(*spatial[:-1], xo)
+    # Parallel before decomposing: ``parallel`` rejects a reduction block without its init.
     sch.parallel(outer)
     sch.vectorize(xi)
-    init = sch.get_sblock(sch.get(block).name_hint + "_init")
+    init = sch.decompose_reduction(block, reduce[0])
     sch.vectorize(sch.get_loops(init)[-1])
     return True
 

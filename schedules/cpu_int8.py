@@ -20,6 +20,12 @@ After legalization the conv is ``acc[n, f, y, x] += i32(pad[n, c, ...]) * i32(w[
     fallbacks.
 ``MatmulInt8DotProduct``
     The same for matmul: B packed to ``[N/16, K/4, 16, 4]``, A read 4 bytes at a time.
+``Conv2dInt8Depthwise``
+    Depthwise u8 x s8 -> s32 convs (one input and one output channel per group) have no
+    channel reduction to feed a dot product: they multiply-add in int32 vectors along the
+    output width. One task per channel plane: it pads the plane into a small buffer (for
+    stride 2 split into even and odd columns, so that every tap reads a contiguous run), then
+    accumulates a tile of rows x columns in registers and requantizes it on the way out.
 
 On AArch64 with ``+dotprod`` (and ``+i8mm`` for the mixed-sign ``usdot``), the same schedules
 tensorize with the Arm intrinsic instead (see :mod:`._intrin`); targets without any of these
@@ -33,14 +39,16 @@ from tvm.target import Target
 
 from ._intrin import DotProductIntrin, dot_product_intrin
 from ._util import (
+    inline_epilogue_into,
     is_cpu_target,
     largest_divisor,
     logger,
     new_schedule,
     num_vector_registers,
+    vector_bits,
 )
 from .base import CPUScheduleRule, finish_cpu_schedule
-from .conv2d_analysis import Conv2dInfo, find_conv2d
+from .conv2d_analysis import Conv2dInfo, data_producer, find_conv2d
 from .cpu_dense import pack_b
 from .cpu_tiling import (
     blocked_accumulator,
@@ -161,3 +169,85 @@ def schedule_matmul_dot_product(
         sch, target, skip={info.name, info.name + "_init", sch.get(acc_out).name_hint}
     )
     logger.debug("matmul %s: %s mi=%d nv=%d", info.name, intrin.name, mi, nv)
+
+
+class Conv2dInt8Depthwise(CPUScheduleRule):
+    """Depthwise u8 x s8 -> s32 NCHW conv2d in int32 vectors along the width (see module doc).
+
+    Measured on MobileNetV2's 17 depthwise layers (2-core AVX-512 VNNI machine, 2 threads):
+    3.51 -> 1.63 ms summed against the width-vector fallback, 1.35 -> 0.37 ms on the 112x112
+    stride-2 layer, whose strided reads that rule leaves to scalar code (docs/results.md).
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
+        if not is_cpu_target(target):
+            return None
+        sch = new_schedule(func)
+        info = find_conv2d(sch)
+        if (
+            info is None
+            or not _is_u8s8s32(info.in_dtype, info.w_dtype, info.out_dtype)
+            or not info.is_depthwise
+            or info.fg != 1
+        ):
+            return None
+        # Register tile: up to 4 vectors of columns, rows while the tile stays within half the
+        # registers (larger tiles spilled on 28- and 56-wide rows).
+        lanes = vector_bits(target) // 32
+        xi = largest_divisor(info.ow, 4 * lanes)
+        yi = largest_divisor(info.oh, max(1, lanes * num_vector_registers(target) // 4 // xi))
+        schedule_depthwise_int8(sch, info, target, yi, xi)
+        return sch
+
+
+def schedule_depthwise_int8(
+    sch: s_tir.Schedule, info: Conv2dInfo, target: Target, yi: int, xi: int
+) -> None:
+    """One task per channel plane; a ``yi`` x ``xi`` int32 register tile (see the rule)."""
+    conv = info.block
+    sw = info.stride[1]
+    # Step 1. The plane's padded copy: per task, columns split by phase for strides > 1.
+    pad = data_producer(sch, info)
+    if pad is None and sw > 1:
+        pad = sch.cache_read(conv, info.data_read, "global")
+    if pad is not None and sw > 1:
+        # (An odd width pads the odd-phase half by one unused column.)
+        width = int(sch.get(pad).writes[0].source.shape[3])
+        sch.transform_layout(
+            pad,
+            ("write", 0),
+            lambda n, c, h, w: (n, c, h, w % sw, w // sw),
+            pad_value=0 if width % sw else None,
+        )
+
+    # Step 2. int32 accumulator tile in registers, the epilogue fused into its write-back.
+    acc_out = sch.cache_write(conv, 0, "local")
+    inline_epilogue_into(sch, acc_out)
+
+    # Step 3. Tile: parallel (n, channel) | yo, xo | ry, rx | yi (unrolled), xi (vector).
+    n, f, y, x, rc, ry, rx = sch.get_loops(conv)
+    yo, yi_l = sch.split(y, [None, yi])
+    xo, xi_l = sch.split(x, [None, xi])
+    sch.reorder(n, f, yo, xo, rc, ry, rx, yi_l, xi_l)
+    sch.reverse_compute_at(acc_out, xo, preserve_unit_loops=True)
+    outer = sch.fuse(n, f)
+    sch.parallel(outer)
+    if pad is not None:
+        sch.compute_at(pad, outer, preserve_unit_loops=True)
+        inner = sch.get_loops(pad)[-1]
+        if sw > 1:  # walk the copy in its destination order
+            wo, wp = sch.split(inner, [None, sw])
+            sch.reorder(wp, wo)
+            inner = wo
+        sch.vectorize(inner)
+    sch.unroll(yi_l)
+    sch.vectorize(xi_l)
+
+    # Step 4. Vector init and write-back.
+    init = sch.decompose_reduction(conv, rc)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(acc_out)[-1])
+    finish_cpu_schedule(
+        sch, target, skip={info.name, info.name + "_init", sch.get(acc_out).name_hint}
+    )
+    logger.debug("conv2d %s: depthwise int8 yi=%d xi=%d stride=%d", info.name, yi, xi, sw)

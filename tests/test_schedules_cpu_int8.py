@@ -20,7 +20,11 @@ from mulayer.schedules.cpu_amx import (
     schedule_conv2d_amx,
     tile_shape,
 )
-from mulayer.schedules.cpu_int8 import Conv2dInt8DotProduct, MatmulInt8DotProduct
+from mulayer.schedules.cpu_int8 import (
+    Conv2dInt8Depthwise,
+    Conv2dInt8DotProduct,
+    MatmulInt8DotProduct,
+)
 from mulayer.schedules.testing import (
     ConvCase,
     build_prim_func,
@@ -60,7 +64,7 @@ INT8_CONV_CASES = [
     ConvCase(32, 11, 11, 40),  # 40 output channels: 8-lane VNNI (AVX512VL)
     ConvCase(1152, 4, 4, 1024, k=1, pad=0),  # weights > 1 MB: channel tiles outer
     ConvCase(3, 20, 20, 16, k=7, stride=2, pad=3),  # 3 input channels: fallback
-    ConvCase(32, 18, 18, 32, groups=32),  # depthwise: fallback
+    ConvCase(32, 18, 18, 32, groups=32),  # depthwise: Conv2dInt8Depthwise
     ConvCase(12, 9, 9, 20),  # 20 output channels: fallback
 ]
 
@@ -113,6 +117,54 @@ def test_conv2d_int8_without_vnni_bit_exact(case: ConvCase):
     oh, ow = case.out_hw
     out = run_poisoned(lib, [x, w, b], (case.n, case.f, oh, ow), "int32")
     np.testing.assert_array_equal(out, conv2d_reference(x, w, case, "int64") + b)
+
+
+DEPTHWISE_CASES = [
+    ConvCase(32, 18, 18, 32, groups=32),
+    ConvCase(48, 17, 17, 48, stride=2, groups=48),  # stride 2, odd size: phase-split copy
+    ConvCase(16, 28, 28, 16, stride=2, groups=16),
+    ConvCase(24, 9, 9, 24, k=5, pad=2, groups=24),
+    ConvCase(16, 12, 12, 16, stride=2, pad=0, groups=16),  # no padding stage: a copy
+    ConvCase(16, 15, 15, 16, stride=2, dilation=2, pad=2, groups=16, n=2),
+]
+
+
+@host_has_avx2
+@pytest.mark.parametrize("epilogue", ["bias", "requant"])
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=str)
+@pytest.mark.parametrize("target", [HOST, NO_VNNI], ids=["host", "haswell"])
+def test_depthwise_int8_bit_exact(case: ConvCase, epilogue: str, target):
+    raw = prim_funcs(
+        standard_pipeline(conv2d_module(case, "uint8", "int8", "int32", epilogue=epilogue))
+    ).popitem()[1]
+    sch = Conv2dInt8Depthwise().apply(raw, target, False)
+    assert sch is not None
+    x, w, b = _int8_inputs(case, np.random.default_rng())
+    lib = build_prim_func(sch.mod["main"], target)
+    oh, ow = case.out_hw
+    acc = conv2d_reference(x, w, case, "int64")
+    if epilogue == "bias":
+        out = run_poisoned(lib, [x, w, b], (case.n, case.f, oh, ow), "int32")
+        np.testing.assert_array_equal(out, acc + b)
+    else:
+        scale = np.linspace(1e-4, 2e-3, case.f, dtype="float32").reshape(1, case.f, 1, 1)
+        out = run_poisoned(lib, [x, w, b, scale], (case.n, case.f, oh, ow), "uint8")
+        np.testing.assert_array_equal(out, requant_reference(acc.astype("int32"), b))
+
+
+@pytest.mark.parametrize(
+    ("case", "dtypes", "expect"),
+    [
+        (DEPTHWISE_CASES[0], ("uint8", "int8", "int32"), True),
+        (ConvCase(16, 10, 10, 32, groups=16), ("uint8", "int8", "int32"), False),  # multiplier 2
+        (INT8_CONV_CASES[0], ("uint8", "int8", "int32"), False),  # dense conv: VNNI rule
+        (DEPTHWISE_CASES[0], ("float32", "float32", "float32"), False),
+    ],
+    ids=["u8-depthwise", "multiplier-2", "dense", "fp32"],
+)
+def test_depthwise_int8_claims(case, dtypes, expect):
+    raw = prim_funcs(standard_pipeline(conv2d_module(case, *dtypes))).popitem()[1]
+    assert (Conv2dInt8Depthwise().apply(raw, HOST, False) is not None) == expect
 
 
 @pytest.mark.parametrize(

@@ -45,8 +45,14 @@ GPU_RULES = (
     "Fallback",
 )
 RULES = CPU_RULES + GPU_RULES
-# Names a profile records for a rule (wrappers) -> the name used here.
-RECORDED_ALIASES = {"WithTensorIntrinsics": "Matmul", "GEMV": "Reduction"}
+# Names a profile records for a rule (wrappers) -> the name used here. The int8 depthwise rule
+# is the width-vector family (int32 vectors along the output width, one channel per task); the
+# features keep that name, so profiles and trained models from before it stay valid.
+RECORDED_ALIASES = {
+    "WithTensorIntrinsics": "Matmul",
+    "GEMV": "Reduction",
+    "Conv2dInt8Depthwise": "Conv2dWidthVector",
+}
 # Known SM counts (the fingerprint has the GPU's name, not its SM count).
 _SM_COUNTS = {"H100": 132, "H200": 132, "A100": 108, "L4": 58, "A10": 72, "V100": 80, "T4": 40}
 _DEFAULT_SMS = 80
