@@ -139,17 +139,7 @@ def test_depthwise_int8_bit_exact(case: ConvCase, epilogue: str, target):
     ).popitem()[1]
     sch = Conv2dInt8Depthwise().apply(raw, target, False)
     assert sch is not None
-    x, w, b = _int8_inputs(case, np.random.default_rng())
-    lib = build_prim_func(sch.mod["main"], target)
-    oh, ow = case.out_hw
-    acc = conv2d_reference(x, w, case, "int64")
-    if epilogue == "bias":
-        out = run_poisoned(lib, [x, w, b], (case.n, case.f, oh, ow), "int32")
-        np.testing.assert_array_equal(out, acc + b)
-    else:
-        scale = np.linspace(1e-4, 2e-3, case.f, dtype="float32").reshape(1, case.f, 1, 1)
-        out = run_poisoned(lib, [x, w, b, scale], (case.n, case.f, oh, ow), "uint8")
-        np.testing.assert_array_equal(out, requant_reference(acc.astype("int32"), b))
+    _check_int8_numerics(case, build_prim_func(sch.mod["main"], target), epilogue)
 
 
 @pytest.mark.parametrize(
@@ -347,7 +337,8 @@ def _schedule_amx(case: ConvCase, target, epilogue: str, emulate: bool):
     return schedule_conv2d_amx(sch, info, target, intrin).mod["main"]
 
 
-def _check_amx_numerics(case: ConvCase, lib, epilogue: str):
+def _check_int8_numerics(case: ConvCase, lib, epilogue: str):
+    """``lib`` (a u8 x s8 conv with a bias or requantize epilogue) against numpy, bit for bit."""
     x, w, b = _int8_inputs(case, np.random.default_rng())
     oh, ow = case.out_hw
     acc = conv2d_reference(x, w, case, "int64")
@@ -365,7 +356,7 @@ def _check_amx_numerics(case: ConvCase, lib, epilogue: str):
 def test_amx_schedule_bit_exact_with_emulated_tiles(case: ConvCase, epilogue: str):
     """The AMX schedule (layouts, tiling, tile store, epilogue) with plain-loop tiles: any CPU."""
     lib = build_prim_func(_schedule_amx(case, HOST, epilogue, emulate=True), HOST)
-    _check_amx_numerics(case, lib, epilogue)
+    _check_int8_numerics(case, lib, epilogue)
 
 
 @pytest.mark.parametrize(
@@ -428,7 +419,7 @@ def test_amx_bit_exact_on_host(case: ConvCase, epilogue: str):
     target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
     lib = build_prim_func(_schedule_amx(case, target, epilogue, emulate=False), target)
     assert "tdpbusd" in lib.inspect_source("asm")
-    _check_amx_numerics(case, lib, epilogue)
+    _check_int8_numerics(case, lib, epilogue)
 
 
 def test_request_amx_permission_answers_without_crashing():
