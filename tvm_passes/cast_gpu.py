@@ -27,7 +27,7 @@ from tvm import relax
 from tvm.ir.expr import Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .common import op_name, part_role, var_prefix
+from .common import conv2d_like, op_name, part_role, var_prefix
 
 ACCUMULATE = ("float32", "float16")
 _WEIGHTED = ("relax.nn.conv2d", "relax.matmul")
@@ -132,16 +132,4 @@ class _Caster(PyExprMutator):
         out_dtype = self.accumulate
         if name == "relax.matmul":
             return relax.op.matmul(data, weight, out_dtype=out_dtype)
-        attrs = call.attrs
-        return relax.op.nn.conv2d(
-            data,
-            weight,
-            strides=attrs.strides,
-            padding=attrs.padding,
-            dilation=attrs.dilation,
-            groups=attrs.groups,
-            data_layout=attrs.data_layout,
-            kernel_layout=attrs.kernel_layout,
-            out_layout=attrs.out_layout,
-            out_dtype=out_dtype,
-        )
+        return conv2d_like(call, data, weight, out_dtype=out_dtype)

@@ -42,7 +42,7 @@ import tvm
 from tvm import relax
 from tvm.ir.expr import Constant
 
-from .common import op_name
+from .common import conv2d_like, op_name
 
 log = logging.getLogger(__name__)
 
@@ -337,17 +337,8 @@ class _Chainer:
                     widths = [int(w) for w in pad.attrs.pad_width]
                     if len(widths) == 8 and not any(widths[:4]):
                         top, bottom, left, right = widths[4:]
-                        value = relax.op.nn.conv2d(
-                            pad.args[0],
-                            value.args[1],
-                            strides=attrs.strides,
-                            padding=[top, left, bottom, right],
-                            dilation=attrs.dilation,
-                            groups=attrs.groups,
-                            data_layout=attrs.data_layout,
-                            kernel_layout=attrs.kernel_layout,
-                            out_layout=attrs.out_layout,
-                            out_dtype=attrs.out_dtype,
+                        value = conv2d_like(
+                            value, pad.args[0], value.args[1], padding=[top, left, bottom, right]
                         )
                         self.changes += 1
             bindings.append((var, value))

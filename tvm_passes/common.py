@@ -172,3 +172,22 @@ def consumers(func: relax.Function) -> dict[relax.Var, list[relax.VarBinding]]:
 
             relax.analysis.post_order_visit(binding.value, visit)
     return result
+
+
+def conv2d_like(call: relax.Call, data: relax.Expr, weight: relax.Expr, **overrides) -> relax.Expr:
+    """A ``relax.nn.conv2d`` on ``data`` and ``weight`` with ``call``'s attributes, except those
+    given in ``overrides`` (``padding=...``, ``groups=...``, ``out_dtype=...``)."""
+    attrs = call.attrs
+    out_dtype = str(attrs.out_dtype)
+    kwargs = {
+        "strides": attrs.strides,
+        "padding": attrs.padding,
+        "dilation": attrs.dilation,
+        "groups": attrs.groups,
+        "data_layout": attrs.data_layout,
+        "kernel_layout": attrs.kernel_layout,
+        "out_layout": attrs.out_layout,
+        "out_dtype": out_dtype if out_dtype not in ("", "void", "None") else None,
+    }
+    kwargs.update(overrides)
+    return relax.op.nn.conv2d(data, weight, **kwargs)

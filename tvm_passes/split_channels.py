@@ -42,6 +42,7 @@ from .common import (
     CHANNELWISE_BINARY_OPS,
     const_slice,
     consumers,
+    conv2d_like,
     count_uses,
     input_slice_name,
     join_name,
@@ -260,20 +261,7 @@ class _Splitter(PyExprMutator):
             per_in = layer.input_shape[1] // layer.groups
             g_lo, g_hi = lo // per_out, hi // per_out
             data = self._slice_input(data, layer, side, g_lo * per_in, g_hi * per_in)
-            attrs = call.attrs
-            out_dtype = str(attrs.out_dtype)
-            return relax.op.nn.conv2d(
-                data,
-                weight,
-                strides=attrs.strides,
-                padding=attrs.padding,
-                dilation=attrs.dilation,
-                groups=g_hi - g_lo,
-                data_layout=attrs.data_layout,
-                kernel_layout=attrs.kernel_layout,
-                out_layout=attrs.out_layout,
-                out_dtype=out_dtype if out_dtype not in ("", "void", "None") else None,
-            )
+            return conv2d_like(call, data, weight, groups=g_hi - g_lo)
         # Pooling: each output channel reads only its own input channel.
         data = self._slice_input(data, layer, side, lo, hi)
         return relax.Call(call.op, [data, *call.args[1:]], call.attrs, call.ty_args)
