@@ -16,6 +16,12 @@ What differs:
   instead of padding J to 128).
 - Accumulation follows the conv's ``out_dtype``: fp32 accumulators for ``out_dtype=float32``,
   fp16 ones for ``float16``.
+- Tiles per shape (:class:`ConvTile`, :func:`choose_tile`): 32x64 blocks of two warps by
+  default, and split-K where the grid would leave SMs idle (batch-1 layers at 14x14 and 7x7
+  have 16-28 blocks of 32x64 for 132 SMs). Split-K is a ``rfactor`` of the input channels:
+  the chunk index becomes the GEMM's batch axis (``blockIdx.z``), the partial sums (in the
+  accumulator type) go to a global buffer, and a second kernel adds them up, one thread per
+  output element, with the epilogue (bias, residual add, relu, cast) fused there.
 
 Grouped convs are left to dlight's SIMT rules (their GEMM is block-diagonal), depthwise ones to
 :class:`~.gpu_depthwise.DepthwiseConv2d`.
@@ -24,28 +30,112 @@ Numerics need a GPU: see ``tests/test_schedules_gpu.py`` (``-m gpu``).
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, replace
+
 from tvm import s_tir, tirx
 from tvm.target import Target
 
 from ._intrin import load_tvm_tensor_intrinsics
 from ._util import logger
 from .base import GPUScheduleRule
-from .conv2d_analysis import find_conv2d
+from .conv2d_analysis import Conv2dInfo, find_conv2d
 
 # wmma fragment shape and the smallest GEMM extents worth a tensor-core tile.
 MICRO = 16
 MIN_EXTENT = 16
 # Narrower outputs (warp tiles of 1 or 2 fragments along J) failed to launch on an H100
-# (CUDA_ERROR_INVALID_VALUE, 2026-11-23): they go to dlight's rules until that is fixed.
+# (CUDA_ERROR_INVALID_VALUE, 2026-11-23), most likely the shared-memory limit that
+# ConvTile.launchable describes; they go to dlight's rules until that is measured.
 MIN_OUT_CHANNELS = 64
 WARP_SIZE = 32
 VECTOR = 4
+# Shared memory a kernel may use without opting in (static + dynamic).
+SMEM_DEFAULT = 48 * 1024
 
 
 def _sm_version(target: Target) -> int:
     arch = str(target.attrs.get("arch", ""))
     digits = arch.replace("sm_", "")
     return int(digits) if digits.isdigit() else -1
+
+
+@dataclass(frozen=True)
+class ConvTile:
+    """Work split of one implicit GEMM (``I`` output pixels x ``J`` output channels x ``K``).
+
+    Attributes
+    ----------
+    i_warps, i_frags : int
+        Warps along I, and 16-row wmma fragments per warp: the block's I tile is
+        ``16 * i_warps * i_frags`` rows.
+    j_warps, j_frags : int
+        The same along J (output channels).
+    k_frags : int
+        16-wide K steps per shared-memory stage (``K step = 16 * k_frags``).
+    split_k : int
+        Input-channel chunks computed by separate thread blocks (the chunk is the GEMM batch
+        axis, on ``blockIdx.z``) into fp32/out_dtype partial sums that a second kernel adds up
+        with the epilogue fused. 1: no split.
+    """
+
+    i_warps: int = 4
+    i_frags: int = 2
+    j_warps: int = 4
+    j_frags: int = 2
+    k_frags: int = 4
+    split_k: int = 1
+
+    @property
+    def tile_i(self) -> int:
+        return MICRO * self.i_warps * self.i_frags
+
+    @property
+    def tile_j(self) -> int:
+        return MICRO * self.j_warps * self.j_frags
+
+    @property
+    def tile_k(self) -> int:
+        return MICRO * self.k_frags
+
+    @property
+    def threads(self) -> int:
+        return WARP_SIZE * self.i_warps * self.j_warps
+
+    @property
+    def shared_bytes(self) -> tuple[int, int]:
+        """(dynamic, static) shared memory of a block: two stages of the A and B tiles (rows
+        padded by 8 halves), and the accumulator tile (fp32, rows padded by 4)."""
+        dynamic = 2 * (self.tile_i + self.tile_j) * (self.tile_k + 8) * 2
+        acc = self.tile_i * (self.tile_j + 4) * 4
+        return (dynamic + acc, 0) if self.acc_dynamic else (dynamic, acc)
+
+    @property
+    def acc_dynamic(self) -> bool:
+        """Whether the accumulator tile goes to dynamic shared memory (see the schedule)."""
+        return self.tile_i * self.tile_j >= 128 * 128
+
+    @property
+    def launchable(self) -> bool:
+        """False where static + dynamic shared memory exceed 48 KB while the dynamic part alone
+        does not: TVM then does not raise the kernel's dynamic limit and the launch fails
+        (CUDA_ERROR_INVALID_VALUE on an H100, e.g. 64x64 tiles with K step 64)."""
+        dynamic, static = self.shared_bytes
+        return dynamic > SMEM_DEFAULT or dynamic + static <= SMEM_DEFAULT
+
+    def blocks(self, gemm_i: int, gemm_j: int) -> int:
+        """Thread blocks of the GEMM kernel for an ``I x J`` output."""
+        return _ceil(gemm_i, self.tile_i) * _ceil(gemm_j, self.tile_j) * self.split_k
+
+    def name(self) -> str:
+        split = f"_s{self.split_k}" if self.split_k > 1 else ""
+        return (
+            f"i{self.i_warps}x{self.i_frags}_j{self.j_warps}x{self.j_frags}_k{self.k_frags}{split}"
+        )
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _warp_tile_j(j_extent: int) -> tuple[int, int]:
@@ -60,8 +150,66 @@ def _warp_tile_j(j_extent: int) -> tuple[int, int]:
     return 1, 1
 
 
+def legacy_tile(info: Conv2dInfo) -> ConvTile:
+    """The rule's tile before per-shape tiles (128 rows x up to 128 columns, no split)."""
+    j_warps, j_frags = _warp_tile_j(info.f)
+    return ConvTile(4, 2, j_warps, j_frags, 4, 1)
+
+
+# Default tile and split-K policy, from a sweep of 15 tiles x splits on 18 dense convs of
+# ResNet-18/50, VGG-16 and the 7x7 stem (H100, docs/results.md "GPU dense conv rule"):
+# 32x64 tiles of two warps were the fastest or within 20% of it on 16 of 18 layers (vs
+# 128x64 / 64x128 / 128x128); every layer whose grid is under ~100 blocks gained from
+# splitting K (7x7 512->512 3x3: 101.7 -> 18.3 us), and layers with long K chunks kept gaining
+# up to ~4 blocks per SM.
+DEFAULT_TILE = (1, 2, 2, 2, 4)  # i_warps, i_frags, j_warps, j_frags, k_frags: 32x64, K step 64
+FILL_BLOCKS = 96  # split K while the grid has fewer blocks than this
+MIN_CHUNK = 576  # ... or while each chunk keeps at least this much K
+MAX_SPLIT_BLOCKS = 512  # never split a grid beyond this many blocks
+
+
+def choose_tile(info: Conv2dInfo) -> ConvTile:
+    """The default tile of ``info``: 32x64 with split-K by the policy above.
+
+    ``MULAYER_GPU_CONV_TILE=legacy`` selects :func:`legacy_tile` (to measure against it).
+    """
+    if os.environ.get("MULAYER_GPU_CONV_TILE", "") == "legacy":
+        return legacy_tile(info)
+    tile = ConvTile(*DEFAULT_TILE)
+    gemm_k = info.cg * info.kh * info.kw
+    base = tile.blocks(info.n * info.oh * info.ow, info.f)
+    split = 1
+    for choice in split_k_choices(info, tile.tile_k):
+        if base * choice > MAX_SPLIT_BLOCKS:
+            break
+        if base * split < FILL_BLOCKS or gemm_k // choice >= MIN_CHUNK:
+            split = choice
+    return replace(tile, split_k=split)
+
+
+def split_k_choices(info: Conv2dInfo, tile_k: int) -> list[int]:
+    """Splits of the input channels whose chunks pad to whole K steps with <= 12.5% waste."""
+    taps = info.kh * info.kw
+    choices = []
+    for split in (2, 3, 4, 6, 8, 12, 16, 32):
+        chunk = info.cg // split * taps
+        if (
+            info.cg % split == 0
+            and chunk >= MICRO
+            and 8 * _ceil(chunk, tile_k) * tile_k <= 9 * chunk
+        ):
+            choices.append(split)
+    return choices
+
+
 class Conv2dTensorCore(GPUScheduleRule):
-    """fp16 NCHW conv2d (groups=1) on CUDA tensor cores (see module doc)."""
+    """fp16 NCHW conv2d (groups=1) on CUDA tensor cores (see module doc).
+
+    ``tile`` fixes the work split (tests, sweeps); by default :func:`choose_tile` picks it.
+    """
+
+    def __init__(self, tile: ConvTile | None = None):
+        self.tile = tile
 
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
         if str(target.kind.name) != "cuda" or _sm_version(target) < 70:
@@ -79,29 +227,71 @@ class Conv2dTensorCore(GPUScheduleRule):
         if min(gemm_i, gemm_k) < MIN_EXTENT or info.f < MIN_OUT_CHANNELS:
             return None
         load_tvm_tensor_intrinsics()
-        j_warps, j_frags = _warp_tile_j(info.f)
-        return schedule_implicit_gemm(sch, info.block, info.out_dtype, j_warps, j_frags)
+        tile = self.tile or choose_tile(info)
+        if not tile.launchable:
+            logger.debug("conv2d: tile %s would not launch (shared memory)", tile.name())
+            return None
+        block = info.block
+        if tile.split_k > 1:
+            if info.cg % tile.split_k:
+                return None
+            block = _split_reduction(sch, info, tile.split_k)
+        return schedule_implicit_gemm(sch, block, info.out_dtype, tile)
+
+
+def _split_reduction(sch: s_tir.Schedule, info: Conv2dInfo, split: int):
+    """rfactor the input channels into ``split`` chunks: returns the partial-sum GEMM block.
+
+    The original block becomes the sum over chunks; the epilogue is inlined into it and it runs
+    as its own kernel, one thread per output element with the sum in a register.
+    """
+    rc = sch.get_loops(info.block)[4]
+    rc_outer, _ = sch.split(rc, factors=[split, None])
+    partial = sch.rfactor(rc_outer, factor_axis=0)
+    # Loops in the order of the block's iter vars (the chunk first), as the GEMM layout needs.
+    p_loops = sch.get_loops(partial)
+    sch.reorder(p_loops[4], *p_loops[:4])
+    total = info.block
+    # Epilogue: fold the chain into its last block, which then reads the sum.
+    chain = []
+    consumers = list(sch.get_consumers(total))
+    while consumers:
+        chain.append(consumers[0])
+        consumers = list(sch.get_consumers(consumers[0]))
+    for block in chain[:-1]:
+        sch.compute_inline(block)
+    loops = sch.get_loops(total)
+    spatial = sch.fuse(*loops[:4])
+    bx, tx = sch.split(spatial, factors=[None, 128])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    if chain:
+        sch.reverse_compute_at(chain[-1], tx)
+    sch.set_scope(total, 0, "local")
+    sch.decompose_reduction(total, loops[4])
+    return partial
 
 
 def schedule_implicit_gemm(  # noqa: PLR0915 - one linear recipe, split for no gain
     sch: s_tir.Schedule,
     main_block,
     out_dtype: str,
-    j_warps: int,
-    j_frags: int,
+    tile: ConvTile,
 ) -> s_tir.Schedule | None:
     """Tensor-core schedule of a GEMM-like block (returns None if tensorization fails)."""
     from tvm.s_tir.dlight.gpu.matmul import (
         auto_inline_consumer_chain,
+        auto_inline_consumers,
         auto_inline_producers,
         get_index_map,
     )
     from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
 
-    # Step 0. Tile: 128 rows (4 warps x 2 fragments) x J tile; K in steps of 4 fragments.
-    i_factors = [None, 1, 4, 2]
+    # Step 0. Tile: I tile x J tile per block, warps over both; K in steps of k_frags fragments.
+    j_warps, j_frags = tile.j_warps, tile.j_frags
+    i_factors = [None, 1, tile.i_warps, tile.i_frags]
     j_factors = [1, None, j_warps, j_frags]
-    k_factors = [None, 4]
+    k_factors = [None, tile.k_frags]
     num_ty = i_factors[2] * j_factors[2]
 
     # Step 1. Normalize to C[S, I, J] += A[S, I, K] * B[S, J, K] (implicit im2col).
@@ -172,7 +362,7 @@ def schedule_implicit_gemm(  # noqa: PLR0915 - one linear recipe, split for no g
     # TVM's merging of dynamic shared memory mis-types the fp32 accumulator stage when it is
     # smaller than the fp16 operand stages (J tile < 128: "tvm_access_ptr element type must
     # match"); such tiles (<= 32 KB) go to static shared memory instead.
-    acc_scope = "shared.dyn" if j_warps * j_frags >= 8 else "shared"
+    acc_scope = "shared.dyn" if tile.acc_dynamic else "shared"
     acc_shared = sch.cache_write(block_outer, 0, acc_scope)
     sch.storage_align(acc_shared, 0, -2, 16, 4)
     store = sch.cache_write(block_outer, 0, "wmma.accumulator")
@@ -205,11 +395,15 @@ def schedule_implicit_gemm(  # noqa: PLR0915 - one linear recipe, split for no g
     sch.tensorize(sch.get_loops(store)[-2], intrins["store"])
     sch.tensorize(sch.get_loops(block_inner)[-3], intrins["compute"])
 
-    # Step 7. Epilogue fused into the shared -> global write-back.
-    auto_inline_consumer_chain(sch, acc_shared)
+    # Step 7. Epilogue fused into the shared -> global write-back (with split-K, the partial
+    # sums are written as they are: the epilogue runs after the sum over chunks).
+    if tile.split_k > 1:
+        auto_inline_consumers(sch, acc_shared)
+    else:
+        auto_inline_consumer_chain(sch, acc_shared)
     fused = sch.fuse(*sch.get_loops(acc_shared)[-2:])
     _, f1, f2 = sch.split(fused, factors=[None, WARP_SIZE, VECTOR])
     sch.bind(f1, "threadIdx.x")
     sch.vectorize(f2)
-    logger.debug("conv2d: tensor-core implicit GEMM, J tile %dx%d", j_warps, j_frags)
+    logger.debug("conv2d: tensor-core implicit GEMM, tile %s", tile.name())
     return sch

@@ -108,19 +108,41 @@ def cuda_graph_us(fn, per_graph: int = 20, replays: int = 50, repeat: int = 7) -
 
 
 def evaluator_us(lib, args) -> float:
+    """µs per call: TVM's ``time_evaluator`` for a module, else (one function of a module)
+    CUDA events around 200 back-to-back launches on PyTorch's stream."""
+    import torch
     import tvm
+    import tvm_ffi
 
-    ev = lib.time_evaluator("main", tvm.cuda(0), number=200, repeat=7)
-    return statistics.median(ev(*args).results) * 1e6
+    if hasattr(lib, "time_evaluator"):
+        ev = lib.time_evaluator("main", tvm.cuda(0), number=200, repeat=7)
+        return statistics.median(ev(*args).results) * 1e6
+    with tvm_ffi.use_torch_stream():
+        for _ in range(3):
+            lib(*args)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(200):
+            lib(*args)
+        end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / 200
 
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
 def gpu_target():
-    import torch
     import tvm
 
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if (
+        torch is None or not torch.cuda.is_available()
+    ):  # building only (--build-only): the GPU machine's arch
+        return tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
     major, minor = torch.cuda.get_device_capability(0)
     return tvm.target.Target({"kind": "cuda", "arch": f"sm_{major}{minor}"}, host={"kind": "llvm"})
 
@@ -226,6 +248,232 @@ def depthwise_rows(target, sweep: bool) -> list[dict]:
         row["default_tile"] = tile_name(choose_tile(find_conv2d(s_tir.Schedule(func))))
         rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense convs (the tensor-core implicit GEMM rule)
+# ---------------------------------------------------------------------------------------------
+# (channels, height, width, outputs, kernel, stride) of dense convs of the benchmarked nets.
+DENSE = (
+    (64, 56, 56, 64, 3, 1),
+    (128, 28, 28, 128, 3, 1),
+    (256, 14, 14, 256, 3, 1),
+    (512, 7, 7, 512, 3, 1),
+    (64, 56, 56, 128, 3, 2),
+    (128, 28, 28, 256, 3, 2),
+    (256, 14, 14, 512, 3, 2),
+    (64, 224, 224, 64, 3, 1),
+    (256, 56, 56, 256, 3, 1),
+    (512, 28, 28, 512, 3, 1),
+    (512, 14, 14, 512, 3, 1),
+    (64, 56, 56, 256, 1, 1),
+    (256, 56, 56, 64, 1, 1),
+    (1024, 14, 14, 256, 1, 1),
+    (256, 14, 14, 1024, 1, 1),
+    (2048, 7, 7, 512, 1, 1),
+    (512, 7, 7, 2048, 1, 1),
+    (3, 224, 224, 64, 7, 2),
+)
+
+
+def conv_sweep_tiles(info) -> list:
+    """Tiles tried by ``--conv --sweep``: I x J tiles, K steps, and split-K where the grid is
+    under two waves of 132 SMs."""
+    from mulayer.schedules.gpu_conv2d import ConvTile, split_k_choices
+
+    base = [
+        ConvTile(4, 2, 4, 2, 4),
+        ConvTile(4, 2, 2, 2, 4),
+        ConvTile(2, 2, 4, 2, 4),
+        ConvTile(2, 2, 2, 2, 4),
+        ConvTile(1, 2, 2, 2, 4),
+        ConvTile(2, 2, 2, 2, 2),
+        ConvTile(2, 4, 2, 2, 4),
+    ]
+    i = info.n * info.oh * info.ow
+    tiles = [t for t in base if t.tile_j <= max(64, info.f)]
+    for t in (ConvTile(2, 2, 2, 2, 4), ConvTile(4, 2, 2, 2, 4), ConvTile(1, 2, 2, 2, 4)):
+        if t.blocks(i, info.f) >= 264:
+            continue
+        for split in split_k_choices(info, t.tile_k):
+            if split <= 16 and t.blocks(i, info.f) * split <= 4 * 132:
+                tiles.append(ConvTile(t.i_warps, t.i_frags, t.j_warps, t.j_frags, t.k_frags, split))
+    return tiles
+
+
+def _conv_func(spec):
+    from mulayer.schedules.testing import ConvCase, conv2d_module, prim_funcs, standard_pipeline
+
+    c, h, w, f, k, s = spec
+    case = ConvCase(c, h, w, f, k=k, stride=s, pad=k // 2)
+    mod = conv2d_module(case, "float16", out_dtype="float32", cast_to="float16")
+    (func,) = prim_funcs(standard_pipeline(mod)).values()
+    return case, func
+
+
+def _build_conv(job) -> tuple[str, dict[str, str]]:
+    """Build every variant of one layer into one module (one NVRTC compile when it is loaded
+    on the GPU machine), exported to ``path``; returns (path, errors by variant). A worker."""
+    index, variants, path = job
+    errors: dict[str, str] = {}
+    try:
+        import tvm
+        from tvm import s_tir
+
+        from mulayer.schedules.conv2d_analysis import find_conv2d
+        from mulayer.schedules.gpu_conv2d import Conv2dTensorCore, legacy_tile
+
+        target = _TARGET[0]
+        _, func = _conv_func(DENSE[index])
+        funcs = {}
+        for name, tile in variants:
+            try:
+                if tile == "legacy":
+                    tile = legacy_tile(find_conv2d(s_tir.Schedule(func)))
+                with target:
+                    sch = Conv2dTensorCore(tile).apply(func, target, False)
+                if sch is None:
+                    errors[name] = "rule does not apply"
+                    continue
+                symbol = _symbol(name)
+                funcs[symbol] = sch.mod["main"].with_attr("global_symbol", symbol)
+            except Exception as err:  # noqa: BLE001 - one failing variant is one cell
+                errors[name] = f"{type(err).__name__}: {err}"[-300:]
+        tvm.tirx.build(tvm.IRModule(funcs), target=target).export_library(path)
+    except Exception as err:  # noqa: BLE001
+        errors["*"] = f"{type(err).__name__}: {err}"[-300:]
+    return path, errors
+
+
+def _symbol(name: str) -> str:
+    return "v_" + name.replace("-", "_")
+
+
+_TARGET: list = []
+
+
+def conv_rows(
+    target, sweep: bool, jobs: int, workdir: Path | None = None, build_only: bool = False
+) -> list[dict]:
+    """Dense convs: our rule (default tile, the old fixed tile, the sweep) against cuDNN.
+
+    Each layer's kernels are exported to one module in ``workdir`` (a fresh temporary one by
+    default); modules already there are used as they are (built beforehand with
+    ``--build-only``, e.g. on a machine without a GPU)."""
+    import multiprocessing
+
+    import tvm
+    from tvm import s_tir
+
+    from mulayer.schedules._intrin import load_tvm_tensor_intrinsics
+    from mulayer.schedules.conv2d_analysis import find_conv2d
+    from mulayer.schedules.gpu_conv2d import choose_tile
+    from mulayer.schedules.testing import conv2d_reference
+
+    load_tvm_tensor_intrinsics()
+    _TARGET[:] = [target]
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="convsweep"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    plan = []  # (layer index, [(cell name, tile or "legacy")], path)
+    for index, spec in enumerate(DENSE):
+        _, func = _conv_func(spec)
+        info = find_conv2d(s_tir.Schedule(func))
+        tiles = [("legacy", "legacy"), ("default", choose_tile(info))]
+        if sweep:
+            tiles += [(t.name(), t) for t in conv_sweep_tiles(info)]
+        plan.append((index, tiles, str(workdir / f"layer{index}.so")))
+    print(f"building {sum(len(t) for _, t, _ in plan)} conv kernels, {jobs} processes", flush=True)
+    begin = time.perf_counter()
+    todo = [job for job in plan if not Path(job[2]).exists()]
+    errors_json = workdir / "errors.json"
+    built = json.loads(errors_json.read_text()) if errors_json.exists() else {}
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        built.update(dict(pool.map(_build_conv, todo)))
+    errors_json.write_text(json.dumps(built, indent=1))
+    print(f"built {len(todo)} modules in {time.perf_counter() - begin:.0f} s", flush=True)
+    if build_only:
+        return [{"errors": {p: e for p, e in built.items() if e}}]
+    import torch
+    import torch.nn.functional as F
+
+    rows = []
+    rng = np.random.default_rng(3)
+    dev = tvm.cuda(0)
+    torch.backends.cudnn.benchmark = True
+    for index, spec in enumerate(DENSE):
+        case, func = _conv_func(spec)
+        c, h, w, f, k, s = spec
+        oh, ow = case.out_hw
+        x = rng.standard_normal((1, c, h, w)).astype("float16")
+        wt = (rng.standard_normal((f, c, k, k)) / np.sqrt(c * k * k)).astype("float16")
+        b = rng.standard_normal((1, f, 1, 1)).astype("float32")
+        ref = np.maximum(conv2d_reference(x, wt, case) + b, 0)
+        info = find_conv2d(s_tir.Schedule(func))
+        row = {
+            "layer": f"conv{k}x{k}s{s}_{c}x{h}x{w}_{f}",
+            "shape": str(case),
+            "gflop": case.flops / 1e9,
+            "default_tile": choose_tile(info).name(),
+            "cells": {},
+        }
+        print(row["layer"], flush=True)
+        _, variants, path = plan[index]
+        errors = built.get(path, {})
+        begin = time.perf_counter()
+        lib = tvm.runtime.load_module(path) if "*" not in errors else None
+        for name, _ in variants:
+            if name in errors or lib is None:
+                row["cells"][name] = {"error": errors.get(name, errors.get("*"))}
+                continue
+            try:
+                cell = _time_lib(lib[_symbol(name)], [x, wt, b], (1, f, oh, ow), ref, dev)
+            except Exception as err:  # noqa: BLE001
+                cell = {"error": f"{type(err).__name__}: {err}"[:300]}
+            row["cells"][name] = cell
+            print(f"  {name:22s} {cell}", flush=True)
+        row["load_and_time_s"] = round(time.perf_counter() - begin, 1)
+        xt, wtt = torch.from_numpy(x).cuda(), torch.from_numpy(wt).cuda()
+        bt = torch.from_numpy(b.reshape(f)).half().cuda()
+        conv = functools.partial(F.conv2d, xt, wtt, bt, stride=s, padding=k // 2)
+        with torch.no_grad():
+            conv()
+            row["cells"]["cudnn"] = {
+                "us": torch_us(lambda f=conv: F.relu(f())),
+                "timing": "cuda graph",
+            }
+            xcl = xt.to(memory_format=torch.channels_last)
+            wcl = wtt.to(memory_format=torch.channels_last)
+            conv_cl = functools.partial(F.conv2d, xcl, wcl, bt, stride=s, padding=k // 2)
+            conv_cl()
+            row["cells"]["cudnn_cl"] = {
+                "us": torch_us(lambda f=conv_cl: F.relu(f())),
+                "timing": "cuda graph",
+            }
+        print(f"  cudnn {row['cells']['cudnn']} cl {row['cells']['cudnn_cl']}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def _time_lib(fn, inputs, out_shape, ref, dev, tol=2e-2) -> dict:
+    """Check a kernel ``fn`` against ``ref`` (output poisoned first) and time it."""
+    import tvm
+
+    out = tvm.runtime.tensor(np.full(out_shape, np.nan, "float16"), dev)
+    args = [tvm.runtime.tensor(a, dev) for a in inputs] + [out]
+    fn(*args)
+    got = out.numpy().astype("float64")
+    cell: dict = {}
+    err = float(np.nanmax(np.abs(got - ref)) / max(1e-6, np.abs(ref).max()))
+    cell["rel_err"] = err if np.isfinite(got).all() else float("nan")
+    cell["ok"] = bool(np.isfinite(got).all() and err <= tol)
+    try:
+        cell["us"] = round(cuda_graph_us(lambda: fn(*args)), 3)
+        cell["timing"] = "cuda graph"
+    except Exception as err:  # noqa: BLE001 - fall back to TVM's own timer, say so
+        cell["graph_error"] = f"{type(err).__name__}: {err}"[:200]
+        cell["us"] = round(evaluator_us(fn, args), 3)
+        cell["timing"] = "time_evaluator"
+    return cell
 
 
 def other_rows(target) -> list[dict]:
@@ -397,15 +645,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-depthwise", action="store_true", help="skip the depthwise layers")
     parser.add_argument("--others", action="store_true", help="pooling and dense layers too")
     parser.add_argument("--e2e", action="store_true", help="MobileNetV2 end to end too")
+    parser.add_argument("--conv", action="store_true", help="dense convs (tensor-core rule)")
+    parser.add_argument("--jobs", type=int, default=8, help="build processes for --conv")
+    parser.add_argument("--conv-dir", type=Path, help="where --conv kernels are (to be) built")
+    parser.add_argument(
+        "--build-only", action="store_true", help="--conv: build for sm_90 here, time nothing"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-gpu-rules"))
     args = parser.parse_args(argv)
-    import torch
+    try:
+        import torch
+    except ImportError:  # --build-only on a machine without PyTorch
+        torch = None
 
     args.out.mkdir(parents=True, exist_ok=True)
     target = gpu_target()
     doc = {
         "date": date.today().isoformat(),
-        "gpu": torch.cuda.get_device_name(0),
+        "gpu": torch.cuda.get_device_name(0) if torch and torch.cuda.is_available() else None,
         "target": str(target),
         "command": " ".join(sys.argv),
     }
@@ -416,6 +673,11 @@ def main(argv: list[str] | None = None) -> int:
 
     for key, enabled, fn in (
         ("depthwise", not args.no_depthwise, lambda: depthwise_rows(target, args.sweep)),
+        (
+            "conv",
+            args.conv,
+            lambda: conv_rows(target, args.sweep, args.jobs, args.conv_dir, args.build_only),
+        ),
         ("others", args.others, lambda: other_rows(target)),
         ("end_to_end", args.e2e, end_to_end),
     ):
