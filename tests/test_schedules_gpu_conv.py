@@ -1,0 +1,190 @@
+"""The tensor-core conv rule's tiles and split-K: CUDA code here, numerics on a GPU (``-m gpu``)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, s_tir
+
+from mulayer.schedules.conv2d_analysis import find_conv2d
+from mulayer.schedules.gpu_conv2d import (
+    Conv2dTensorCore,
+    ConvTile,
+    choose_tile,
+    legacy_tile,
+    split_k_choices,
+)
+from mulayer.schedules.testing import (
+    ConvCase,
+    build_prim_func,
+    conv2d_module,
+    conv2d_reference,
+    prim_funcs,
+    standard_pipeline,
+)
+
+CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+
+# 3x3, strided, 1x1, odd channels and sizes, a 7x7 stem, a small-spatial deep layer.
+CASES = [
+    ConvCase(64, 14, 14, 64),
+    ConvCase(64, 15, 15, 128, stride=2),
+    ConvCase(256, 7, 7, 64, k=1, pad=0),
+    ConvCase(72, 9, 11, 80),
+    ConvCase(3, 32, 32, 64, k=7, stride=2, pad=3),
+    ConvCase(512, 7, 7, 512),
+]
+# (name, tile): None is the default (choose_tile); splits only where they divide C.
+TILES = [
+    ("default", None),
+    ("legacy", "legacy"),
+    ("32x64_s2", ConvTile(1, 2, 2, 2, 4, 2)),
+    ("128x64_s4", ConvTile(4, 2, 2, 2, 4, 4)),
+    ("64x64k32_s3", ConvTile(2, 2, 2, 2, 2, 3)),
+]
+
+
+def _residual_module(case: ConvCase) -> relax.Function:
+    """``relu(cast_fp16(conv(x, w) + b) + r)``: a ResNet block's second conv, fused."""
+    oh, ow = case.out_hw
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, case.c, case.h, case.w), "float16"))
+    w = relax.Var("w", relax.TensorType((case.f, case.c, case.k, case.k), "float16"))
+    b = relax.Var("b", relax.TensorType((1, case.f, 1, 1), "float32"))
+    r = relax.Var("r", relax.TensorType((1, case.f, oh, ow), "float16"))
+    with bb.function("main", [x, w, b, r]):
+        with bb.dataflow():
+            y = bb.emit(
+                relax.op.nn.conv2d(x, w, strides=case.stride, padding=case.pad, out_dtype="float32")
+            )
+            y = bb.emit(relax.op.astype(relax.op.add(y, b), "float16"))
+            y = bb.emit(relax.op.nn.relu(relax.op.add(y, r)))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _conv_func(case: ConvCase, out_dtype: str = "float32", residual: bool = False):
+    if residual:
+        mod = _residual_module(case)
+    else:
+        cast = "float16" if out_dtype == "float32" else None
+        mod = conv2d_module(case, "float16", out_dtype=out_dtype, cast_to=cast)
+    (func,) = prim_funcs(standard_pipeline(mod)).values()
+    return func
+
+
+def _schedule(func, tile):
+    if tile == "legacy":
+        tile = legacy_tile(find_conv2d(s_tir.Schedule(func)))
+    with CUDA:
+        return Conv2dTensorCore(tile).apply(func, CUDA, False)
+
+
+def _applies(case: ConvCase, tile) -> bool:
+    return not isinstance(tile, ConvTile) or case.c % tile.split_k == 0
+
+
+def _cuda_source(lib) -> str:
+    return "\n".join(m.inspect_source() for m in lib.imports if m.kind == "cuda")
+
+
+def test_split_k_is_two_kernels_with_the_epilogue_in_the_second():
+    func = _conv_func(ConvCase(512, 7, 7, 512))
+    sch = _schedule(func, ConvTile(1, 2, 2, 2, 4, 8))
+    src = _cuda_source(build_prim_func(sch.mod["main"], CUDA))
+    *_, gemm, total = src.split('extern "C" __global__')
+    assert src.count('extern "C" __global__') == 4  # two declarations, two definitions
+    assert "wmma::mma_sync" in gemm and "blockIdx.z" in gemm  # the chunk on blockIdx.z
+    assert "wmma" not in total and "b_ptr" in total and "max(" in total  # bias, relu
+
+
+def test_split_k_source_compiles_with_nvcc(tmp_path):
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not shutil.which(nvcc):
+        pytest.skip("nvcc not installed")
+    func = _conv_func(ConvCase(256, 14, 14, 256), residual=True)
+    sch = _schedule(func, ConvTile(1, 2, 2, 2, 4, 4))
+    src = tmp_path / "k.cu"
+    src.write_text(_cuda_source(build_prim_func(sch.mod["main"], CUDA)))
+    subprocess.run(
+        [nvcc, "-arch=sm_90", "-cubin", "-o", str(tmp_path / "k.cubin"), str(src)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_default_tiles_split_small_spatial_layers_only():
+    def tile(case):
+        return choose_tile(find_conv2d(s_tir.Schedule(_conv_func(case))))
+
+    deep = tile(ConvCase(512, 7, 7, 512))
+    wide = tile(ConvCase(64, 56, 56, 64))
+    assert deep.split_k > 1 and 512 % deep.split_k == 0
+    assert wide.split_k == 1
+    for case in CASES:
+        assert tile(case).launchable
+
+
+def test_unlaunchable_tile_is_refused():
+    # 64x64 tiles with K step 64: 36 KB dynamic + 17 KB static shared memory (> 48 KB).
+    assert not ConvTile(2, 2, 2, 2, 4).launchable
+    assert ConvTile(2, 2, 2, 2, 2).launchable
+    assert _schedule(_conv_func(ConvCase(64, 14, 14, 64)), ConvTile(2, 2, 2, 2, 4)) is None
+
+
+def test_split_choices_divide_channels_and_fill_k_steps():
+    info = find_conv2d(s_tir.Schedule(_conv_func(ConvCase(512, 7, 7, 512))))
+    choices = split_k_choices(info, 64)
+    assert 8 in choices and 16 in choices
+    for split in choices:
+        chunk = 512 // split * 9
+        assert 512 % split == 0 and -(-chunk // 64) * 64 <= chunk * 9 / 8
+
+
+def _run_poisoned_cuda(lib, inputs, out_shape) -> np.ndarray:
+    dev = tvm.cuda()
+    out = tvm.runtime.tensor(np.full(out_shape, np.nan, "float16"), dev)
+    lib["main"](*[tvm.runtime.tensor(a, dev) for a in inputs], out)
+    return out.numpy().astype("float64")
+
+
+def _check(got: np.ndarray, ref: np.ndarray) -> None:
+    assert np.isfinite(got).all(), "an output element was not written"
+    np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("name", "tile"), TILES, ids=[t[0] for t in TILES])
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("epilogue", ["bias_relu", "residual", "fp16_acc"])
+def test_tensor_core_conv_numerics(case, name, tile, epilogue):
+    if not tvm.cuda().exist:
+        pytest.skip("no CUDA device")
+    if not _applies(case, tile):
+        pytest.skip(f"split {tile.split_k} does not divide {case.c} channels")
+    rng = np.random.default_rng()
+    oh, ow = case.out_hw
+    x = rng.standard_normal((1, case.c, case.h, case.w)).astype("float16")
+    w = (
+        rng.standard_normal((case.f, case.c, case.k, case.k)) / np.sqrt(case.c * case.k**2)
+    ).astype("float16")
+    acc = "float16" if epilogue == "fp16_acc" else "float32"
+    b = rng.standard_normal((1, case.f, 1, 1)).astype(acc)
+    conv = conv2d_reference(x, w, case) + b.astype("float64")
+    inputs = [x, w, b]
+    if epilogue == "residual":
+        r = rng.standard_normal((1, case.f, oh, ow)).astype("float16")
+        inputs.append(r)
+        ref = np.maximum(conv.astype("float16").astype("float64") + r, 0)
+    else:
+        ref = np.maximum(conv, 0)
+    func = _conv_func(case, acc, residual=epilogue == "residual")
+    sch = _schedule(func, tile)
+    assert sch is not None, f"the rule does not apply to {case} with {name}"
+    lib = build_prim_func(sch.mod["main"], CUDA)
+    _check(_run_poisoned_cuda(lib, inputs, (1, case.f, oh, ow)), ref)
