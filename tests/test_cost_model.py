@@ -459,8 +459,9 @@ def test_kernel_info_parameters():
     layer = conv(64, 128, 28)
     gpu = kernel_info(layer, 128, "gpu", traits)
     assert gpu.rule == "Conv2dTensorCore" and gpu.tensor_path == 1
-    # 784 pixels in 128-row tiles x 128 channels in one tile: 7 blocks, one partial wave.
-    assert gpu.blocks == 7 and gpu.waves == 1 and gpu.occupancy == pytest.approx(7 / 132)
+    # 784 pixels in 32-row tiles x 128 channels in 64-column tiles, K (576) split in two
+    # (50 blocks would leave most SMs idle): 100 blocks, one partial wave.
+    assert gpu.blocks == 100 and gpu.waves == 1 and gpu.occupancy == pytest.approx(100 / 132)
     assert 0 < gpu.tile_util < 1 and gpu.effective_flops > gpu.flops
     cpu = kernel_info(layer, 128, "cpu", traits)
     assert cpu.rule == "Conv2dInt8AMX" and cpu.chunks_per_thread == np.ceil(cpu.tasks / 16)

@@ -306,27 +306,28 @@ def _cpu_pool(s: _Shape, traits: MachineTraits) -> KernelInfo:
 
 # -------------------------------------------------------------------------------------- GPU
 def _gpu_conv(s: _Shape, traits: MachineTraits) -> KernelInfo:
-    from mulayer.schedules.gpu_conv2d import MIN_EXTENT, MIN_OUT_CHANNELS, WARP_SIZE, _warp_tile_j
-    from mulayer.schedules.gpu_depthwise import choose_tile
+    from mulayer.schedules.gpu_conv2d import MIN_EXTENT, MIN_OUT_CHANNELS, choose_tile
+    from mulayer.schedules.gpu_depthwise import choose_tile as depthwise_tile
 
     gemm_i, gemm_k = s.oh * s.ow, s.cg * s.kh * s.kw
     tensor_cores = traits.gpu_arch >= 70
-    # Step 1. mulayer's implicit-GEMM tensor-core rule (ungrouped, F >= 64).
+    # Step 1. mulayer's implicit-GEMM tensor-core rule (ungrouped, F >= 64), split-K included.
     if (
         tensor_cores
         and s.groups == 1
         and min(gemm_i, gemm_k) >= MIN_EXTENT
         and s.f >= MIN_OUT_CHANNELS
     ):
-        j_warps, j_frags = _warp_tile_j(s.f)
-        tile_j = 16 * j_warps * j_frags
-        return _gemm_launch(
-            "Conv2dTensorCore", gemm_i, s.f, gemm_k, 128, tile_j, 64,
-            WARP_SIZE * 4 * j_warps, traits, tensor_path=1,
+        tile = choose_tile(SimpleNamespace(n=1, oh=s.oh, ow=s.ow, f=s.f, cg=s.cg, kh=s.kh, kw=s.kw))
+        info = _gemm_launch(
+            "Conv2dTensorCore", gemm_i, s.f, _ceil(gemm_k, tile.split_k), tile.tile_i,
+            tile.tile_j, tile.tile_k, tile.threads, traits, tensor_path=1,
         )  # fmt: skip
+        info.blocks *= tile.split_k
+        return _waves(info, traits)
     # Step 2. The depthwise rule.
     if s.depthwise and traits.gpu_depthwise_rule:
-        tile = choose_tile(SimpleNamespace(kw=s.kw, ow=s.ow, stride=(s.stride, s.stride)))
+        tile = depthwise_tile(SimpleNamespace(kw=s.kw, ow=s.ow, stride=(s.stride, s.stride)))
         work = s.f * s.oh * _ceil(s.ow, tile.vec)
         info = KernelInfo(
             "DepthwiseConv2d", vector=tile.vec, tile_m=tile.vec, threads=tile.threads,
