@@ -156,12 +156,12 @@ def legacy_tile(info: Conv2dInfo) -> ConvTile:
     return ConvTile(4, 2, j_warps, j_frags, 4, 1)
 
 
-# Default tile and split-K policy, from a sweep of 15 tiles x splits on 18 dense convs of
-# ResNet-18/50, VGG-16 and the 7x7 stem (H100, docs/results.md "GPU dense conv rule"):
-# 32x64 tiles of two warps were the fastest or within 20% of it on 16 of 18 layers (vs
-# 128x64 / 64x128 / 128x128); every layer whose grid is under ~100 blocks gained from
-# splitting K (7x7 512->512 3x3: 101.7 -> 18.3 us), and layers with long K chunks kept gaining
-# up to ~4 blocks per SM.
+# Default tile and split-K policy, fitted to a sweep of up to 19 tiles and splits on 18 dense
+# convs of ResNet-18/50, VGG-16 and the 7x7 stem (H100, docs/results.md "GPU dense conv rule"):
+# what it picks was the sweep's fastest on 11 of 18 layers and within 20% of it on 17 (7x7
+# 512->512: 18.3 us against 14.8 with 128x64 tiles and split 16). Every layer whose grid was
+# under ~100 blocks gained from splitting K (that layer: 101.7 -> 18.3 us with split 8), and
+# layers with long K chunks kept gaining up to ~4 blocks per SM (VGG-16 14x14 512: split 8).
 DEFAULT_TILE = (1, 2, 2, 2, 4)  # i_warps, i_frags, j_warps, j_frags, k_frags: 32x64, K step 64
 FILL_BLOCKS = 96  # split K while the grid has fewer blocks than this
 MIN_CHUNK = 576  # ... or while each chunk keeps at least this much K
@@ -231,6 +231,10 @@ class Conv2dTensorCore(GPUScheduleRule):
         if not tile.launchable:
             logger.debug("conv2d: tile %s would not launch (shared memory)", tile.name())
             return None
+        if tile.split_k > 1 and not sch.get_consumers(info.block):
+            # The partial sums are added up in registers before an epilogue writes them out; a
+            # conv that is the function's output has none: no split.
+            tile = replace(tile, split_k=1)
         block = info.block
         if tile.split_k > 1:
             if info.cg % tile.split_k:

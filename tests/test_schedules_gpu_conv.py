@@ -188,3 +188,13 @@ def test_tensor_core_conv_numerics(case, name, tile, epilogue):
     assert sch is not None, f"the rule does not apply to {case} with {name}"
     lib = build_prim_func(sch.mod["main"], CUDA)
     _check(_run_poisoned_cuda(lib, inputs, (1, case.f, oh, ow)), ref)
+
+
+def test_conv_without_epilogue_is_not_split():
+    # The sum over chunks needs a block after the conv to write the output from registers.
+    case = ConvCase(512, 7, 7, 512)
+    mod = conv2d_module(case, "float16", epilogue="none")
+    (func,) = prim_funcs(standard_pipeline(mod)).values()
+    sch = _schedule(func, ConvTile(1, 2, 2, 2, 4, 8))
+    src = _cuda_source(build_prim_func(sch.mod["main"], CUDA))
+    assert src.count('extern "C" __global__') == 2 and "wmma::mma_sync" in src
