@@ -17,9 +17,18 @@ fails, TVM's ``time_evaluator`` (CUDA events around back-to-back launches) is us
 cell says so. ``--e2e`` also times MobileNetV2 GPU-only (``cuda -arch=sm_XY, llvm``) built
 with and without the rule, next to PyTorch with a CUDA graph.
 
+``--conv`` does the same for the tensor-core conv rule on the dense convs of :data:`DENSE`:
+``legacy`` (the old fixed tile), ``default`` (``choose_tile``) and, with ``--sweep``, the tiles
+and splits of :func:`conv_sweep_tiles`, next to cuDNN in NCHW and channels-last. Each layer's
+variants go into one exported module (one NVRTC compile at load); ``--build-only`` builds them
+for sm_90 on a machine without a GPU into ``--conv-dir``, which the GPU machine then times.
+
 On the GPU machine (TVM installed, see ../shared/device/README.md)::
 
     PYTHONUNBUFFERED=1 python3 scripts/bench_gpu_rules.py --sweep --e2e --out $OUT
+    # dense convs, built here first: --conv --sweep --no-depthwise --build-only --conv-dir conv
+    PYTHONUNBUFFERED=1 python3 scripts/bench_gpu_rules.py --conv --sweep --no-depthwise \
+        --conv-dir conv --out $OUT
 """
 
 from __future__ import annotations
@@ -285,7 +294,7 @@ def conv_sweep_tiles(info) -> list:
         ConvTile(4, 2, 4, 2, 4),
         ConvTile(4, 2, 2, 2, 4),
         ConvTile(2, 2, 4, 2, 4),
-        ConvTile(2, 2, 2, 2, 4),
+        ConvTile(2, 2, 2, 2, 4),  # does not launch (shared memory): kept to show it
         ConvTile(1, 2, 2, 2, 4),
         ConvTile(2, 2, 2, 2, 2),
         ConvTile(2, 4, 2, 2, 4),
