@@ -301,7 +301,7 @@ def conv_sweep_tiles(info) -> list:
     ]
     i = info.n * info.oh * info.ow
     tiles = [t for t in base if t.tile_j <= max(64, info.f)]
-    for t in (ConvTile(2, 2, 2, 2, 4), ConvTile(4, 2, 2, 2, 4), ConvTile(1, 2, 2, 2, 4)):
+    for t in (ConvTile(1, 2, 2, 2, 4), ConvTile(4, 2, 2, 2, 4), ConvTile(2, 2, 2, 2, 2)):
         if t.blocks(i, info.f) >= 264:
             continue
         for split in split_k_choices(info, t.tile_k):
