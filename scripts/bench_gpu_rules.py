@@ -184,21 +184,7 @@ def measure_kernel(func, target, inputs, out_shape, ref, tol=2e-2) -> dict:
     begin = time.perf_counter()
     lib = build_prim_func(func, target)
     cell["build_s"] = round(time.perf_counter() - begin, 2)
-    dev = tvm.cuda(0)
-    out = tvm.runtime.tensor(np.full(out_shape, np.nan, "float16"), dev)
-    args = [tvm.runtime.tensor(a, dev) for a in inputs] + [out]
-    lib["main"](*args)
-    got = out.numpy().astype("float64")
-    err = float(np.nanmax(np.abs(got - ref)) / max(1e-6, np.abs(ref).max()))
-    cell["rel_err"] = err if np.isfinite(got).all() else float("nan")
-    cell["ok"] = bool(np.isfinite(got).all() and err <= tol)
-    try:
-        cell["us"] = round(cuda_graph_us(lambda: lib["main"](*args)), 3)
-        cell["timing"] = "cuda graph"
-    except Exception as err:  # noqa: BLE001 - fall back to TVM's own timer, say so
-        cell["graph_error"] = f"{type(err).__name__}: {err}"[:200]
-        cell["us"] = round(evaluator_us(lib, args), 3)
-        cell["timing"] = "time_evaluator"
+    cell.update(_time_lib(lib["main"], inputs, out_shape, ref, tvm.cuda(0), tol, evaluator=lib))
     return cell
 
 
@@ -463,8 +449,9 @@ def conv_rows(
     return rows
 
 
-def _time_lib(fn, inputs, out_shape, ref, dev, tol=2e-2) -> dict:
-    """Check a kernel ``fn`` against ``ref`` (output poisoned first) and time it."""
+def _time_lib(fn, inputs, out_shape, ref, dev, tol=2e-2, evaluator=None) -> dict:
+    """Check a kernel ``fn`` against ``ref`` (output poisoned first) and time it; where CUDA
+    graph capture fails, :func:`evaluator_us` times ``evaluator`` (default ``fn``)."""
     import tvm
 
     out = tvm.runtime.tensor(np.full(out_shape, np.nan, "float16"), dev)
@@ -480,7 +467,7 @@ def _time_lib(fn, inputs, out_shape, ref, dev, tol=2e-2) -> dict:
         cell["timing"] = "cuda graph"
     except Exception as err:  # noqa: BLE001 - fall back to TVM's own timer, say so
         cell["graph_error"] = f"{type(err).__name__}: {err}"[:200]
-        cell["us"] = round(evaluator_us(fn, args), 3)
+        cell["us"] = round(evaluator_us(evaluator or fn, args), 3)
         cell["timing"] = "time_evaluator"
     return cell
 
