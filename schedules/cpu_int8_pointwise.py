@@ -17,10 +17,11 @@ Here a register holds 16 consecutive pixels of one output channel instead:
   int32 and writes 16 contiguous output bytes per channel: no gather and no scalar tail
   (``H*W`` flattened makes rows of any width contiguous).
 
-Scope: 1x1, stride 1, no padding, ``groups == 1``, ``C % 4 == 0``, ``H*W % 16 == 0``, and
-expand convs only (``F >= 2C``): where the reduction is long (projection convs, ``C >= F``)
-packing the input per task costs more than the write-back saves (measured on MobileNetV2,
-docs/results.md "CPU int8 kernels, session 4").
+Scope: 1x1, stride 1, no padding, ``groups == 1``, ``C % 4 == 0``, ``H*W % 16 == 0``.
+The input pack walks pixels outer of the 4 channels of a group (LLVM vectorises it into
+16-byte loads and interleaving stores); walked the other way it was a byte scatter that cost
+projection convs (``C > F``) more than the write-back saved (docs/results.md "CPU int8
+kernels, session 4").
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ def fits_pixel_lanes(info: Conv2dInfo) -> bool:
         and info.groups == 1
         and info.cg % 4 == 0
         and (info.oh * info.ow) % PIXEL_LANES == 0
-        and info.f >= 2 * info.cg
     )
 
 
@@ -87,7 +87,13 @@ def schedule_pointwise_pixel_lanes(
     outer = sch.fuse(n, po)
     sch.parallel(outer)
     sch.reverse_compute_at(acc_out, fo, preserve_unit_loops=True)
-    sch.compute_at(pad, outer, preserve_unit_loops=True)  # pack the task's pixels
+    # Pack the task's pixels: pixels outer of the 4 channels of a group, so that LLVM turns
+    # the copy into 16-byte loads from 4 channel planes and interleaving stores.
+    sch.compute_at(pad, outer, preserve_unit_loops=True)
+    *_, pack_c, pack_p = sch.get_loops(pad)
+    pack_c4, pack_k = sch.split(pack_c, [None, 4])
+    sch.reorder(pack_c4, pack_p, pack_k)
+    sch.unroll(pack_k)
 
     # Step 4. Tensorize; vector init and write-back (16 pixels of one channel at a time).
     init = sch.decompose_reduction(conv, rco)
@@ -97,7 +103,6 @@ def schedule_pointwise_pixel_lanes(
     sch.unroll(pv)
     _, inner = sch.split(sch.get_loops(acc_out)[-1], [None, PIXEL_LANES])
     sch.vectorize(inner)
-    finish_cpu_schedule(
-        sch, target, skip={info.name, info.name + "_init", sch.get(acc_out).name_hint}
-    )
+    skip = {info.name, info.name + "_init", sch.get(acc_out).name_hint, sch.get(pad).name_hint}
+    finish_cpu_schedule(sch, target, skip=skip)
     logger.debug("conv2d %s: pixel lanes ft=%d pt=%d", info.name, ft, pt)

@@ -69,9 +69,10 @@ INT8_CONV_CASES = [
     ConvCase(16, 16, 16, 96, k=1, pad=0),  # pointwise expand: pixels in the lanes
     ConvCase(24, 8, 12, 72, k=1, pad=0, n=2),  # pixel lanes: rows of 12 (vectors span rows)
     ConvCase(8, 4, 4, 20, k=1, pad=0),  # pixel lanes: 20 output channels (no channel lanes)
+    ConvCase(64, 8, 8, 16, k=1, pad=0),  # pixel lanes: projection (C > F)
 ]
 # Pointwise convs that take the pixels-in-lanes schedule (cpu_int8_pointwise) on VNNI.
-PIXEL_LANE_CASES = INT8_CONV_CASES[-3:]
+PIXEL_LANE_CASES = INT8_CONV_CASES[-4:]
 
 
 def _int8_inputs(case: ConvCase, rng):
@@ -193,7 +194,6 @@ def test_conv2d_int8_asm_uses_vpdpbusd(target, case, expect):
     [
         *((case, True) for case in PIXEL_LANE_CASES),
         (INT8_CONV_CASES[1], False),  # 14 x 14 = 196 pixels: not whole vectors of 16
-        (ConvCase(64, 8, 8, 64, k=1, pad=0), False),  # not an expand conv (F < 2C)
         (ConvCase(16, 8, 8, 64, k=1, pad=0, stride=2), False),  # strided
         (INT8_CONV_CASES[0], False),  # 3x3
     ],
