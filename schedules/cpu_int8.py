@@ -40,6 +40,7 @@ from tvm.target import Target
 
 from ._intrin import DotProductIntrin, dot_product_intrin, pixel_dot_product_intrin
 from ._util import (
+    SCHEDULE_ERRORS,
     inline_epilogue_into,
     is_cpu_target,
     largest_divisor,
@@ -78,8 +79,13 @@ class Conv2dInt8DotProduct(CPUScheduleRule):
             return None
         pixels = pixel_dot_product_intrin(target, info.in_dtype, info.w_dtype)
         if pixels is not None and fits_pixel_lanes(info):
-            schedule_pointwise_pixel_lanes(sch, info, target, pixels)
-            return sch
+            try:
+                schedule_pointwise_pixel_lanes(sch, info, target, pixels)
+                return sch
+            except SCHEDULE_ERRORS as err:  # keep the channel-lane schedule below
+                logger.debug("conv2d %s: no pixel lanes: %s", info.name, err)
+                sch = new_schedule(func)
+                info = find_conv2d(sch)
         intrin = dot_product_intrin(target, info.in_dtype, info.w_dtype, lanes_divide=info.fg)
         if intrin is None or info.cg % intrin.k != 0:
             return None

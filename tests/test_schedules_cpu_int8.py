@@ -62,7 +62,7 @@ INT8_CONV_CASES = [
     ConvCase(64, 9, 9, 64, groups=4),  # VNNI, grouped (16 in / 16 out per group)
     ConvCase(16, 12, 12, 32, dilation=2, pad=2, n=2),  # VNNI, dilated, batch 2
     ConvCase(32, 11, 11, 40),  # 40 output channels: 8-lane VNNI (AVX512VL)
-    ConvCase(1152, 4, 4, 1024, k=1, pad=0),  # weights > 1 MB: channel tiles outer
+    ConvCase(1152, 4, 5, 1024, k=1, pad=0),  # weights > 1 MB: channel tiles outer
     ConvCase(3, 20, 20, 16, k=7, stride=2, pad=3),  # 3 input channels: fallback
     ConvCase(32, 18, 18, 32, groups=32),  # depthwise: Conv2dInt8Depthwise
     ConvCase(12, 9, 9, 20),  # 20 output channels: fallback
@@ -351,7 +351,7 @@ AMX_CASES = [
     ConvCase(32, 9, 9, 48, k=1, pad=0),  # pointwise, read without padding
     ConvCase(96, 20, 20, 32),  # 48-channel tiles (96 = 2 x 48)
     ConvCase(8, 7, 7, 16, dilation=2, pad=2, n=2),  # dilated, batch 2, 8-channel tiles
-    ConvCase(1152, 4, 4, 1024, k=1, pad=0),  # weights > 1 MB: channel tiles outer
+    ConvCase(1152, 4, 5, 1024, k=1, pad=0),  # weights > 1 MB: channel tiles outer
 ]
 
 
