@@ -41,3 +41,27 @@ def test_int8_keeps_top1_and_top5(name, ratio, photos, tmp_path):
     )
     assert result.top1_equal == result.photos
     assert result.top5_overlap >= 0.95
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_pretrained", "efficientnet_lite0"])
+def test_cpu_only_int8_top1_on_augmented_views(name, photos, tmp_path):
+    """Four photos are a thin sample: 200 augmented views (crops, flips, scales) of them, none
+    used for calibration; CPU-only int8 keeps fp32's top-1 on at least 99% of them."""
+    from mulayer.models.pretrained import augmented_test_views, save_pretrained
+
+    path = save_pretrained(name, tmp_path / f"{name}.onnx")
+    compiled = mulayer.compile(
+        str(path),
+        target="mulayer -ratio=0, llvm, llvm",
+        calibration={"input": photos.calibration_batch()},
+    )
+    model = mulayer.load(compiled.export(tmp_path / "m.mulayer"))
+    reference = onnxruntime_session(path)
+    views = augmented_test_views()
+    result = agreement(
+        lambda x: next(iter(model(x).values())),
+        lambda x: reference.run(None, {"input": x})[0],
+        views,
+    )
+    assert result.photos >= 200
+    assert result.top1_equal >= 0.99 * result.photos, result.row()
