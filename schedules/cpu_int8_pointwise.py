@@ -17,7 +17,9 @@ Here a register holds 16 consecutive pixels of one output channel instead:
   int32 and writes 16 contiguous output bytes per channel: no gather and no scalar tail
   (``H*W`` flattened makes rows of any width contiguous).
 
-Scope: 1x1, stride 1, no padding, ``groups == 1``, ``C % 4 == 0``, ``H*W % 16 == 0``.
+Scope: 1x1, stride 1, ``groups == 1``, ``C % 4 == 0``, and ``H*W % 16 == 0`` or rows
+narrower than 8 (``H*W`` then padded to whole vectors with ``pad_einsum``: see
+:data:`PADDED_BELOW_WIDTH`).
 The input pack walks pixels outer of the 4 channels of a group (LLVM vectorises it into
 16-byte loads and interleaving stores); walked the other way it was a byte scatter that cost
 projection convs (``C > F``) more than the write-back saved (docs/results.md "CPU int8
@@ -26,7 +28,10 @@ kernels, session 4").
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tvm import s_tir
+from tvm.s_tir.schedule import SBlockRV
 from tvm.target import Target
 
 from ._intrin import DotProductIntrin
@@ -38,6 +43,11 @@ from .cpu_tiling import pack_weight
 PIXEL_LANES = 16
 # Accumulator registers of a task's tile (of 32 zmm; the rest hold operands).
 TILE_REGISTERS = 24
+# H*W not a multiple of 16 is padded to one (zeros in, the extra outputs dropped) only for
+# rows narrower than this, where the channel-lane rule's tile of one row's pixels is too small
+# to use its registers: on MobileNetV2 (2-core machine) the 7x7 layers ran 1.1-1.6x faster
+# padded (49 -> 64 pixels), the 14x14 ones 1.1-1.4x slower (196 -> 208).
+PADDED_BELOW_WIDTH = 8
 
 
 def fits_pixel_lanes(info: Conv2dInfo) -> bool:
@@ -48,7 +58,7 @@ def fits_pixel_lanes(info: Conv2dInfo) -> bool:
         and info.stride == (1, 1)
         and info.groups == 1
         and info.cg % 4 == 0
-        and (info.oh * info.ow) % PIXEL_LANES == 0
+        and ((info.oh * info.ow) % PIXEL_LANES == 0 or info.ow < PADDED_BELOW_WIDTH)
     )
 
 
@@ -57,26 +67,23 @@ def schedule_pointwise_pixel_lanes(
 ) -> None:
     """Tensorize a pointwise conv with ``intrin`` (16 pixels x 4 input channels per step)."""
     conv = info.block
-    width, vectors = info.ow, info.oh * info.ow // PIXEL_LANES
+    width, pixels = info.ow, info.oh * info.ow
+    vectors = -(-pixels // PIXEL_LANES)
     pt = largest_divisor(vectors, 4)
     ft = largest_divisor(info.f, max(1, TILE_REGISTERS // pt))
 
-    # Step 1. Weight to O/ft, I/4, 1, 1, ft, 4 (precomputable); input to N, C/4, H*W, 4.
-    pack_weight(sch, info, ft, 4)
-    pad = data_producer(sch, info)
-    if pad is None:
-        pad = sch.cache_read(conv, info.data_read, "global")
-    sch.transform_layout(pad, ("write", 0), lambda n, c, h, w: (n, c // 4, h * width + w, c % 4))
-    sch.transform_block_layout(pad, lambda n, c, h, w: (n, c, h * width + w))
-
-    # Step 2. Accumulator N, F, H*W (pixels contiguous); the epilogue fused into its write-back.
-    acc_out = sch.cache_write(conv, 0, "local")
-    sch.transform_layout(conv, ("write", 0), lambda n, f, h, w: (n, f, h * width + w))
-    inline_epilogue_into(sch, acc_out)
-    sch.transform_block_layout(
-        conv, lambda n, f, h, w, rc, ry, rx: (n, f, h * width + w, rc, ry, rx)
-    )
-    sch.transform_block_layout(acc_out, lambda n, f, h, w: (n, f, h * width + w))
+    # Steps 1-2. Input to N, C/4, H*W, 4 and accumulator N, F, H*W (pixels contiguous, H*W
+    # padded to whole vectors), the epilogue fused into its write-back; weight to
+    # O/ft, I/4, 1, 1, ft, 4 (precomputable).
+    if pixels % PIXEL_LANES == 0:
+        pad, acc_out = _flatten_pixels(sch, info, width)
+        pack_weight(sch, info, ft, 4)
+    else:
+        pad, acc_out = _flatten_padded_pixels(sch, info, width, vectors * PIXEL_LANES)
+        reads = [r.source for r in sch.get(conv).reads]
+        weight_read = next(i for i, b in enumerate(reads) if b.same_as(info.weight))
+        pack_weight(sch, replace(info, weight_read=weight_read), ft, 4)
+    sch.transform_layout(pad, ("write", 0), lambda n, c, p: (n, c // 4, p, c % 4))
 
     # Step 3. Tile: parallel (n, pixel tiles) | channel tiles | C/4 | ft, pt (unrolled) | 16 x 4.
     n, f, p, rc, ry, rx = sch.get_loops(conv)
@@ -101,8 +108,63 @@ def schedule_pointwise_pixel_lanes(
     sch.tensorize(pi, intrin.name)
     sch.unroll(fi)
     sch.unroll(pv)
-    _, inner = sch.split(sch.get_loops(acc_out)[-1], [None, PIXEL_LANES])
-    sch.vectorize(inner)
+    if pixels % PIXEL_LANES == 0:  # (else the last tile's write-back is partial: LLVM's)
+        _, inner = sch.split(sch.get_loops(acc_out)[-1], [None, PIXEL_LANES])
+        sch.vectorize(inner)
     skip = {info.name, info.name + "_init", sch.get(acc_out).name_hint, sch.get(pad).name_hint}
     finish_cpu_schedule(sch, target, skip=skip)
     logger.debug("conv2d %s: pixel lanes ft=%d pt=%d", info.name, ft, pt)
+
+
+def _flatten_pixels(sch: s_tir.Schedule, info: Conv2dInfo, width: int) -> tuple[SBlockRV, SBlockRV]:
+    """Conv, input copy and accumulator over ``N, *, H*W``; returns (input copy, write-back)."""
+    conv = info.block
+    pad = data_producer(sch, info)
+    if pad is None:
+        pad = sch.cache_read(conv, info.data_read, "global")
+    sch.transform_layout(pad, ("write", 0), lambda n, c, h, w: (n, c, h * width + w))
+    sch.transform_block_layout(pad, lambda n, c, h, w: (n, c, h * width + w))
+    acc_out = sch.cache_write(conv, 0, "local")
+    sch.transform_layout(conv, ("write", 0), lambda n, f, h, w: (n, f, h * width + w))
+    inline_epilogue_into(sch, acc_out)
+    sch.transform_block_layout(
+        conv, lambda n, f, h, w, rc, ry, rx: (n, f, h * width + w, rc, ry, rx)
+    )
+    sch.transform_block_layout(acc_out, lambda n, f, h, w: (n, f, h * width + w))
+    return pad, acc_out
+
+
+def _flatten_padded_pixels(
+    sch: s_tir.Schedule, info: Conv2dInfo, width: int, padded: int
+) -> tuple[SBlockRV, SBlockRV]:
+    """As :func:`_flatten_pixels` with ``H*W`` padded to ``padded`` pixels (``pad_einsum``:
+    the input copy writes zeros past ``H*W``, the write-back reads the first ``H*W``)."""
+    conv = info.block
+    pad = data_producer(sch, info)
+    if pad is not None:  # a pointwise conv's pad_temp is a plain copy
+        sch.compute_inline(pad)
+        reads = [r.source for r in sch.get(conv).reads]
+        data_read = next(i for i, b in enumerate(reads) if not b.same_as(info.weight))
+    else:
+        data_read = info.data_read
+    flat = sch.reindex_cache_read(
+        conv,
+        data_read,
+        "global",
+        lambda n, f, y, x, rc, ry, rx: (n, rc, (y + ry) * width + x + rx),
+    )
+    acc_out = sch.cache_write(conv, 0, "local")
+    sch.transform_layout(conv, ("write", 0), lambda n, f, h, w: (n, f, h * width + w))
+    inline_epilogue_into(sch, acc_out)
+    sch.transform_block_layout(
+        conv, lambda n, f, h, w, rc, ry, rx: (n, f, h * width + w, rc, ry, rx)
+    )
+    sch.transform_block_layout(acc_out, lambda n, f, h, w: (n, f, h * width + w))
+    sch.pad_einsum(conv, [1, info.f, padded, info.cg, 1, 1])
+    (copy_out,) = sch.get_consumers(conv)  # padded accumulator -> unpadded: read in place
+    sch.compute_inline(copy_out)
+    (padded_input,) = [
+        b for b in sch.get_producers(conv) if sch.get(b).writes[0].source.shape[-1] == padded
+    ]
+    sch.compute_inline(flat)
+    return padded_input, acc_out

@@ -227,12 +227,14 @@ def _dot_lanes(traits: MachineTraits, divide: int) -> int:
 
 def _pixel_lane_shape(s: _Shape) -> bool:
     """The shapes of ``schedules.cpu_int8_pointwise.fits_pixel_lanes``."""
+    from mulayer.schedules.cpu_int8_pointwise import PADDED_BELOW_WIDTH
+
     return (
         s.kh == s.kw == 1
         and s.stride == 1
         and s.groups == 1
         and s.cg % 4 == 0
-        and (s.oh * s.ow) % 16 == 0
+        and ((s.oh * s.ow) % 16 == 0 or s.ow < PADDED_BELOW_WIDTH)
     )
 
 
