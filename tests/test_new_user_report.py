@@ -125,3 +125,4 @@ def _modules(mod):
     from mulayer.compiler.build import all_modules
 
     return all_modules(mod)
+
