@@ -42,7 +42,8 @@ Rules, in order
 llvm: :class:`~.cpu_amx.Conv2dInt8AMX` (AMX tiles, where :func:`~.cpu_amx.amx_usable`; the
 process must call :func:`~.cpu_amx.request_amx_permission` before running its kernels),
 :class:`~.cpu_int8.Conv2dInt8DotProduct`, :class:`~.cpu_int8.MatmulInt8DotProduct`
-(VNNI / Arm dot product), :class:`~.cpu_int8.Conv2dInt8Depthwise` (u8 x s8 depthwise, int32
+(VNNI / Arm dot product; pointwise convs with pixels in the VNNI lanes,
+:mod:`~.cpu_int8_pointwise`), :class:`~.cpu_int8.Conv2dInt8Depthwise` (u8 x s8 depthwise, int32
 vectors), :class:`~.cpu_conv2d.Conv2dChannelVector`,
 :class:`~.cpu_conv2d.Conv2dWidthVector`, :class:`~.cpu_dense.MatmulCPU`,
 :class:`~.cpu_generic.CPUFallback` (pooling, elementwise, reductions).

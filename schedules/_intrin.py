@@ -86,7 +86,8 @@ class DotProductIntrin:
     name : str
         Name in TVM's TensorIntrin registry.
     lanes : int
-        int32 accumulators per instruction (output channels / columns).
+        int32 accumulators per instruction (output channels / columns; pixels for
+        :func:`pixel_dot_product_intrin`).
     k : int
         Reduction elements per lane (input channels / K).
     """
@@ -102,6 +103,9 @@ _X86_VNNI = {
     16: ("mulayer_dot_16x4_u8s8s32_vnni", "llvm.x86.avx512.vpdpbusd.512"),
     8: ("mulayer_dot_8x4_u8s8s32_vnni", "llvm.x86.avx512.vpdpbusd.256"),
 }
+# Pixels in the lanes: 16 pixels x 4 input channels (64 contiguous bytes) dotted with one output
+# channel's 4 weights (broadcast), for pointwise convs whose output rows are contiguous.
+_X86_VNNI_PIXELS = ("mulayer_dot_16px_u8s8s32_vnni", "llvm.x86.avx512.vpdpbusd.512")
 _ARM_USDOT = ("mulayer_dot_4x4_u8s8s32_usdot", "llvm.aarch64.neon.usdot.v4i32.v16i8")
 _ARM_SDOT = ("mulayer_dot_4x4_u8s8s32_sdot", "llvm.aarch64.neon.sdot.v4i32.v16i8")
 _REGISTERED: dict[str, DotProductIntrin] = {}
@@ -151,6 +155,51 @@ def _x86_vnni_impl(lanes: int, llvm_name: str):
                 a_bytes,
                 B.vload([0, 0], dtype=i8xb),
                 dtype=i32xl,
+            )
+
+    return impl
+
+
+def _pixel_desc():
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((16, 4), "uint8", offset_factor=1),
+        B: T.Buffer((4,), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:16, 0:4], B[0:4])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vi, vk], "int32") * T.cast(B[vk], "int32")
+
+    return desc
+
+
+def _x86_vnni_pixels_impl():
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((16, 4), "uint8", offset_factor=1),
+        B: T.Buffer((4,), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:16, 0:4], B[0:4])
+            T.writes(C[0:16])
+            w_i32 = T.reinterpret(B.vload([0], "int8x4"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(_X86_VNNI_PIXELS[1]),
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(A.vload([0, 0], "uint8x64"), dtype="int8x64"),
+                T.reinterpret(T.broadcast(w_i32, 16), dtype="int8x64"),
+                dtype="int32x16",
             )
 
     return impl
@@ -223,13 +272,14 @@ def _arm_sdot_impl():
     return impl
 
 
-def _register(name: str, lanes: int, make_impl) -> DotProductIntrin:
+def _register(name: str, lanes: int, make_impl, make_desc=None) -> DotProductIntrin:
     with _LOCK:
         if name not in _REGISTERED:
             from tvm import s_tir
 
             with fast_tvmscript_parsing():
-                desc, impl = _desc(lanes), make_impl()
+                desc = make_desc() if make_desc is not None else _desc(lanes)
+                impl = make_impl()
             s_tir.TensorIntrin.register(name, desc, impl, override=True)
             _REGISTERED[name] = DotProductIntrin(name, lanes, 4)
         return _REGISTERED[name]
@@ -273,3 +323,19 @@ def dot_product_intrin(
             name, llvm_name = _X86_VNNI[lanes]
             return _register(name, lanes, lambda n=llvm_name, lanes=lanes: _x86_vnni_impl(lanes, n))
     return None
+
+
+def pixel_dot_product_intrin(target, a_dtype: str, b_dtype: str) -> DotProductIntrin | None:
+    """The pixels-in-lanes u8 x s8 -> s32 intrinsic for ``target`` (AVX-512 VNNI only), or None.
+
+    ``C[i] += sum_k A[i, k] * B[k]``: ``lanes`` (16) pixels of one output channel, each the dot
+    product of 4 input channels of that pixel (``A``: 64 contiguous bytes of an ``NC/4 HW 4``
+    input) with the channel's 4 weights (``B``, broadcast to every lane).
+    """
+    from ._util import has_cpu_feature, is_aarch64
+
+    if a_dtype != "uint8" or b_dtype != "int8" or is_aarch64(target):
+        return None
+    if not has_cpu_feature(target, "avx512vnni"):
+        return None
+    return _register(_X86_VNNI_PIXELS[0], 16, _x86_vnni_pixels_impl, _pixel_desc)

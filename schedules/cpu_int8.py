@@ -17,7 +17,8 @@ After legalization the conv is ``acc[n, f, y, x] += i32(pad[n, c, ...]) * i32(w[
 
     Needs ``C/groups % 4 == 0`` and ``O/groups % 16 == 0`` (``% 8`` uses the 256-bit form at
     half the rate: align the CPU slice of a channel split to 16); other shapes use the int32
-    fallbacks.
+    fallbacks. Pointwise expand convs take :mod:`.cpu_int8_pointwise` instead (pixels in the
+    lanes, so that the requantize write-back is contiguous).
 ``MatmulInt8DotProduct``
     The same for matmul: B packed to ``[N/16, K/4, 16, 4]``, A read 4 bytes at a time.
 ``Conv2dInt8Depthwise``
@@ -37,8 +38,9 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._intrin import DotProductIntrin, dot_product_intrin
+from ._intrin import DotProductIntrin, dot_product_intrin, pixel_dot_product_intrin
 from ._util import (
+    SCHEDULE_ERRORS,
     inline_epilogue_into,
     is_cpu_target,
     largest_divisor,
@@ -50,6 +52,7 @@ from ._util import (
 from .base import CPUScheduleRule, finish_cpu_schedule
 from .conv2d_analysis import Conv2dInfo, data_producer, find_conv2d
 from .cpu_dense import pack_b
+from .cpu_int8_pointwise import fits_pixel_lanes, schedule_pointwise_pixel_lanes
 from .cpu_tiling import (
     blocked_accumulator,
     pack_input_channels,
@@ -74,6 +77,15 @@ class Conv2dInt8DotProduct(CPUScheduleRule):
         info = find_conv2d(sch)
         if info is None or not _is_u8s8s32(info.in_dtype, info.w_dtype, info.out_dtype):
             return None
+        pixels = pixel_dot_product_intrin(target, info.in_dtype, info.w_dtype)
+        if pixels is not None and fits_pixel_lanes(info):
+            try:
+                schedule_pointwise_pixel_lanes(sch, info, target, pixels)
+                return sch
+            except SCHEDULE_ERRORS as err:  # keep the channel-lane schedule below
+                logger.debug("conv2d %s: no pixel lanes: %s", info.name, err)
+                sch = new_schedule(func)
+                info = find_conv2d(sch)
         intrin = dot_product_intrin(target, info.in_dtype, info.w_dtype, lanes_divide=info.fg)
         if intrin is None or info.cg % intrin.k != 0:
             return None

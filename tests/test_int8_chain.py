@@ -322,7 +322,9 @@ AMX = tvm.target.Target(
 
 
 @pytest.mark.parametrize(
-    ("rule", "target"), [(Conv2dInt8DotProduct(), HOST), (Conv2dInt8AMX(), AMX)], ids=str
+    ("rule", "target"),
+    [(Conv2dInt8DotProduct(), HOST), (Conv2dInt8AMX(), AMX)],
+    ids=["vnni", "amx"],  # stable ids: pytest-xdist workers must collect the same names
 )
 def test_int8_rules_claim_fused_kernels_with_the_epilogue_in_the_tile(rule, target):
     """Requantize, residual add (dequantized skip) and relu run in the conv's output tiles: no

@@ -62,11 +62,20 @@ INT8_CONV_CASES = [
     ConvCase(64, 9, 9, 64, groups=4),  # VNNI, grouped (16 in / 16 out per group)
     ConvCase(16, 12, 12, 32, dilation=2, pad=2, n=2),  # VNNI, dilated, batch 2
     ConvCase(32, 11, 11, 40),  # 40 output channels: 8-lane VNNI (AVX512VL)
-    ConvCase(1152, 4, 4, 1024, k=1, pad=0),  # weights > 1 MB: channel tiles outer
+    ConvCase(1152, 3, 10, 1024, k=1, pad=0),  # weights > 1 MB: channel tiles outer
     ConvCase(3, 20, 20, 16, k=7, stride=2, pad=3),  # 3 input channels: fallback
     ConvCase(32, 18, 18, 32, groups=32),  # depthwise: Conv2dInt8Depthwise
     ConvCase(12, 9, 9, 20),  # 20 output channels: fallback
+    ConvCase(16, 16, 16, 96, k=1, pad=0),  # pointwise expand: pixels in the lanes
+    ConvCase(24, 8, 12, 72, k=1, pad=0, n=2),  # pixel lanes: rows of 12 (vectors span rows)
+    ConvCase(8, 4, 4, 20, k=1, pad=0),  # pixel lanes: 20 output channels (no channel lanes)
+    ConvCase(64, 8, 8, 16, k=1, pad=0),  # pixel lanes: projection (C > F)
+    ConvCase(16, 7, 7, 40, k=1, pad=0),  # pixel lanes, 49 pixels padded to 64
+    ConvCase(32, 7, 7, 48, k=1, pad=0, n=2),  # pixel lanes, 49 padded to 64, batch 2
+    ConvCase(16, 6, 6, 32, k=1, pad=1),  # pixel lanes, zero-padded 1x1 (8 x 8 outputs)
 ]
+# Pointwise convs that take the pixels-in-lanes schedule (cpu_int8_pointwise) on VNNI.
+PIXEL_LANE_CASES = INT8_CONV_CASES[-7:]
 
 
 def _int8_inputs(case: ConvCase, rng):
@@ -96,7 +105,11 @@ def test_conv2d_int8_bit_exact(case: ConvCase):
 
 
 @host_has_vnni
-@pytest.mark.parametrize("case", [INT8_CONV_CASES[0], INT8_CONV_CASES[8]], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    [INT8_CONV_CASES[0], INT8_CONV_CASES[8], *PIXEL_LANE_CASES[:2], PIXEL_LANE_CASES[-2]],
+    ids=str,
+)
 def test_conv2d_int8_requantize_epilogue(case: ConvCase):
     x, w, b = _int8_inputs(case, np.random.default_rng())
     lib = build_prim_func(_conv_int8(case, HOST, "requant"), HOST)
@@ -179,6 +192,30 @@ def test_conv2d_int8_asm_uses_vpdpbusd(target, case, expect):
         False,
     )
     assert (claimed is not None) == expect
+
+
+@pytest.mark.parametrize(
+    ("case", "pixels"),
+    [
+        *((case, True) for case in PIXEL_LANE_CASES),
+        (INT8_CONV_CASES[1], False),  # 14 x 14 = 196 pixels: channel lanes (14-pixel rows)
+        (ConvCase(16, 8, 8, 64, k=1, pad=0, stride=2), False),  # strided
+        (INT8_CONV_CASES[0], False),  # 3x3
+    ],
+    ids=str,
+)
+def test_pointwise_pixel_lanes_claims(case: ConvCase, pixels: bool):
+    """Expand 1x1 convs put 16 pixels in a register: the write-back has no gather."""
+    func = _conv_int8(case, VNNI, "requant")
+    asm = build_prim_func(func, VNNI).inspect_source("asm")
+    assert "vpdpbusd" in asm
+    if pixels:
+        assert "vpgatherdd" not in asm
+    # The packed input is N, C/4, H*W, 4 (pixels flattened, padded to whole vectors of 16)
+    # only on the pixel-lane path.
+    oh, ow = case.out_hw
+    flat = f"T.int64({case.c // 4}), T.int64({-(-oh * ow // 16) * 16}), T.int64(4)"
+    assert (flat in func.script()) == pixels
 
 
 @pytest.mark.parametrize(
@@ -320,7 +357,7 @@ AMX_CASES = [
     ConvCase(32, 9, 9, 48, k=1, pad=0),  # pointwise, read without padding
     ConvCase(96, 20, 20, 32),  # 48-channel tiles (96 = 2 x 48)
     ConvCase(8, 7, 7, 16, dilation=2, pad=2, n=2),  # dilated, batch 2, 8-channel tiles
-    ConvCase(1152, 4, 4, 1024, k=1, pad=0),  # weights > 1 MB: channel tiles outer
+    ConvCase(1152, 3, 10, 1024, k=1, pad=0),  # weights > 1 MB: channel tiles outer
 ]
 
 

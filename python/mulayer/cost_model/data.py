@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from mulayer.errors import MuLayerError
 from mulayer.frontend.layers import Layer
 
-from .kernels import MachineTraits, normalize_rule, traits_for
+from .kernels import MachineTraits, is_pixel_lane_pointwise, normalize_rule, traits_for
 
 
 @dataclass
@@ -65,7 +65,20 @@ class ProfileData:
         # the target alone: a profile that records rules says.
         recorded = {p.rule for p in self.parts if p.processor == "cpu" and p.rule}
         amx = "Conv2dInt8AMX" in recorded if recorded else traits.cpu_amx
-        return replace(traits, gpu_depthwise_rule=not old_depthwise, cpu_amx=amx)
+        # A profile from before the pixel-lane pointwise schedule timed AMX tiles for them.
+        old_pointwise = any(
+            p.processor == "cpu"
+            and p.rule
+            and normalize_rule(p.rule) == "Conv2dInt8AMX"
+            and is_pixel_lane_pointwise(p.layer, p.channels)
+            for p in self.parts
+        )
+        return replace(
+            traits,
+            gpu_depthwise_rule=not old_depthwise,
+            cpu_amx=amx,
+            cpu_pixel_lanes=not old_pointwise,
+        )
 
     def summary(self) -> dict:
         """What a trained model records about its training set."""

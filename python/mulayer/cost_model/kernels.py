@@ -74,6 +74,9 @@ class MachineTraits:
     gpu_sms: int = _DEFAULT_SMS
     # Whether GPU depthwise convs get DepthwiseConv2d (profiles measured before it ran dlight's).
     gpu_depthwise_rule: bool = True
+    # Whether int8 pointwise convs with whole vectors of 16 pixels get the pixel-lane VNNI
+    # schedule rather than AMX (profiles measured before it ran AMX tiles for them).
+    cpu_pixel_lanes: bool = True
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -222,6 +225,25 @@ def _dot_lanes(traits: MachineTraits, divide: int) -> int:
     return next((lanes for lanes in traits.cpu_dot_lanes if divide % lanes == 0), 0)
 
 
+def _pixel_lane_shape(s: _Shape) -> bool:
+    """The shapes of ``schedules.cpu_int8_pointwise.fits_pixel_lanes``."""
+    from mulayer.schedules.cpu_int8_pointwise import PADDED_BELOW_WIDTH
+
+    return (
+        s.kh == s.kw == 1
+        and s.stride == 1
+        and s.groups == 1
+        and s.cg % 4 == 0
+        and ((s.oh * s.ow) % 16 == 0 or s.ow < PADDED_BELOW_WIDTH)
+    )
+
+
+def is_pixel_lane_pointwise(layer: Layer, channels: int) -> bool:
+    """Whether ``channels`` output channels of ``layer`` have the pixel-lane pointwise shape."""
+    s = _shape(layer, channels)
+    return s.kind == "conv2d" and _pixel_lane_shape(s)
+
+
 def _cpu_conv(s: _Shape, traits: MachineTraits) -> KernelInfo:
     from mulayer.schedules.cpu_amx import LANES, MAX_K, MAX_ROWS
     from mulayer.schedules.cpu_tiling import WEIGHT_CACHE_BYTES
@@ -235,8 +257,18 @@ def _cpu_conv(s: _Shape, traits: MachineTraits) -> KernelInfo:
         tasks = s.oh if rows_outer else _ceil(s.f, lanes) * s.oh
         return KernelInfo(rule, vector=lanes, tile_m=tile_m, tile_n=lanes, tasks=tasks, **kw)
 
+    # Pointwise convs with whole vectors of 16 pixels: VNNI with pixels in the lanes
+    # (schedules/cpu_int8_pointwise.py), on AMX machines too.
+    pixel_lanes = traits.cpu_pixel_lanes and 16 in traits.cpu_dot_lanes and _pixel_lane_shape(s)
     # Step 1. AMX tiles (ungrouped, stride 1, 4 | C, 16 | F).
-    if traits.cpu_amx and s.groups == 1 and s.stride == 1 and s.cg % 4 == 0 and s.f % LANES == 0:
+    if (
+        traits.cpu_amx
+        and not pixel_lanes
+        and s.groups == 1
+        and s.stride == 1
+        and s.cg % 4 == 0
+        and s.f % LANES == 0
+    ):
         rows = _largest_divisor(s.ow, MAX_ROWS)
         kt = _largest_divisor(s.cg, MAX_K, 4) or 4
         util = (rows / MAX_ROWS) * (kt / MAX_K)

@@ -39,3 +39,15 @@ def agreement(run, reference, photos: dict[str, np.ndarray]) -> Agreement:
 def correct_top1(run, photos: dict[str, np.ndarray], labels: dict[str, tuple[int, ...]]) -> int:
     """Photos whose top-1 class is one of their accepted labels."""
     return sum(top_k(run(photos[name]), 1)[0] in labels[name] for name in photos)
+
+
+def output_sqnr_db(run, reference, inputs: dict[str, np.ndarray]) -> float:
+    """SQNR in dB of ``run``'s outputs against ``reference``'s over all ``inputs`` (total
+    signal energy / total error energy, float64); inf when they agree exactly."""
+    signal = noise = 0.0
+    for x in inputs.values():
+        ref = np.asarray(reference(x), dtype=np.float64)
+        err = np.asarray(run(x), dtype=np.float64) - ref
+        signal += float((ref**2).sum())
+        noise += float((err**2).sum())
+    return float("inf") if noise == 0 else float(10 * np.log10(signal / noise))

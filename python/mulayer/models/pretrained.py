@@ -331,6 +331,53 @@ def preprocess(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32)
 
 
+# Augmented views of the test photos (issue 14: four photos are a thin sample).
+VIEWS_PER_PHOTO = 50  # x 4 test photos = 200 views
+_VIEW_SCALE = (0.25, 1.0)  # share of the photo's area a crop keeps
+_VIEW_ASPECT = (3 / 4, 4 / 3)
+
+
+def augmented_view(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One random view of an HxW(x3) uint8 photo: crop, flip, scale, then ImageNet-normalize.
+
+    The crop keeps 25-100% of the photo's area at an aspect ratio of 3:4 to 4:3 at a random
+    place (torchvision's ``RandomResizedCrop`` recipe), is mirrored with probability 1/2 and
+    resized to 224x224 (antialiased bilinear). Returns float32 [1, 3, 224, 224].
+    """
+    transform = _require("skimage.transform", "photo augmentation")
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    image = image[..., :3].astype(np.float32) / 255.0
+    h, w = image.shape[:2]
+    area = h * w * rng.uniform(*_VIEW_SCALE)
+    aspect = float(np.exp(rng.uniform(np.log(_VIEW_ASPECT[0]), np.log(_VIEW_ASPECT[1]))))
+    ch = int(min(h, max(16, round(np.sqrt(area / aspect)))))
+    cw = int(min(w, max(16, round(np.sqrt(area * aspect)))))
+    top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    crop = image[top : top + ch, left : left + cw]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    size = (IMAGE_SIZE, IMAGE_SIZE)
+    crop = transform.resize(crop, size, order=1, anti_aliasing=True, preserve_range=True)
+    crop = (crop - IMAGENET_MEAN) / IMAGENET_STD
+    return np.ascontiguousarray(crop.transpose(2, 0, 1)[None], dtype=np.float32)
+
+
+def augmented_test_views(per_photo: int = VIEWS_PER_PHOTO, seed: int = 0) -> dict[str, np.ndarray]:
+    """``per_photo`` :func:`augmented_view` s of each test photo (never a calibration photo),
+    named ``<photo>/<k>``; the same views for the same ``seed``."""
+    if per_photo < 1:
+        raise MuLayerError(f"per_photo={per_photo}: need at least one view per photo")
+    rng = np.random.default_rng(seed)
+    views = {}
+    for name in TEST_PHOTOS:
+        image = _load_skimage_photo(name)
+        for k in range(per_photo):
+            views[f"{name}/{k}"] = augmented_view(image, rng)
+    return views
+
+
 @dataclass
 class PhotoSet:
     """Preprocessed photos, each [1, 3, 224, 224] float32, ImageNet-normalized.
