@@ -311,7 +311,11 @@ def test_zoo_cpu_only_int8_is_fused_and_accurate(name, tmp_path):
 
     reference = lambda x: session.run(None, {"input": x})[0]  # noqa: E731
     new_db, old_db = _sqnr(model, reference, xs), _sqnr(old_model, reference, xs)
-    assert new_db >= old_db - 0.5, (new_db, old_db)
+    # uint8 residual skips requantize once more than the fp32 skips of the unchained build: on
+    # the zoo nets that cost 0.1-0.7 dB (docs/results.md); over 8 calibration seeds on `tiny`
+    # the gap was -0.3..+0.76 dB, so 0.5 dB failed now and then. 1 dB still catches a broken
+    # requantization (tens of dB).
+    assert new_db >= old_db - 1.0, (new_db, old_db)
     # Every output element written (NaN-poisoned outputs would show).
     assert np.isfinite(next(iter(model({"input": xs[0]}).values()))).all()
 
