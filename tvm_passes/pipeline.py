@@ -29,6 +29,7 @@ from .build_helpers import legalize_keeping_vdevices
 from .canonicalize import canonical_form
 from .cast_gpu import CastGPU
 from .chain_int8 import ChainInt8
+from .fuse_per_device import FusePerDevice
 from .lift_cpu_weights import LiftCPUWeights
 from .place_devices import PlaceDevices, make_vdevices
 from .quantize_cpu import QuantizeCPU
@@ -63,11 +64,13 @@ def cpu_only_passes(plan, calibration=None, guard_db: float = 30.0) -> tvm.trans
 
 
 def lower_two_device(mod: tvm.IRModule, gpu_target) -> tvm.IRModule:
-    """Realize VDevices, legalize keeping them, and schedule each PrimFunc for its side."""
+    """Realize VDevices, legalize keeping them, fuse per device, schedule each PrimFunc for its
+    side."""
     from mulayer.schedules import apply_schedules
 
     mod = relax.transform.RealizeVDevice()(mod)
     mod = legalize_keeping_vdevices(mod)
+    mod = FusePerDevice()(mod)  # fused kernels keep their device's target
     return apply_schedules(mod, gpu_target)
 
 

@@ -18,6 +18,8 @@ is then created with ``[gpu_device, cpu_device]``, e.g. ``[tvm.cuda(0), tvm.cpu(
    input slice happens before the tensor crosses and fewer bytes cross.
 4. ``main``'s parameters live on the CPU (the host, where inputs arrive) and its result is
    copied back to the CPU if it was computed on the GPU.
+5. A ``main`` with no CPU part (every layer on the GPU) is placed wholly on the GPU, parameters
+   and result included: the GPU-only module plus nothing (the runtime uploads the inputs).
 
 Wherever a tensor is read on the other side, an explicit ``R.to_vdevice`` copy
 (``to_<side>_<var>``) is emitted right before its first reader on that side, once. SplitChannels
@@ -38,7 +40,7 @@ from tvm import relax
 from tvm.ir.expr import Constant
 from tvm.target import Target
 
-from .common import SIDES, consumers, join_of, part_role
+from .common import SIDES, consumers, has_cpu_part, join_of, part_role
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,12 @@ class _Placer:
 
     # Step 1. Decide each binding's side.
     def _decide(self) -> None:
+        self.all_gpu = not has_cpu_part(self.func)
+        if self.all_gpu:
+            # Nothing runs on the CPU: the whole function, inputs included, is the GPU's.
+            self.side = {p: "gpu" for p in self.func.params}
+            self.side.update({b.var: "gpu" for b in self.bindings})
+            return
         readers = consumers(self.func)
         order = {b.var: i for i, b in enumerate(self.bindings)}
         for binding in self.bindings:
@@ -145,7 +153,10 @@ class _Placer:
         others = {gv: f for gv, f in self.mod.functions_items() if gv.name_hint != "main"}
         bb = relax.BlockBuilder(tvm.IRModule(others, attrs=self.mod.attrs))
         cpu = self.vdevices["cpu"]
-        params = [relax.Var(p.name, _with_vdevice(p.ty, cpu)) for p in self.func.params]
+        params = [
+            relax.Var(p.name, _with_vdevice(p.ty, self.vdevices[self.side[p]]))
+            for p in self.func.params
+        ]
         self.new: dict[relax.Var, relax.Var] = dict(zip(self.func.params, params, strict=True))
         self.copies: dict[tuple, relax.Var] = {}
         self.bb = bb
@@ -158,7 +169,9 @@ class _Placer:
                     side = self.side[binding.var]
                     value = self._rewrite(binding.value, side)
                     is_output = not isinstance(binding.var, relax.DataflowVar)
-                    returns_from_gpu = binding.var.same_as(result) and side == "gpu"
+                    returns_from_gpu = (
+                        binding.var.same_as(result) and side == "gpu" and not self.all_gpu
+                    )
                     if is_output and not returns_from_gpu:
                         var = bb.emit_output(value, binding.var.name)
                     else:
@@ -171,7 +184,8 @@ class _Placer:
                     self.new[binding.var] = var
                 output = self.new[result] if isinstance(result, relax.Var) else result
                 if not isinstance(result, relax.Var):
-                    output = bb.emit_output(self._rewrite(result, "cpu"))
+                    out_side = "gpu" if self.all_gpu else "cpu"
+                    output = bb.emit_output(self._rewrite(result, out_side))
             bb.emit_func_output(output)
         mod = bb.get()
         mod.update_global_info("vdevice", [self.vdevices["gpu"], self.vdevices["cpu"]])
