@@ -106,16 +106,17 @@ def test_launch_order_and_names():
             assert kind == ("cuda" if part[1] == "gpu" else "llvm"), b.var.name
 
 
-def test_all_gpu_returns_on_the_cpu():
+def test_all_gpu_is_placed_wholly_on_the_gpu():
     mod = SplitChannels(Plan.uniform(1.0))(NETS["tiny"]())
     after = PlaceDevices(CUDA, LLVM)(mod)
     func = after["main"]
-    assert func.params[0].ty.vdevice.target.kind.name == "llvm"
-    assert func.body.body.ty.vdevice.target.kind.name == "llvm"
+    # No CPU part: the GPU-only module plus nothing (inputs and result on the GPU, no copy).
+    assert func.params[0].ty.vdevice.target.kind.name == "cuda"
+    assert func.body.body.ty.vdevice.target.kind.name == "cuda"
     bindings = func.body.blocks[0].bindings
-    # The input crosses once, the result once; nothing else does.
+    assert all(b.var.ty.vdevice.target.kind.name == "cuda" for b in bindings)
     copies = [b.var.name for b in bindings if "to_vdevice" in str(b.value.op)]
-    assert len(copies) == 2, copies
+    assert copies == []
 
 
 @pytest.mark.parametrize("net", sorted(NETS))

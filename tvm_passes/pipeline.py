@@ -25,6 +25,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from mulayer.runtime import crossing  # noqa: F401  (the copy StageCrossings' calls run)
+
 from .build_helpers import legalize_keeping_vdevices
 from .canonicalize import canonical_form
 from .cast_gpu import CastGPU
@@ -35,6 +37,7 @@ from .place_devices import PlaceDevices, make_vdevices
 from .quantize_cpu import QuantizeCPU
 from .separate_device_storage import SeparateDeviceStorage
 from .split_channels import SplitChannels
+from .stage_crossings import StageCrossings
 
 
 def cooperative_passes(
@@ -71,6 +74,7 @@ def lower_two_device(mod: tvm.IRModule, gpu_target) -> tvm.IRModule:
     mod = relax.transform.RealizeVDevice()(mod)
     mod = legalize_keeping_vdevices(mod)
     mod = FusePerDevice()(mod)  # fused kernels keep their device's target
+    mod = StageCrossings()(mod)  # copies into planned buffers, device-to-host ones early
     return apply_schedules(mod, gpu_target)
 
 

@@ -355,6 +355,7 @@ def build_cooperative(mod, spec: TargetSpec, plan: Plan, layers, calibration, in
     sites = kernel_sites(mod)
     executable = compile_lowered(mod)
     meta = {
+        "input_device": _input_device(mod, spec),
         "precision": _decisions(plan, layers, precision),
         "calibrated": stats is not None,
         "kernel_sites": sites,
@@ -362,6 +363,16 @@ def build_cooperative(mod, spec: TargetSpec, plan: Plan, layers, calibration, in
     if cpu_weights:
         meta["cpu_weights"] = {"function": WEIGHTS_FUNC, "count": cpu_weights}
     return executable, meta
+
+
+def _input_device(mod, spec: TargetSpec) -> str:
+    """Where ``main`` wants its inputs: the GPU when PlaceDevices put them there (no CPU part)."""
+    params = mod["main"].params[:1]
+    vdevice = getattr(params[0].ty, "vdevice", None) if params else None
+    kind = vdevice.target.kind.name if vdevice is not None else "llvm"
+    cpu_vdevice = mod.global_infos["vdevice"][1]
+    on_cpu = vdevice is None or vdevice.__chandle__() == cpu_vdevice.__chandle__()
+    return "cpu" if on_cpu or kind in ("llvm", "c") else kind
 
 
 def build_cpu_only(mod, spec: TargetSpec, plan: Plan, layers, calibration, inputs):
