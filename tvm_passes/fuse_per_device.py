@@ -29,18 +29,22 @@ from tvm import relax, tirx
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
 
-def _fuse() -> tvm.transform.Pass:
+def _group() -> tvm.transform.Pass:
     t = relax.transform
     return tvm.transform.Sequential(
         [
             t.AnnotateTIROpPattern(),
             t.FoldConstant(),  # e.g. the weight casts of ToMixedPrecision, as in a GPU-only build
             t.FuseOps(),
-            t.FuseTIR(),
-            t.DeadCodeElimination(),
         ],
-        name="mulayer.Fuse",
+        name="mulayer.Group",
     )
+
+
+def _fuse(mod: tvm.IRModule) -> tvm.IRModule:
+    mod = _group()(mod)
+    t = relax.transform
+    return tvm.transform.Sequential([t.FuseTIR(), t.DeadCodeElimination()])(mod)
 
 
 def _output_vdevice(call: relax.Call) -> relax.VDevice | None:
@@ -111,7 +115,7 @@ class FusePerDevice:
             # The llvm + llvm stand-in with identical targets: FuseOps would share one fused
             # function between the sides and then reject the other side's call.
             return mod
-        mod = _fuse()(mod)
+        mod = _fuse(mod)
         for gvar, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
                 restorer = _TargetRestorer(mod)

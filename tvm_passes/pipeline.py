@@ -35,6 +35,7 @@ from .fuse_per_device import FusePerDevice
 from .lift_cpu_weights import LiftCPUWeights
 from .place_devices import PlaceDevices, make_vdevices
 from .quantize_cpu import QuantizeCPU
+from .rewrite_cuda_graph_per_device import RewriteCUDAGraphPerDevice
 from .separate_device_storage import SeparateDeviceStorage
 from .split_channels import SplitChannels
 from .stage_crossings import StageCrossings
@@ -82,7 +83,8 @@ def vm_lowering() -> tvm.transform.Pass:
     """TVM's ``default_build`` lowering plus :class:`SeparateDeviceStorage` (two-device safe).
 
     CUDA graphs follow TVM's own switch, the pass-context option
-    ``"relax.backend.use_cuda_graph"``.
+    ``"relax.backend.use_cuda_graph"``; :class:`RewriteCUDAGraphPerDevice` captures only the
+    GPU segments.
     """
     t = relax.transform
     return tvm.transform.Sequential(
@@ -96,7 +98,7 @@ def vm_lowering() -> tvm.transform.Pass:
             t.CallTIRRewrite(),
             t.StaticPlanBlockMemory(),
             SeparateDeviceStorage(),
-            t.RewriteCUDAGraph(),
+            RewriteCUDAGraphPerDevice(),  # graphs around GPU segments, CPU calls outside
             t.LowerAllocTensor(),
             t.KillAfterLastUse(),
             t.LowerRuntimeBuiltin(),
