@@ -42,10 +42,8 @@ def _host_test(mod: tvm.IRModule):
 
 def _crossing(binding: relax.Binding) -> relax.Call | None:
     value = getattr(binding, "value", None)
-    if isinstance(value, relax.Call) and value.op.same_as(_TO_VDEVICE):
-        if isinstance(value.args[0], relax.Var):
-            return value
-    return None
+    is_copy = isinstance(value, relax.Call) and value.op.same_as(_TO_VDEVICE)
+    return value if is_copy and isinstance(value.args[0], relax.Var) else None
 
 
 def _staged(call: relax.Call, ty: relax.TensorType) -> relax.Call:
