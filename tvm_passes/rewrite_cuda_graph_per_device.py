@@ -16,7 +16,8 @@ non-capturable, so this pass
 1. hides every CPU-side call (a PrimFunc whose target is a CPU kind, any ``ExternFunc`` that is
    not a ``vm.builtin``, ``to_vdevice``, and host storage allocations, first moved to the front:
    TVM caches only allocations of the first device) behind a placeholder
-   ``vm.builtin.mulayer_hidden.<n>`` call with the same arguments, which ends the current GPU segment;
+   ``vm.builtin.mulayer_hidden.<n>`` call with the same arguments, which ends the current GPU
+   segment;
 2. runs TVM's ``RewriteCUDAGraph`` (its static allocations, the CPU ones included, become
    cached allocations: allocated once per loaded model);
 3. puts the hidden calls back.
