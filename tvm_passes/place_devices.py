@@ -9,7 +9,10 @@ is then created with ``[gpu_device, cpu_device]``, e.g. ``[tvm.cuda(0), tvm.cpu(
 
 1. Part bindings (:func:`mulayer.passes.common.part_of`) and the helper bindings later passes
    added to a part (role ``"aux"`` of :func:`~mulayer.passes.common.part_role`: CastGPU's
-   casts, the quantizer's quantize / int8 op / dequantize) run on the part's side.
+   casts, the quantizer's int8 op / dequantize) run on the part's side. The quantization of
+   an int8 CPU part's input (``<layer>_cpu_qin*``) runs where that input is: when it comes
+   from the GPU, the GPU quantizes and the tensor crosses as uint8, a quarter of the fp32
+   bytes.
 2. Joins (``<layer>_join``) run on the processor that consumes the result next: the side of the
    first part (in program order) reached through the join's consumers, unmarked ones looked
    through; the CPU when none is reached (the result is returned to the host).
@@ -34,6 +37,7 @@ PrimFuncs called with ``call_tir`` are cloned per side with that side's ``target
 from __future__ import annotations
 
 import logging
+import re
 
 import tvm
 from tvm import relax
@@ -43,6 +47,8 @@ from tvm.target import Target
 from .common import SIDES, consumers, has_cpu_part, join_of, part_role
 
 log = logging.getLogger(__name__)
+# QuantizeCPU's input quantization of a CPU part (``<layer>_cpu_qin``, ``..._qin1``, ...).
+_QUANTIZE_INPUT = re.compile(r"_cpu_qin\d*$")
 
 
 def make_vdevices(gpu_target: Target, cpu_target: Target) -> dict[str, relax.VDevice]:
@@ -115,7 +121,10 @@ class _Placer:
         order = {b.var: i for i, b in enumerate(self.bindings)}
         for binding in self.bindings:
             part = part_role(binding.var)
-            if part is not None and part[2] != "input":
+            if _QUANTIZE_INPUT.search(binding.var.name):
+                # Quantize where the input is: from the GPU, uint8 crosses instead of fp32.
+                self.side[binding.var] = self._majority_side(binding.value)
+            elif part is not None and part[2] != "input":
                 self.side[binding.var] = part[1]
             elif join_of(binding.var) is not None:
                 self.side[binding.var] = self._next_consumer_side(binding.var, readers, order)
