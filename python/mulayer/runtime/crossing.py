@@ -7,7 +7,7 @@ storage otherwise), so the same host buffers come back on every call. This modul
 that function:
 
 - the host side of a GPU copy is page-locked (``cuMemHostRegister`` through the CUDA driver)
-  the first time it is seen, so every later copy runs at pinned speed (DMA straight from or to
+  after the first copy through it, so every later copy runs at pinned speed (DMA straight from or to
   the buffer) although the tensor's device stays ``cpu`` for the CPU kernels;
 - the copy is issued on the GPU's current stream, in order with the kernels, and the function
   returns once it is complete (the CPU reads the result next, or may reuse the source buffer);
@@ -34,7 +34,7 @@ class _Pinner:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._seen: set[tuple[int, int]] = set()
+        self._pinned: dict[int, int] = {}  # host pointer -> bytes from it page-locked
         self._driver = None
         self._tried = False
         self.pinned_bytes = 0
@@ -55,25 +55,28 @@ class _Pinner:
         return self._driver
 
     def pin(self, tensor) -> None:
-        key = (tensor.data_ptr(), _nbytes(tensor))
-        if key in self._seen:
+        """Page-lock the pages of ``tensor`` not locked yet (call after a CUDA runtime call on
+        this thread, so that the driver has a current context)."""
+        ptr, size = tensor.data_ptr(), _nbytes(tensor)
+        if self._pinned.get(ptr, 0) >= size:  # the common case: a buffer seen before
             return
         with self._lock:
-            if key in self._seen:
-                return
-            self._seen.add(key)
             driver = self._load()
             if driver is None:
+                self._pinned[ptr] = size
                 return
-            start = key[0] // _PAGE * _PAGE
-            end = -(-(key[0] + key[1]) // _PAGE) * _PAGE
+            done = self._pinned.get(ptr, 0)
+            start = (ptr + done) // _PAGE * _PAGE
+            end = -(-(ptr + size) // _PAGE) * _PAGE
             # A page shared with a buffer pinned earlier is pinned already: skip it.
+            err = 0
             while start < end:
                 err = driver.cuMemHostRegister_v2(start, end - start, 0)
                 if err != _ALREADY_REGISTERED:
                     break
                 start += _PAGE
-            if err == 0:
+            if err == 0:  # else (no context yet, ...) try again on the next call
+                self._pinned[ptr] = size
                 self.pinned_bytes += end - start
 
 
@@ -96,9 +99,9 @@ def copy(src, dst) -> None:
     if src_host and dst_host:
         _copy_from_to(src, dst)
         return
-    PINNER.pin(src if src_host else dst)
     _copy_from_to(src, dst)
     _stream_sync(dst.device if src_host else src.device, None)
+    PINNER.pin(src if src_host else dst)  # for the next calls (the first copy is pageable)
 
 
 def register() -> None:
