@@ -333,6 +333,15 @@ def main(argv: list[str] | None = None) -> int:
 
     cache: dict = {}
     rows = []
+    machine = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["scripts/bench_executor.py", *(argv or sys.argv[1:])]),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"),
+        "gpu": tvm.cuda(0).device_name if tvm.cuda(0).exist else None,
+        "tvm": tvm.__version__,
+    }
     for name, table in tables.items():
         for tag in table:
             record = {"model": name, **builds[(name, tag)]}
@@ -344,15 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             record.pop("artifact", None)
             rows.append(record)
             print(json.dumps({k: v for k, v in record.items() if k != "trace"}), flush=True)
-    machine = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["scripts/bench_executor.py", *(argv or sys.argv[1:])]),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"),
-        "gpu": tvm.cuda(0).device_name if tvm.cuda(0).exist else None,
-        "tvm": tvm.__version__,
-    }
+            partial = {"machine": machine, "rows": rows}  # kept if the run is cut short
+            (args.out / "executor.json").write_text(json.dumps(partial, indent=2, default=str))
     result = {"machine": machine, "copies": reference_copies(), "rows": rows}
     (args.out / "executor.json").write_text(json.dumps(result, indent=2, default=str))
     print("\n" + markdown(result))
