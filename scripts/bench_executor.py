@@ -170,7 +170,7 @@ def critical_path_us(items: list[dict]) -> float:
     return max(gpu, cpu)
 
 
-def ideal(model, inputs, rounds: int = 5) -> dict:
+def ideal(model, inputs, rounds: int = 3) -> dict:
     """Fence every call of ``rounds`` calls; per item the median; then the critical path."""
     device_inputs = model._upload(model.check_inputs(inputs))
     fence = fence_cost_us(model.devices)
