@@ -193,6 +193,11 @@ def ideal(model, inputs, rounds: int = 3) -> dict:
     return {"fence_us": fence, "items": items, "ideal_us": critical_path_us(items)}
 
 
+# Page-locked test buffers stay alive to the end: freeing registered memory would leave a stale
+# registration behind, and a later allocation at the same address would fail to copy.
+_KEEP: list = []
+
+
 def pinned_copy_us(nbytes: int, to_host: bool, cache: dict, repeat: int = 20) -> float:
     """Median of plain copies of ``nbytes`` between the GPU and page-locked host memory."""
     import tvm
@@ -203,9 +208,11 @@ def pinned_copy_us(nbytes: int, to_host: bool, cache: dict, repeat: int = 20) ->
     if key not in cache:
         host = tvm.runtime.empty((max(nbytes, 1),), "uint8", tvm.cpu(0))
         dev = tvm.runtime.empty((max(nbytes, 1),), "uint8", tvm.cuda(0))
-        crossing.PINNER.pin(host)
-        src, dst = (dev, host) if to_host else (host, dev)
         copy = tvm.get_global_func("runtime.TVMTensorCopyFromTo")
+        copy(dev, host)  # a CUDA runtime call on this thread first (a current context)
+        crossing.PINNER.pin(host)
+        _KEEP.append(host)
+        src, dst = (dev, host) if to_host else (host, dev)
         samples = []
         for _ in range(repeat + 3):
             tvm.cuda(0).sync()
@@ -228,7 +235,9 @@ def reference_copies() -> dict:
     out = {}
     for label, pin in (("pinned", True), ("pageable", False)):
         host = tvm.runtime.empty((size,), "uint8", tvm.cpu(0))
+        _KEEP.append(host)
         if pin:
+            tvm.get_global_func("runtime.TVMTensorCopyFromTo")(dev, host)
             crossing.PINNER.pin(host)
         for direction, (src, dst) in (("d2h", (dev, host)), ("h2d", (host, dev))):
             samples = []

@@ -138,3 +138,15 @@ def test_cuda_split_with_graphs_matches_and_replays(tiny_onnx, tmp_path):
         ref = onnxruntime_reference(tiny_onnx, inputs)[0]
         assert np.all(np.isfinite(out))
         assert max_rel_error(out, ref) < 2e-2
+
+
+def test_crossing_copy_and_wait_run_without_a_gpu():
+    """The copy's helpers on the host (their GPU branch takes the same calls)."""
+    from mulayer.runtime import crossing
+
+    src = tvm.runtime.tensor(np.random.default_rng().standard_normal((3, 7)).astype("float32"))
+    dst = tvm.runtime.empty((3, 7), "float32", tvm.cpu(0))
+    tvm.get_global_func(COPY_FUNC)(src, dst)
+    assert np.array_equal(dst.numpy(), src.numpy())
+    crossing.wait(tvm.cpu(0))  # the stream handle is an int (None was refused on the GPU)
+    crossing.PINNER.pin(dst)  # no CUDA driver here: a no-op; never an error

@@ -13,7 +13,11 @@ that function:
   returns once it is complete (the CPU reads the result next, or may reuse the source buffer);
 - host to host (the llvm + llvm stand-in) is a ``memcpy``.
 
-Importing :mod:`mulayer.runtime` registers it; ``register()`` is idempotent.
+Page-locked ranges are never unregistered: the VM takes its buffers from TVM's global pooled
+allocator, which keeps memory for the life of the process (``vm.builtin.memory_manager.clear``
+would free it and leave stale registrations behind: do not call it while cooperative models
+are loaded). Importing :mod:`mulayer.runtime` registers the function; ``register()`` is
+idempotent.
 """
 
 from __future__ import annotations
@@ -92,6 +96,11 @@ _copy_from_to = tvm.get_global_func("runtime.TVMTensorCopyFromTo")
 _stream_sync = tvm.get_global_func("runtime.Device_StreamSync")
 
 
+def wait(device) -> None:
+    """Block until the work queued on ``device``'s default stream (the copy included) is done."""
+    _stream_sync(device, 0)  # stream handle 0: the default stream, which TVM launches on
+
+
 def copy(src, dst) -> None:
     """Copy ``src`` into ``dst`` (same shape and dtype, any two devices); return when done."""
     src_host = src.device.dlpack_device_type() in _HOST_TYPES
@@ -100,7 +109,7 @@ def copy(src, dst) -> None:
         _copy_from_to(src, dst)
         return
     _copy_from_to(src, dst)
-    _stream_sync(dst.device if src_host else src.device, None)
+    wait(dst.device if src_host else src.device)
     PINNER.pin(src if src_host else dst)  # for the next calls (the first copy is pageable)
 
 
