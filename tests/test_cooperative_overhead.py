@@ -150,3 +150,24 @@ def test_crossing_copy_and_wait_run_without_a_gpu():
     assert np.array_equal(dst.numpy(), src.numpy())
     crossing.wait(tvm.cpu(0))  # the stream handle is an int (None was refused on the GPU)
     crossing.PINNER.pin(dst)  # no CUDA driver here: a no-op; never an error
+
+
+def test_crossing_copy_waits_on_the_gpu_and_pins_the_host_side(monkeypatch):
+    """Control flow of a GPU crossing, with the TVM calls recorded (no GPU here)."""
+    from mulayer.runtime import crossing
+
+    class Fake:
+        def __init__(self, kind: int, name: str) -> None:
+            self.name = name
+            self.device = type("D", (), {"dlpack_device_type": lambda _self: kind})()
+
+    calls = []
+    monkeypatch.setattr(crossing, "_copy_from_to", lambda s, d: calls.append(("copy", s, d)))
+    monkeypatch.setattr(crossing, "wait", lambda dev: calls.append(("wait", dev)))
+    monkeypatch.setattr(crossing.PINNER, "pin", lambda t: calls.append(("pin", t.name)))
+    gpu, host = Fake(2, "gpu"), Fake(1, "host")
+    crossing.copy(gpu, host)  # device to host
+    crossing.copy(host, gpu)  # host to device
+    assert [c[0] for c in calls] == ["copy", "wait", "pin", "copy", "wait", "pin"]
+    assert calls[1][1] is gpu.device and calls[4][1] is gpu.device  # the GPU's stream
+    assert calls[2][1] == calls[5][1] == "host"  # the host side is page-locked
