@@ -1,18 +1,26 @@
 #!/usr/bin/env python3
-"""Executor benchmark: cooperative models at several uniform ratios, GPU-only with and without
-CUDA graphs, in one run.
+"""Executor benchmark (issue 16): cooperative models against their zero-overhead ideal.
 
-Builds every variant in parallel child processes (``--jobs``), then, one at a time in this
-process: checks the output against onnxruntime, times ``--repeat`` calls (median), and traces
-one call. Reports per variant: end-to-end latency, kernel time per processor (GPU from CUDA
-events), copy time, executor overhead per split layer (latency minus the busy time of the
-traced call, divided by the split layers), and the fraction of CPU kernel time that overlapped
-GPU work. GPU-only: launch overhead per kernel with and without a CUDA graph. The overhead per
-split layer is the traced call's idle time (neither processor running a kernel or copy) divided
-by the split layers; it includes the tracer's callbacks, so it is an upper bound.
+Per model, variants ``gpu_only`` (GPU build, CUDA graph), ``cpu_only`` (int8 CPU build),
+``ratio_1`` (the two-device module with every layer on the GPU), uniform splits
+(``split_<r>``) and, on GoogLeNet, ``branch_pool`` (each Inception block's pool branch on the
+CPU, the other branches on the GPU). All are built in parallel child processes (``--jobs``),
+then measured one at a time in this process:
+
+- ``median_ms``: median of ``--repeat`` calls (inputs uploaded; VM call + sync of both devices);
+- ``ideal_ms``: the plan's critical path from its parts measured one by one: one call is run with
+  every VM call (GPU graph or kernel, CPU kernel, crossing copy) fenced by device syncs and timed
+  alone (the cost of an empty fence subtracted); then, in program order, GPU work and copies
+  take the GPU stream, CPU kernels the CPU, a CPU kernel waits for the device-to-host copies
+  before it, a host-to-device copy for the CPU kernels before it. That is what an executor with
+  no overhead of its own would take;
+- crossing cost: the fenced copies' time against plain pinned copies of the same sizes measured
+  in the same run (``runtime.TVMTensorCopyFromTo`` between a GPU tensor and page-locked host
+  memory), and a 4 MiB pinned / pageable reference;
+- a Chrome trace of one call per cooperative variant (``--out``/traces).
 
     TVM_NUM_THREADS=16 python scripts/bench_executor.py --models resnet18 googlenet \\
-        --ratios 0.5 0.8 0.9 0.95 1.0 --jobs 8 --out $OUT
+        mobilenetv2 --jobs 14 --out $OUT
 """
 
 from __future__ import annotations
@@ -22,50 +30,228 @@ import json
 import multiprocessing
 import os
 import platform
+import statistics
 import sys
+import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from datetime import date
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from benchlib.timing import sqnr_db
+
+GPU = "cuda -arch=sm_90"
 
 
-def variants(ratios: list[float], gpu: str) -> dict[str, dict]:
-    """Variant tag → compile arguments (``gpu`` = llvm: the stand-in, cooperative only)."""
-    table = {}
-    if not gpu.startswith("llvm"):
-        table["gpu_graph"] = {"target": f"{gpu}, llvm", "cuda_graph": True}
-        table["gpu_nograph"] = {"target": f"{gpu}, llvm", "cuda_graph": False}
+def variants(model: str, ratios: list[float]) -> dict[str, dict]:
+    """Variant tag → compile arguments."""
+    table = {
+        "gpu_only": {"target": f"{GPU}, llvm"},
+        "cpu_only": {"target": f"mulayer -ratio=0, {GPU}, llvm"},
+        "ratio_1": {"target": f"mulayer -ratio=1, {GPU}, llvm"},
+    }
     for ratio in ratios:
-        table[f"coop_{ratio:g}"] = {"target": f"mulayer -ratio={ratio:g}, {gpu}, llvm"}
+        table[f"split_{ratio:g}"] = {"target": f"mulayer -ratio={ratio:g}, {GPU}, llvm"}
+    if model == "googlenet":
+        table["branch_pool"] = {"target": f"mulayer, {GPU}, llvm", "plan": "branch_pool"}
     return table
+
+
+def branch_pool_plan(model_path: str):
+    """GoogLeNet: every Inception pool branch (stride-1 max pool + its 1x1 conv) on the CPU."""
+    from mulayer.frontend.layers import splittable_layers
+    from mulayer.frontend.onnx_import import import_onnx
+    from mulayer.plan import LayerDecision, Plan
+
+    mod, _, _ = import_onnx(model_path)
+    layers = splittable_layers(mod["main"])
+    cpu = {}
+    for first, second in zip(layers, layers[1:], strict=False):
+        if first.kind == "max_pool2d" and tuple(first.strides) == (1, 1):
+            cpu[first.name] = cpu[second.name] = LayerDecision(placement="cpu")
+    return Plan(default_ratio=1.0, layers=cpu)
 
 
 def build_one(model_path: str, tag: str, spec: dict, out_dir: str, samples: int) -> dict:
     """Child process: compile and export one variant; return its build record."""
+    import onnx
+
     import mulayer
 
     start = time.perf_counter()
-    kwargs = {"cuda_graph": spec["cuda_graph"]} if "cuda_graph" in spec else {}
-    if spec["target"].startswith("mulayer") and samples:
-        import onnx
-
+    kwargs = {}
+    if spec["target"].startswith("mulayer"):
         dims = onnx.load(model_path).graph.input[0].type.tensor_type.shape.dim
         shape = [d.dim_value for d in dims]
         rng = np.random.default_rng(1)
         kwargs["calibration"] = {"input": rng.standard_normal((samples, *shape[1:])).astype("f4")}
+    if spec.get("plan") == "branch_pool":
+        kwargs["plan"] = branch_pool_plan(model_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compiled = mulayer.compile(model_path, target=spec["target"], **kwargs)
     path = Path(out_dir) / f"{Path(model_path).stem}_{tag}.mulayer"
     compiled.export(path)
-    return {"tag": tag, "artifact": str(path), "build_s": time.perf_counter() - start}
+    return {"variant": tag, "artifact": str(path), "build_s": time.perf_counter() - start}
 
 
-def measure(record: dict, model_path: Path, repeat: int, warmup: int) -> dict:
+# ----------------------------------------------------------------- parts measured one by one
+def _nbytes(tensor) -> int:
+    return int(np.prod([int(d) for d in tensor.shape])) * np.dtype(str(tensor.dtype)).itemsize
+
+
+class Fenced:
+    """VM instrument: sync the devices around every call and time it alone."""
+
+    def __init__(self, devices) -> None:
+        self.devices = devices
+        self.items: list[dict] = []
+        self._start = 0.0
+
+    def _sync(self) -> None:
+        for device in self.devices:
+            device.sync()
+
+    def __call__(self, _func, symbol, before_run, _ret, *args) -> int:
+        symbol = str(symbol)
+        graph = symbol == "vm.builtin.cuda_graph.run_or_capture"
+        copy = symbol in ("mulayer.crossing.copy", "vm.builtin.to_device")
+        if symbol.startswith("vm.builtin.") and not (graph or copy):
+            return 0
+        self._sync()
+        if before_run:
+            self._start = time.perf_counter()
+            return 0
+        dur = (time.perf_counter() - self._start) * 1e6
+        if copy and symbol == "mulayer.crossing.copy":
+            src, dst = args[0], args[-1]
+            to_host = int(dst.device.dlpack_device_type()) == 1
+            kind = "d2h" if to_host else "h2d"
+            self.items.append({"kind": kind, "us": dur, "bytes": _nbytes(src), "name": symbol})
+        elif graph:
+            self.items.append({"kind": "gpu", "us": dur, "name": "cuda graph"})
+        else:
+            out = args[-1] if args else None
+            dev = getattr(out, "device", None)
+            on_cpu = dev is None or int(dev.dlpack_device_type()) == 1
+            self.items.append({"kind": "cpu" if on_cpu else "gpu", "us": dur, "name": symbol})
+        return 0
+
+
+def fence_cost_us(devices, rounds: int = 200) -> float:
+    """Median time of an empty fence (sync, stamp, sync, stamp)."""
+    samples = []
+    for _ in range(rounds):
+        for d in devices:
+            d.sync()
+        start = time.perf_counter()
+        for d in devices:
+            d.sync()
+        samples.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(samples)
+
+
+def critical_path_us(items: list[dict]) -> float:
+    """Program-order schedule on two resources (GPU stream incl. copies, CPU); see the module
+    docstring."""
+    gpu = cpu = last_d2h = 0.0
+    for item in items:
+        us = item["net_us"]
+        if item["kind"] == "gpu":
+            gpu += us
+        elif item["kind"] == "d2h":
+            gpu += us
+            last_d2h = gpu
+        elif item["kind"] == "h2d":
+            gpu = max(gpu, cpu) + us
+        else:
+            cpu = max(cpu, last_d2h) + us
+    return max(gpu, cpu)
+
+
+def ideal(model, inputs, rounds: int = 3) -> dict:
+    """Fence every call of ``rounds`` calls; per item the median; then the critical path."""
+    device_inputs = model._upload(model.check_inputs(inputs))
+    fence = fence_cost_us(model.devices)
+    runs = []
+    for _ in range(rounds):
+        recorder = Fenced(model.devices)
+        with model._lock:
+            model._vm.set_instrument(recorder)
+            try:
+                model._main(*device_inputs, *model._weights)
+                for device in model.devices:
+                    device.sync()
+            finally:
+                model._vm.set_instrument(None)
+        runs.append(recorder.items)
+    items = runs[-1]
+    for index, item in enumerate(items):
+        item["us"] = statistics.median(run[index]["us"] for run in runs)
+        item["net_us"] = max(0.0, item["us"] - fence)
+    return {"fence_us": fence, "items": items, "ideal_us": critical_path_us(items)}
+
+
+# Page-locked test buffers stay alive to the end: freeing registered memory would leave a stale
+# registration behind, and a later allocation at the same address would fail to copy.
+_KEEP: list = []
+
+
+def pinned_copy_us(nbytes: int, to_host: bool, cache: dict, repeat: int = 20) -> float:
+    """Median of plain copies of ``nbytes`` between the GPU and page-locked host memory."""
+    import tvm
+
+    from mulayer.runtime import crossing
+
+    key = (nbytes, to_host)
+    if key not in cache:
+        host = tvm.runtime.empty((max(nbytes, 1),), "uint8", tvm.cpu(0))
+        dev = tvm.runtime.empty((max(nbytes, 1),), "uint8", tvm.cuda(0))
+        copy = tvm.get_global_func("runtime.TVMTensorCopyFromTo")
+        copy(dev, host)  # a CUDA runtime call on this thread first (a current context)
+        crossing.PINNER.pin(host)
+        _KEEP.append(host)
+        src, dst = (dev, host) if to_host else (host, dev)
+        samples = []
+        for _ in range(repeat + 3):
+            tvm.cuda(0).sync()
+            start = time.perf_counter()
+            copy(src, dst)
+            tvm.cuda(0).sync()
+            samples.append((time.perf_counter() - start) * 1e6)
+        cache[key] = statistics.median(samples[3:])
+    return cache[key]
+
+
+def reference_copies() -> dict:
+    """4 MiB copies, pinned and pageable, each direction, µs per MiB."""
+    import tvm
+
+    from mulayer.runtime import crossing
+
+    size = 4 << 20
+    dev = tvm.runtime.empty((size,), "uint8", tvm.cuda(0))
+    out = {}
+    for label, pin in (("pinned", True), ("pageable", False)):
+        host = tvm.runtime.empty((size,), "uint8", tvm.cpu(0))
+        _KEEP.append(host)
+        if pin:
+            tvm.get_global_func("runtime.TVMTensorCopyFromTo")(dev, host)
+            crossing.PINNER.pin(host)
+        for direction, (src, dst) in (("d2h", (dev, host)), ("h2d", (host, dev))):
+            samples = []
+            for _ in range(23):
+                tvm.cuda(0).sync()
+                start = time.perf_counter()
+                tvm.get_global_func("runtime.TVMTensorCopyFromTo")(src, dst)
+                tvm.cuda(0).sync()
+                samples.append((time.perf_counter() - start) * 1e6 / 4)
+            out[f"{label}_{direction}_us_per_mib"] = statistics.median(samples[3:])
+    return out
+
+
+def measure(record: dict, model_path: Path, repeat: int, warmup: int, traces: Path, cache) -> dict:
     import mulayer
     from mulayer.models.reference import max_rel_error, onnxruntime_outputs
 
@@ -74,59 +260,48 @@ def measure(record: dict, model_path: Path, repeat: int, warmup: int) -> dict:
     out = list(model(x).values())[0]
     ref = onnxruntime_outputs(model_path, x)[0]
     timing = model.benchmark(x, repeat=repeat, warmup=warmup)
-    _, summary = model.trace(x, warmup=2)
-    split_layers = sum(
-        1
-        for d in model.metadata.get("precision", {}).values()
-        if str(d.get("placement", "")).startswith("split")
-    )
-    kernels = len(model.metadata.get("kernel_sites", [])) or None
-    sqnr = sqnr_db(out, ref)
-    return {
-        **record,
+    row = {
+        **{k: v for k, v in record.items() if k != "artifact"},
         "median_ms": timing.median_ms,
+        "min_ms": timing.min_ms,
         "rel_error": max_rel_error(out, ref),
-        "sqnr_db": float("inf") if sqnr is None else sqnr,
-        "split_layers": split_layers,
-        "kernels": kernels,
-        "trace": summary.to_json(),
-        # Idle time of the traced call (no kernel or copy running on either processor) per
-        # split layer: VM dispatch, syncs and the tracer's own callbacks (an upper bound).
-        "overhead_per_split_layer_us": (
-            (summary.wall_us - summary.busy_us) / split_layers if split_layers else None
-        ),
+        "all_finite": bool(np.all(np.isfinite(out))),
+        "built_as": model.metadata.get("built_as"),
+        "cuda_graph": model.metadata.get("cuda_graph"),
     }
-
-
-def gpu_launch_overhead(rows: list[dict]) -> dict | None:
-    """Per-kernel launch overhead with and without a CUDA graph (GPU-only variants)."""
-    by_tag = {r["tag"]: r for r in rows if "median_ms" in r}
-    nograph, graph = by_tag.get("gpu_nograph"), by_tag.get("gpu_graph")
-    if not nograph or not graph:
-        return None
-    # The graph replay runs the same kernels back to back: its device time is the kernel sum.
-    kernel_us = graph["trace"]["kernel_us"]["gpu"]
-    launches = nograph["trace"]["kernel_count"]["gpu"]
-    if not launches or not kernel_us:
-        return None
-    return {
-        "gpu_kernel_sum_us": kernel_us,
-        "kernels": launches,
-        "host_launch_us_per_kernel": nograph["trace"]["host_launch_us"] / launches,
-        "overhead_per_kernel_us_without_graph": (nograph["median_ms"] * 1e3 - kernel_us) / launches,
-        "overhead_per_kernel_us_with_graph": (graph["median_ms"] * 1e3 - kernel_us) / launches,
-    }
+    if len(model.devices) < 2:
+        return row
+    measured = ideal(model, x)
+    items = measured["items"]
+    row["ideal_ms"] = measured["ideal_us"] / 1e3
+    row["ideal_over_median"] = row["ideal_ms"] / row["median_ms"]
+    row["fence_us"] = measured["fence_us"]
+    for kind in ("gpu", "cpu", "d2h", "h2d"):
+        row[f"{kind}_us"] = sum(i["net_us"] for i in items if i["kind"] == kind)
+        row[f"{kind}_calls"] = sum(1 for i in items if i["kind"] == kind)
+    copies = [i for i in items if i["kind"] in ("d2h", "h2d")]
+    if copies:
+        mib = sum(i["bytes"] for i in copies) / (1 << 20)
+        pinned = sum(pinned_copy_us(i["bytes"], i["kind"] == "d2h", cache) for i in copies)
+        row["crossing_mib"] = mib
+        row["crossing_us_per_mib"] = sum(i["us"] for i in copies) / mib
+        row["pinned_same_sizes_us_per_mib"] = pinned / mib
+        row["crossing_over_pinned"] = sum(i["us"] for i in copies) / pinned
+    trace, summary = model.trace(x, warmup=2)
+    name = f"{Path(model_path).stem}_{record['variant']}.json"
+    (traces / name).write_text(json.dumps(trace))
+    row["trace"] = {"file": name, **summary.to_json()}
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resnet18", "googlenet"])
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.8, 0.9, 0.95, 1.0])
-    parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
-    parser.add_argument("--repeat", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--models", nargs="+", default=["resnet18", "googlenet", "mobilenetv2"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.9])
+    parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--calibration-samples", type=int, default=4)
-    parser.add_argument("--gpu", default="cuda -arch=sm_90", help="GPU target (llvm: stand-in)")
     parser.add_argument("--out", type=Path, default=Path("bench-executor"))
     args = parser.parse_args(argv)
 
@@ -135,14 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     from mulayer.models.zoo import save_model
 
     args.out.mkdir(parents=True, exist_ok=True)
-    import tempfile
-
+    traces = args.out / "traces"
+    traces.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-executor-"))
-    table = variants(args.ratios, args.gpu)
     paths = {}
     for name in args.models:
         paths[name] = work / f"{name}.onnx"
         save_model(name, paths[name])
+    tables = {name: variants(name, args.ratios) for name in args.models}
     builds: dict[tuple[str, str], dict] = {}
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")
@@ -151,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             pool.submit(
                 build_one, str(paths[name]), tag, spec, str(work), args.calibration_samples
             ): (name, tag)
-            for name in args.models
+            for name, table in tables.items()
             for tag, spec in table.items()
         }
         for future in as_completed(futures):
@@ -160,28 +335,15 @@ def main(argv: list[str] | None = None) -> int:
                 builds[(name, tag)] = future.result()
                 print(f"built {name} {tag} in {builds[(name, tag)]['build_s']:.0f} s", flush=True)
             except Exception as err:  # report and go on
-                builds[(name, tag)] = {"tag": tag, "error": f"{type(err).__name__}: {err}"[:300]}
+                error = f"{type(err).__name__}: {err}"[:300]
+                builds[(name, tag)] = {"variant": tag, "error": error}
                 print(f"build FAILED {name} {tag}: {builds[(name, tag)]['error']}", flush=True)
     print(f"builds done in {time.perf_counter() - start:.0f} s", flush=True)
 
-    results = {}
-    for name in args.models:
-        rows = []
-        for tag in table:
-            record = {"model": name, **builds[(name, tag)]}
-            if "error" not in record:
-                try:
-                    record = measure(record, paths[name], args.repeat, args.warmup)
-                except Exception as err:  # report and go on
-                    record["error"] = f"{type(err).__name__}: {err}"[:300]
-            rows.append(record)
-            print(json.dumps({k: v for k, v in record.items() if k != "artifact"}), flush=True)
-        coop = [r for r in rows if r["tag"].startswith("coop") and "median_ms" in r]
-        best = min(coop, key=lambda r: r["median_ms"])["tag"] if coop else None
-        results[name] = {"rows": rows, "best_uniform": best, "launch": gpu_launch_overhead(rows)}
-
+    cache: dict = {}
+    rows = []
     machine = {
-        "date": date.today().isoformat(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["scripts/bench_executor.py", *(argv or sys.argv[1:])]),
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
@@ -189,43 +351,41 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": tvm.cuda(0).device_name if tvm.cuda(0).exist else None,
         "tvm": tvm.__version__,
     }
-    (args.out / "bench_executor.json").write_text(
-        json.dumps({"machine": machine, "results": results}, indent=2, default=str)
-    )
-    print("\n" + markdown(results))
-    (args.out / "bench_executor.md").write_text(markdown(results))
+    for name, table in tables.items():
+        for tag in table:
+            record = {"model": name, **builds[(name, tag)]}
+            if "error" not in record:
+                try:
+                    record = measure(record, paths[name], args.repeat, args.warmup, traces, cache)
+                except Exception as err:  # report and go on
+                    record["error"] = f"{type(err).__name__}: {err}"[:300]
+            record.pop("artifact", None)
+            rows.append(record)
+            print(json.dumps({k: v for k, v in record.items() if k != "trace"}), flush=True)
+            partial = {"machine": machine, "rows": rows}  # kept if the run is cut short
+            (args.out / "executor.json").write_text(json.dumps(partial, indent=2, default=str))
+    result = {"machine": machine, "copies": reference_copies(), "rows": rows}
+    (args.out / "executor.json").write_text(json.dumps(result, indent=2, default=str))
+    print("\n" + markdown(result))
     return 0
 
 
-def markdown(results: dict) -> str:
+def markdown(result: dict) -> str:
     lines = [
-        "| model | variant | median ms | GPU kernels µs | CPU kernels µs | copies µs | "
-        "CPU overlapped | overhead / split layer µs | SQNR dB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | variant | median ms | ideal ms | ideal/median | crossing / pinned | rel err |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, result in results.items():
-        for r in result["rows"]:
-            if "median_ms" not in r:
-                lines.append(f"| {name} | {r['tag']} | failed: {r.get('error', '?')} |||||||")
-                continue
-            t = r["trace"]
-            over = r["overhead_per_split_layer_us"]
-            lines.append(
-                f"| {name} | {r['tag']}{' (best)' if r['tag'] == result['best_uniform'] else ''} "
-                f"| {r['median_ms']:.3f} | {t['kernel_us']['gpu']:.0f} | "
-                f"{t['kernel_us']['cpu']:.0f} | {sum(t['copy_us'].values()):.0f} | "
-                f"{t['cpu_overlapped_fraction']:.0%} | {'' if over is None else f'{over:.1f}'} | "
-                f"{r['sqnr_db']:.1f} |"
-            )
-        launch = result["launch"]
-        if launch:
-            lines.append(
-                f"\n{name}: GPU-only, {launch['kernels']} kernels, "
-                f"{launch['gpu_kernel_sum_us']:.0f} µs of kernels (graph replay); latency above "
-                f"that per kernel: {launch['overhead_per_kernel_us_without_graph']:.1f} µs "
-                f"without a CUDA graph, {launch['overhead_per_kernel_us_with_graph']:.1f} µs "
-                f"with; host launch call {launch['host_launch_us_per_kernel']:.1f} µs/kernel\n"
-            )
+    for r in result["rows"]:
+        if "median_ms" not in r:
+            lines.append(f"| {r['model']} | {r['variant']} | failed: {r.get('error', '?')} ||||")
+            continue
+        ideal_ms = f"{r['ideal_ms']:.3f}" if "ideal_ms" in r else ""
+        ratio = f"{r['ideal_over_median']:.2f}" if "ideal_over_median" in r else ""
+        cross = f"{r['crossing_over_pinned']:.2f}" if "crossing_over_pinned" in r else ""
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['median_ms']:.3f} | {ideal_ms} | {ratio} | "
+            f"{cross} | {r['rel_error']:.2e} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -125,4 +125,3 @@ def _modules(mod):
     from mulayer.compiler.build import all_modules
 
     return all_modules(mod)
-

@@ -106,16 +106,17 @@ def test_launch_order_and_names():
             assert kind == ("cuda" if part[1] == "gpu" else "llvm"), b.var.name
 
 
-def test_all_gpu_returns_on_the_cpu():
+def test_all_gpu_is_placed_wholly_on_the_gpu():
     mod = SplitChannels(Plan.uniform(1.0))(NETS["tiny"]())
     after = PlaceDevices(CUDA, LLVM)(mod)
     func = after["main"]
-    assert func.params[0].ty.vdevice.target.kind.name == "llvm"
-    assert func.body.body.ty.vdevice.target.kind.name == "llvm"
+    # No CPU part: the GPU-only module plus nothing (inputs and result on the GPU, no copy).
+    assert func.params[0].ty.vdevice.target.kind.name == "cuda"
+    assert func.body.body.ty.vdevice.target.kind.name == "cuda"
     bindings = func.body.blocks[0].bindings
-    # The input crosses once, the result once; nothing else does.
+    assert all(b.var.ty.vdevice.target.kind.name == "cuda" for b in bindings)
     copies = [b.var.name for b in bindings if "to_vdevice" in str(b.value.op)]
-    assert len(copies) == 2, copies
+    assert copies == []
 
 
 @pytest.mark.parametrize("net", sorted(NETS))
@@ -156,8 +157,8 @@ def test_helper_bindings_of_a_part_run_on_its_side():
             with R.dataflow():
                 conv2d_0_gpu = R.nn.conv2d(x, w0)
                 # A later pass's helper bindings of a CPU part (names as the quantizer's).
-                conv2d_1_cpu_qin = R.astype(conv2d_0_gpu, "float16")
-                conv2d_1_cpu_qacc = R.nn.conv2d(conv2d_1_cpu_qin, w1, out_dtype="float32")
+                conv2d_1_cpu_qpad = R.astype(conv2d_0_gpu, "float16")
+                conv2d_1_cpu_qacc = R.nn.conv2d(conv2d_1_cpu_qpad, w1, out_dtype="float32")
                 conv2d_1_cpu = R.nn.relu(conv2d_1_cpu_qacc)
                 R.output(conv2d_1_cpu)
             return conv2d_1_cpu
@@ -168,5 +169,35 @@ def test_helper_bindings_of_a_part_run_on_its_side():
         b.var.name: b.var.ty.vdevice.target.kind.name for b in after["main"].body.blocks[0].bindings
     }
     assert kinds["conv2d_0_gpu"] == "cuda"
-    assert kinds["conv2d_1_cpu_qin"] == kinds["conv2d_1_cpu_qacc"] == "llvm"
+    assert kinds["conv2d_1_cpu_qpad"] == kinds["conv2d_1_cpu_qacc"] == "llvm"
     assert kinds["to_cpu_conv2d_0_gpu"] == "llvm"
+
+
+def test_input_quantization_runs_where_the_input_is():
+    """An int8 CPU part whose input comes from the GPU: the GPU quantizes, uint8 crosses."""
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(
+            x: R.Tensor((1, 4, 8, 8), "float32"),
+            w0: R.Tensor((8, 4, 1, 1), "float32"),
+            w1: R.Tensor((8, 8, 1, 1), "int8"),
+        ) -> R.Tensor((1, 8, 8, 8), "int32"):
+            with R.dataflow():
+                conv2d_0_gpu = R.nn.conv2d(x, w0)
+                conv2d_1_cpu_qin = R.round(conv2d_0_gpu)
+                conv2d_1_cpu_qin1 = R.astype(conv2d_1_cpu_qin, "uint8")
+                conv2d_1_cpu_qacc = R.nn.conv2d(conv2d_1_cpu_qin1, w1, out_dtype="int32")
+                R.output(conv2d_1_cpu_qacc)
+            return conv2d_1_cpu_qacc
+
+    w1 = np.random.default_rng(0).integers(-127, 127, (8, 8, 1, 1)).astype(np.int8)
+    mod = bind(Before, w0=rand(8, 4, 1, 1), w1=w1)
+    main = PlaceDevices(CUDA, LLVM)(mod)["main"]
+    bindings = {b.var.name: b.var.ty for b in main.body.blocks[0].bindings}
+    assert bindings["conv2d_1_cpu_qin"].vdevice.target.kind.name == "cuda"
+    assert bindings["conv2d_1_cpu_qin1"].vdevice.target.kind.name == "cuda"
+    crossing = bindings["to_cpu_conv2d_1_cpu_qin1"]
+    assert crossing.vdevice.target.kind.name == "llvm" and crossing.dtype == "uint8"
+    assert "to_cpu_conv2d_0_gpu" not in bindings  # no fp32 copy

@@ -191,3 +191,18 @@ def conv2d_like(call: relax.Call, data: relax.Expr, weight: relax.Expr, **overri
     }
     kwargs.update(overrides)
     return relax.op.nn.conv2d(data, weight, **kwargs)
+
+
+def has_cpu_part(func: relax.Function) -> bool:
+    """Whether any binding of ``func`` is (part of) a CPU part.
+
+    A module without one (every layer on the GPU, e.g. ``-ratio=1``) is built as the GPU-only
+    module: CastGPU converts it as the GPU-only build does and PlaceDevices puts all of it,
+    parameters and result included, on the GPU.
+    """
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            role = part_role(binding.var)
+            if role is not None and role[1] == "cpu":
+                return True
+    return False

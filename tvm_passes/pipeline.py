@@ -25,15 +25,20 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from mulayer.runtime import crossing  # noqa: F401  (the copy StageCrossings' calls run)
+
 from .build_helpers import legalize_keeping_vdevices
 from .canonicalize import canonical_form
 from .cast_gpu import CastGPU
 from .chain_int8 import ChainInt8
+from .fuse_per_device import FusePerDevice
 from .lift_cpu_weights import LiftCPUWeights
 from .place_devices import PlaceDevices, make_vdevices
 from .quantize_cpu import QuantizeCPU
+from .rewrite_cuda_graph_per_device import RewriteCUDAGraphPerDevice
 from .separate_device_storage import SeparateDeviceStorage
 from .split_channels import SplitChannels
+from .stage_crossings import StageCrossings
 
 
 def cooperative_passes(
@@ -63,11 +68,14 @@ def cpu_only_passes(plan, calibration=None, guard_db: float = 30.0) -> tvm.trans
 
 
 def lower_two_device(mod: tvm.IRModule, gpu_target) -> tvm.IRModule:
-    """Realize VDevices, legalize keeping them, and schedule each PrimFunc for its side."""
+    """Realize VDevices, legalize keeping them, fuse per device, schedule each PrimFunc for its
+    side."""
     from mulayer.schedules import apply_schedules
 
     mod = relax.transform.RealizeVDevice()(mod)
     mod = legalize_keeping_vdevices(mod)
+    mod = FusePerDevice()(mod)  # fused kernels keep their device's target
+    mod = StageCrossings()(mod)  # copies into planned buffers, device-to-host ones early
     return apply_schedules(mod, gpu_target)
 
 
@@ -75,7 +83,8 @@ def vm_lowering() -> tvm.transform.Pass:
     """TVM's ``default_build`` lowering plus :class:`SeparateDeviceStorage` (two-device safe).
 
     CUDA graphs follow TVM's own switch, the pass-context option
-    ``"relax.backend.use_cuda_graph"``.
+    ``"relax.backend.use_cuda_graph"``; :class:`RewriteCUDAGraphPerDevice` captures only the
+    GPU segments.
     """
     t = relax.transform
     return tvm.transform.Sequential(
@@ -89,7 +98,7 @@ def vm_lowering() -> tvm.transform.Pass:
             t.CallTIRRewrite(),
             t.StaticPlanBlockMemory(),
             SeparateDeviceStorage(),
-            t.RewriteCUDAGraph(),
+            RewriteCUDAGraphPerDevice(),  # graphs around GPU segments, CPU calls outside
             t.LowerAllocTensor(),
             t.KillAfterLastUse(),
             t.LowerRuntimeBuiltin(),

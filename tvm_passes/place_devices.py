@@ -9,7 +9,10 @@ is then created with ``[gpu_device, cpu_device]``, e.g. ``[tvm.cuda(0), tvm.cpu(
 
 1. Part bindings (:func:`mulayer.passes.common.part_of`) and the helper bindings later passes
    added to a part (role ``"aux"`` of :func:`~mulayer.passes.common.part_role`: CastGPU's
-   casts, the quantizer's quantize / int8 op / dequantize) run on the part's side.
+   casts, the quantizer's int8 op / dequantize) run on the part's side. The quantization of
+   an int8 CPU part's input (``<layer>_cpu_qin*``) runs where that input is: when it comes
+   from the GPU, the GPU quantizes and the tensor crosses as uint8, a quarter of the fp32
+   bytes.
 2. Joins (``<layer>_join``) run on the processor that consumes the result next: the side of the
    first part (in program order) reached through the join's consumers, unmarked ones looked
    through; the CPU when none is reached (the result is returned to the host).
@@ -18,6 +21,8 @@ is then created with ``[gpu_device, cpu_device]``, e.g. ``[tvm.cuda(0), tvm.cpu(
    input slice happens before the tensor crosses and fewer bytes cross.
 4. ``main``'s parameters live on the CPU (the host, where inputs arrive) and its result is
    copied back to the CPU if it was computed on the GPU.
+5. A ``main`` with no CPU part (every layer on the GPU) is placed wholly on the GPU, parameters
+   and result included: the GPU-only module plus nothing (the runtime uploads the inputs).
 
 Wherever a tensor is read on the other side, an explicit ``R.to_vdevice`` copy
 (``to_<side>_<var>``) is emitted right before its first reader on that side, once. SplitChannels
@@ -32,15 +37,18 @@ PrimFuncs called with ``call_tir`` are cloned per side with that side's ``target
 from __future__ import annotations
 
 import logging
+import re
 
 import tvm
 from tvm import relax
 from tvm.ir.expr import Constant
 from tvm.target import Target
 
-from .common import SIDES, consumers, join_of, part_role
+from .common import SIDES, consumers, has_cpu_part, join_of, part_role
 
 log = logging.getLogger(__name__)
+# QuantizeCPU's input quantization of a CPU part (``<layer>_cpu_qin``, ``..._qin1``, ...).
+_QUANTIZE_INPUT = re.compile(r"_cpu_qin\d*$")
 
 
 def make_vdevices(gpu_target: Target, cpu_target: Target) -> dict[str, relax.VDevice]:
@@ -103,11 +111,20 @@ class _Placer:
 
     # Step 1. Decide each binding's side.
     def _decide(self) -> None:
+        self.all_gpu = not has_cpu_part(self.func)
+        if self.all_gpu:
+            # Nothing runs on the CPU: the whole function, inputs included, is the GPU's.
+            self.side = {p: "gpu" for p in self.func.params}
+            self.side.update({b.var: "gpu" for b in self.bindings})
+            return
         readers = consumers(self.func)
         order = {b.var: i for i, b in enumerate(self.bindings)}
         for binding in self.bindings:
             part = part_role(binding.var)
-            if part is not None and part[2] != "input":
+            if _QUANTIZE_INPUT.search(binding.var.name):
+                # Quantize where the input is: from the GPU, uint8 crosses instead of fp32.
+                self.side[binding.var] = self._majority_side(binding.value)
+            elif part is not None and part[2] != "input":
                 self.side[binding.var] = part[1]
             elif join_of(binding.var) is not None:
                 self.side[binding.var] = self._next_consumer_side(binding.var, readers, order)
@@ -145,7 +162,10 @@ class _Placer:
         others = {gv: f for gv, f in self.mod.functions_items() if gv.name_hint != "main"}
         bb = relax.BlockBuilder(tvm.IRModule(others, attrs=self.mod.attrs))
         cpu = self.vdevices["cpu"]
-        params = [relax.Var(p.name, _with_vdevice(p.ty, cpu)) for p in self.func.params]
+        params = [
+            relax.Var(p.name, _with_vdevice(p.ty, self.vdevices[self.side[p]]))
+            for p in self.func.params
+        ]
         self.new: dict[relax.Var, relax.Var] = dict(zip(self.func.params, params, strict=True))
         self.copies: dict[tuple, relax.Var] = {}
         self.bb = bb
@@ -158,7 +178,9 @@ class _Placer:
                     side = self.side[binding.var]
                     value = self._rewrite(binding.value, side)
                     is_output = not isinstance(binding.var, relax.DataflowVar)
-                    returns_from_gpu = binding.var.same_as(result) and side == "gpu"
+                    returns_from_gpu = (
+                        binding.var.same_as(result) and side == "gpu" and not self.all_gpu
+                    )
                     if is_output and not returns_from_gpu:
                         var = bb.emit_output(value, binding.var.name)
                     else:
@@ -171,7 +193,8 @@ class _Placer:
                     self.new[binding.var] = var
                 output = self.new[result] if isinstance(result, relax.Var) else result
                 if not isinstance(result, relax.Var):
-                    output = bb.emit_output(self._rewrite(result, "cpu"))
+                    out_side = "gpu" if self.all_gpu else "cpu"
+                    output = bb.emit_output(self._rewrite(result, out_side))
             bb.emit_func_output(output)
         mod = bb.get()
         mod.update_global_info("vdevice", [self.vdevices["gpu"], self.vdevices["cpu"]])

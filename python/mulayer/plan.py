@@ -158,7 +158,7 @@ class Plan:
             raise MuLayerError(
                 f"plan layer {name!r}: gpu_size {gpu} is not a multiple of the plan's align "
                 f"{self.align} (GPU slices are multiples of align): use e.g. {lower} or "
-                f"{lower + self.align}, or set \"align\" in the plan"
+                f'{lower + self.align}, or set "align" in the plan'
             )
         return gpu
 

@@ -94,9 +94,10 @@ def compile_model(
         the target must not give ``-ratio`` too.
     calibration : calibration samples for the CPU int8 parts (cooperative targets).
     input_shapes : static shapes for dynamic inputs (``{"input": [1, 3, 224, 224]}``).
-    cuda_graph : GPU-only CUDA builds capture their kernels in a CUDA graph (TVM's
-        ``RewriteCUDAGraph``), launched once per call instead of once per kernel. Cooperative
-        builds do not: TVM's capture would record the CPU kernels too (see docs/results.md).
+    cuda_graph : CUDA builds capture their GPU kernels in CUDA graphs (TVM's
+        ``RewriteCUDAGraph``), launched once per segment instead of once per kernel; in
+        cooperative builds each run of GPU kernels between CPU parts is one graph and the CPU
+        kernels run outside (``mulayer.passes.RewriteCUDAGraphPerDevice``).
     tuning_db : a folder written by ``mulayer tune`` for this target (single-processor builds).
     """
     start = time.perf_counter()
@@ -134,7 +135,9 @@ def compile_model(
             executable, extra = build_cpu_only(mod, spec, plan, layers, calibration, inputs)
             extra["built_as"] = "cpu"
         else:
-            executable, extra = build_cooperative(mod, spec, plan, layers, calibration, inputs)
+            executable, extra = build_cooperative(
+                mod, spec, plan, layers, calibration, inputs, cuda_graph
+            )
         if searched:
             # 2b. Keep the fastest of the plan and the single-processor builds, measured here
             executable, extra, built_as = check_auto_plan(
@@ -263,9 +266,7 @@ def check_auto_plan(mod, spec: TargetSpec, plan: Plan, built, inputs, outputs, c
     if built_as != "gpu":
         gpu_exe, gpu_meta = _build_gpu_only(mod, spec, cuda_graph, None)
         candidates["gpu"] = candidate(gpu_exe, {**gpu_meta, "built_as": "gpu"}, "gpu")
-    candidates["cpu"] = candidate(
-        build_single(mod, spec.host_target()), {"built_as": "cpu"}, "cpu"
-    )
+    candidates["cpu"] = candidate(build_single(mod, spec.host_target()), {"built_as": "cpu"}, "cpu")
     measured = _measure_ms(candidates)
     kept = min(measured, key=measured.get)
     figures = ", ".join(f"{shown[k]} {v:.3f} ms" for k, v in measured.items())
@@ -335,8 +336,15 @@ def _calibration_stats(mod, calibration, inputs):
     return calibrate(mod, calibration, method="percentile")
 
 
-def build_cooperative(mod, spec: TargetSpec, plan: Plan, layers, calibration, inputs):
-    """Split, quantize, cast, place and build a two-device module; return (executable, meta)."""
+def build_cooperative(
+    mod, spec: TargetSpec, plan: Plan, layers, calibration, inputs, cuda_graph: bool = True
+):
+    """Split, quantize, cast, place and build a two-device module; return (executable, meta).
+
+    On ``cuda`` (unless ``cuda_graph`` is off) each run of GPU kernels between CPU parts is
+    captured as a CUDA graph (:class:`~mulayer.passes.rewrite_cuda_graph_per_device.
+    RewriteCUDAGraphPerDevice`).
+    """
     from mulayer.passes.build_helpers import kernel_sites
     from mulayer.passes.lift_cpu_weights import WEIGHTS_FUNC
     from mulayer.passes.pipeline import compile_lowered, cooperative_passes, lower_two_device
@@ -353,8 +361,12 @@ def build_cooperative(mod, spec: TargetSpec, plan: Plan, layers, calibration, in
     cpu_weights = len(mod["main"].params) - len(inputs)
     mod = lower_two_device(mod, make_vdevices(gpu_target, cpu_target)["gpu"].target)
     sites = kernel_sites(mod)
-    executable = compile_lowered(mod)
+    use_graph = cuda_graph and spec.device["kind"] == "cuda"
+    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": use_graph}):
+        executable = compile_lowered(mod)
     meta = {
+        "cuda_graph": use_graph,
+        "input_device": _input_device(mod, spec),
         "precision": _decisions(plan, layers, precision),
         "calibrated": stats is not None,
         "kernel_sites": sites,
@@ -362,6 +374,16 @@ def build_cooperative(mod, spec: TargetSpec, plan: Plan, layers, calibration, in
     if cpu_weights:
         meta["cpu_weights"] = {"function": WEIGHTS_FUNC, "count": cpu_weights}
     return executable, meta
+
+
+def _input_device(mod, spec: TargetSpec) -> str:
+    """Where ``main`` wants its inputs: the GPU when PlaceDevices put them there (no CPU part)."""
+    params = mod["main"].params[:1]
+    vdevice = getattr(params[0].ty, "vdevice", None) if params else None
+    kind = vdevice.target.kind.name if vdevice is not None else "llvm"
+    cpu_vdevice = mod.global_infos["vdevice"][1]
+    on_cpu = vdevice is None or vdevice.__chandle__() == cpu_vdevice.__chandle__()
+    return "cpu" if on_cpu or kind in ("llvm", "c") else kind
 
 
 def build_cpu_only(mod, spec: TargetSpec, plan: Plan, layers, calibration, inputs):

@@ -33,8 +33,7 @@ def check_names(proto: onnx.ModelProto) -> None:
         bad = err.object
     if bad is not None:
         raise MuLayerError(
-            f"the ONNX model is invalid: the name {bad!r} is not valid UTF-8 (is the file "
-            "damaged?)"
+            f"the ONNX model is invalid: the name {bad!r} is not valid UTF-8 (is the file damaged?)"
         )
 
 

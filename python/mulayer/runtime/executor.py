@@ -1,8 +1,10 @@
 """Run a loaded artifact: validate inputs, place them, call the Relax VM, time it, trace it.
 
 Runtime side only: imports the TVM runtime, never the compiler or onnx. The stock Relax VM runs
-an artifact: GPU kernels are launched asynchronously, so the CPU parts that follow them in
-program order run while the GPU computes; copies happen where PlaceDevices put them. The CPU
+an artifact: GPU kernels are launched asynchronously (on CUDA, each run of them between CPU
+parts replays one captured CUDA graph), so the CPU parts that follow them in program order run
+while the GPU computes; tensors cross between the devices through
+:mod:`mulayer.runtime.crossing` (planned buffers, host side page-locked once). The CPU
 parts' weights are copied to the host once, at load (``vm["mulayer_cpu_weights"]()``), and
 passed to every call after the inputs.
 

@@ -34,6 +34,7 @@ TRACKS = {
     "d2h": (5, "copy device→host"),
 }
 _COPY = "vm.builtin.to_device"
+_CROSSING = "mulayer.crossing.copy"  # (src, dst): the staged copies of mulayer.runtime.crossing
 _GRAPH = "vm.builtin.cuda_graph.run_or_capture"  # one launch of a captured CUDA graph
 _CPU_DEVICE_TYPE = 1
 
@@ -146,7 +147,7 @@ class Recorder:
     # VM instrument: (func, symbol, before_run, ret_value, *args) -> 0 (= go on)
     def __call__(self, _func, symbol, before_run, _ret, *args) -> int:
         symbol = str(symbol)
-        is_copy = symbol == _COPY
+        is_copy = symbol in (_COPY, _CROSSING)
         if symbol.startswith("vm.builtin.") and symbol not in (_COPY, _GRAPH):
             return 0
         now = (time.perf_counter() - self._t0) * 1e6
@@ -172,6 +173,9 @@ class Recorder:
         return 0
 
     def _classify(self, symbol: str, args, is_copy: bool) -> tuple[str, str]:
+        if is_copy and symbol == _CROSSING:
+            dst_type = int(args[-1].device.dlpack_device_type()) if args else _CPU_DEVICE_TYPE
+            return ("d2h" if dst_type == _CPU_DEVICE_TYPE else "h2d"), "copy"
         if is_copy:
             dst_type = int(args[1]) if len(args) > 1 else _CPU_DEVICE_TYPE
             return ("d2h" if dst_type == _CPU_DEVICE_TYPE else "h2d"), "copy"

@@ -1,0 +1,173 @@
+"""Issue 16: a two-device module fused per device, CUDA graphs around its GPU segments only,
+crossings staged into planned buffers. Structure is checked on CUDA modules compiled here
+(no GPU needed); numerics on the llvm + llvm stand-in (and ``gpu``-marked on a real GPU)."""
+
+import re
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+import mulayer
+from mulayer.compiler.build import legalize_and_fuse, to_fp16
+from mulayer.frontend.onnx_import import import_onnx
+from mulayer.passes.build_helpers import legalize_keeping_vdevices
+from mulayer.passes.fuse_per_device import FusePerDevice
+from mulayer.passes.pipeline import cooperative_passes, lower_two_device, vm_lowering
+from mulayer.passes.stage_crossings import COPY_FUNC
+
+from .conftest import max_rel_error, onnxruntime_reference
+
+CUDA = {"kind": "cuda", "arch": "sm_90"}
+LLVM = {"kind": "llvm"}
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+
+
+def _kernels(mod) -> list[str]:
+    """The PrimFuncs ``main`` calls, in order, side suffixes (``_cuda``) removed."""
+    names = []
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call) and value.op.same_as(_CALL_TIR):
+                names.append(value.args[0].name_hint.replace("_cuda", ""))
+    return names
+
+
+def _coop(mod, ratio: float):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no calibration: fp32 CPU parts
+        return cooperative_passes(mulayer.Plan.uniform(ratio), CUDA, LLVM)(mod)
+
+
+@pytest.mark.parametrize("net", ["tiny", "resnet18"])
+def test_ratio_one_has_the_gpu_only_fused_kernels(net, tmp_path):
+    from mulayer.models.zoo import save_model
+
+    save_model(net, tmp_path / f"{net}.onnx")
+    mod, _, _ = import_onnx(str(tmp_path / f"{net}.onnx"))
+    target = tvm.target.Target(CUDA, host=LLVM)
+    gpu_only = _kernels(legalize_and_fuse(to_fp16(mod), target))
+    placed = relax.transform.RealizeVDevice()(_coop(mod, 1.0))
+    fused = FusePerDevice()(legalize_keeping_vdevices(placed))
+    assert _kernels(fused) == gpu_only
+    assert any(name.startswith("fused_conv2d") for name in gpu_only)
+    main = fused["main"]
+    # Inputs and result on the GPU: nothing crosses.
+    assert main.params[0].ty.vdevice.target.kind.name == "cuda"
+    assert "to_vdevice" not in main.script()
+
+
+def test_fused_kernels_keep_their_side(tiny_onnx):
+    mod, _, _ = import_onnx(str(tiny_onnx))
+    lowered = lower_two_device(_coop(mod, 0.5), tvm.target.Target(CUDA, host=LLVM))
+    fused = 0
+    for gvar, func in lowered.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc) and gvar.name_hint.startswith("fused_"):
+            fused += 1
+            kind = func.attrs["target"].kind.name
+            assert kind == ("llvm" if "_llvm" in gvar.name_hint else "cuda"), gvar.name_hint
+    assert fused >= 6
+    # Crossings are staged copies into planned buffers; none is left to the VM's to_device.
+    script = lowered["main"].script()
+    assert COPY_FUNC in script and "R.to_vdevice" not in script
+
+
+def test_cuda_graphs_capture_gpu_segments_only(tiny_onnx):
+    mod, _, _ = import_onnx(str(tiny_onnx))
+    lowered = lower_two_device(_coop(mod, 0.5), tvm.target.Target(CUDA, host=LLVM))
+    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}):
+        out = vm_lowering()(lowered)
+    captures = {
+        gv.name_hint: func.script()
+        for gv, func in out.functions_items()
+        if isinstance(func, relax.Function) and "cuda_graph_capture" in gv.name_hint
+    }
+    assert len(captures) >= 3  # one per GPU segment between CPU parts
+    kernel = re.compile(r"^\s*(\w+_(?:cuda|llvm))\(", re.M)
+    for name, script in captures.items():
+        kernels = kernel.findall(script)
+        assert kernels, name
+        assert all(k.endswith("_cuda") for k in kernels), (name, kernels)  # no CPU kernel
+        assert COPY_FUNC not in script and "to_device" not in script
+    main = out["main"].script()
+    # CPU kernels and crossings run in main, between graph launches.
+    assert re.search(r"^\s*fused_conv2d\w*_llvm\w*\(", main, re.M)
+    assert main.count("vm.builtin.cuda_graph.run_or_capture") == len(captures)
+    assert main.count(COPY_FUNC) >= 4
+
+
+def test_stand_in_split_every_element_and_threads(tiny_onnx, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = mulayer.compile(str(tiny_onnx), target="mulayer -ratio=0.5, llvm, llvm")
+    compiled.export(tmp_path / "t.mulayer")
+    model = mulayer.load(tmp_path / "t.mulayer")
+    inputs = [model.random_inputs(seed=int(s)) for s in np.random.randint(1 << 30, size=8)]
+    serial = [list(model(x).values())[0] for x in inputs]
+    for x, out in zip(inputs, serial, strict=True):
+        ref = onnxruntime_reference(tiny_onnx, x)[0]
+        assert np.all(np.isfinite(out))
+        assert max_rel_error(out, ref) < 2e-2  # fp16 GPU parts
+    results: list = [None] * len(inputs)
+
+    def work(i):
+        results[i] = list(model(inputs[i]).values())[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, serial, strict=True):
+        assert np.array_equal(got, want)
+
+
+@pytest.mark.gpu
+def test_cuda_split_with_graphs_matches_and_replays(tiny_onnx, tmp_path):
+    compiled = mulayer.compile(str(tiny_onnx), target="mulayer -ratio=0.5, cuda -arch=sm_90, llvm")
+    assert compiled.metadata()["cuda_graph"]
+    compiled.export(tmp_path / "c.mulayer")
+    model = mulayer.load(tmp_path / "c.mulayer")
+    for seed in (1, 2, 3):  # the first call captures, the others replay
+        inputs = model.random_inputs(seed=seed)
+        out = list(model(inputs).values())[0]
+        ref = onnxruntime_reference(tiny_onnx, inputs)[0]
+        assert np.all(np.isfinite(out))
+        assert max_rel_error(out, ref) < 2e-2
+
+
+def test_crossing_copy_and_wait_run_without_a_gpu():
+    """The copy's helpers on the host (their GPU branch takes the same calls)."""
+    from mulayer.runtime import crossing
+
+    src = tvm.runtime.tensor(np.random.default_rng().standard_normal((3, 7)).astype("float32"))
+    dst = tvm.runtime.empty((3, 7), "float32", tvm.cpu(0))
+    tvm.get_global_func(COPY_FUNC)(src, dst)
+    assert np.array_equal(dst.numpy(), src.numpy())
+    crossing.wait(tvm.cpu(0))  # the stream handle is an int (None was refused on the GPU)
+    crossing.PINNER.pin(dst)  # no CUDA driver here: a no-op; never an error
+
+
+def test_crossing_copy_waits_on_the_gpu_and_pins_the_host_side(monkeypatch):
+    """Control flow of a GPU crossing, with the TVM calls recorded (no GPU here)."""
+    from mulayer.runtime import crossing
+
+    class Fake:
+        def __init__(self, kind: int, name: str) -> None:
+            self.name = name
+            self.device = type("D", (), {"dlpack_device_type": lambda _self: kind})()
+
+    calls = []
+    monkeypatch.setattr(crossing, "_copy_from_to", lambda s, d: calls.append(("copy", s, d)))
+    monkeypatch.setattr(crossing, "wait", lambda dev: calls.append(("wait", dev)))
+    monkeypatch.setattr(crossing.PINNER, "pin", lambda t: calls.append(("pin", t.name)))
+    gpu, host = Fake(2, "gpu"), Fake(1, "host")
+    crossing.copy(gpu, host)  # device to host
+    crossing.copy(host, gpu)  # host to device
+    assert [c[0] for c in calls] == ["copy", "wait", "pin", "copy", "wait", "pin"]
+    assert calls[1][1] is gpu.device and calls[4][1] is gpu.device  # the GPU's stream
+    assert calls[2][1] == calls[5][1] == "host"  # the host side is page-locked
