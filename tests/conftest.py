@@ -59,3 +59,20 @@ def sqnr_db(actual, expected) -> float:
     expected = np.asarray(expected, dtype=np.float64)
     noise = float(((np.asarray(actual, dtype=np.float64) - expected) ** 2).sum())
     return float("inf") if noise == 0 else 10 * np.log10(float((expected**2).sum()) / noise)
+
+
+def outputs_from_threads(model, inputs: list) -> list:
+    """First output of ``model`` for each of ``inputs``, every call on its own thread at once."""
+    import threading
+
+    results: list = [None] * len(inputs)
+
+    def work(i):
+        results[i] = list(model(inputs[i]).values())[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results

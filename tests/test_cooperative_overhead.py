@@ -3,7 +3,6 @@ crossings staged into planned buffers. Structure is checked on CUDA modules comp
 (no GPU needed); numerics on the llvm + llvm stand-in (and ``gpu``-marked on a real GPU)."""
 
 import re
-import threading
 import warnings
 
 import numpy as np
@@ -19,7 +18,7 @@ from mulayer.passes.fuse_per_device import FusePerDevice
 from mulayer.passes.pipeline import cooperative_passes, lower_two_device, vm_lowering
 from mulayer.passes.stage_crossings import COPY_FUNC
 
-from .conftest import max_rel_error, onnxruntime_reference
+from .conftest import max_rel_error, onnxruntime_reference, outputs_from_threads
 
 CUDA = {"kind": "cuda", "arch": "sm_90"}
 LLVM = {"kind": "llvm"}
@@ -112,17 +111,7 @@ def test_stand_in_split_every_element_and_threads(tiny_onnx, tmp_path):
         ref = onnxruntime_reference(tiny_onnx, x)[0]
         assert np.all(np.isfinite(out))
         assert max_rel_error(out, ref) < 2e-2  # fp16 GPU parts
-    results: list = [None] * len(inputs)
-
-    def work(i):
-        results[i] = list(model(inputs[i]).values())[0]
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for got, want in zip(results, serial, strict=True):
+    for got, want in zip(outputs_from_threads(model, inputs), serial, strict=True):
         assert np.array_equal(got, want)
 
 

@@ -1,6 +1,5 @@
 """Cooperative CUDA + llvm models on a real GPU (skipped without one)."""
 
-import threading
 import warnings
 
 import numpy as np
@@ -8,7 +7,7 @@ import pytest
 
 import mulayer
 
-from .conftest import max_rel_error, onnxruntime_reference, sqnr_db
+from .conftest import max_rel_error, onnxruntime_reference, outputs_from_threads, sqnr_db
 
 pytestmark = pytest.mark.gpu
 
@@ -69,17 +68,7 @@ def test_threads_match_serial_calls(coop_cuda):
     model = mulayer.load(coop_cuda)
     inputs = [model.random_inputs(seed=s) for s in range(8)]
     serial = [list(model(x).values())[0] for x in inputs]
-    results: list = [None] * len(inputs)
-
-    def work(i):
-        results[i] = list(model(inputs[i]).values())[0]
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for got, want in zip(results, serial, strict=True):
+    for got, want in zip(outputs_from_threads(model, inputs), serial, strict=True):
         assert np.array_equal(got, want)
 
 
