@@ -20,7 +20,11 @@ This pass rewrites those places so that the fp32 tensor is no longer needed:
 3. **Max pooling and concatenation run on uint8.** ``q(max_pool2d(x)) = max_pool2d(q(x))`` and
    ``q(concat(x1, x2)) = concat(q(x1), q(x2))`` exactly (``q`` is monotone; uint8 max pooling
    pads with 0 = ``q(-inf)``), so when a pooled/concatenated tensor is only quantized, the
-   quantize moves before it, into its producers' epilogues.
+   quantize moves before it, into its producers' epilogues. Steps 1 and 3 repeat until nothing
+   changes: on GoogLeNet a concat (or max pool) feeds a block's convs and its max-pool branch
+   with one ``(s, zp)``; once the branch's quantize has moved before its pool it merges with
+   the convs' one, and the concat/pool producing the tensor commutes in turn (every Inception
+   concat and max pool but the last, read by the fp32 average pool, runs on uint8).
 4. **Zero padding inside the conv.** ``conv2d(pad(q, value=0), padding=0)`` (QuantizeCPU pads
    with the zero point) becomes ``conv2d(q, padding=p)`` when ``zp == 0`` (inputs after a relu):
    the schedule rules then pack the padded input in the conv's own prologue.
@@ -320,6 +324,21 @@ class _Chainer:
             return self.commute()  # the graph changed: look again
         return None
 
+    def commute_to_fixpoint(self) -> None:
+        """Commute and merge until nothing changes.
+
+        A commute can make a tensor's quantizes identical (an Inception block's max-pool branch,
+        quantized before its pool, reads the concatenation with the same ``(s, zp)`` as the
+        block's convs); once merged, that tensor has one reader and its own producer (a concat,
+        a max pool between stages) commutes in turn.
+        """
+        while True:
+            before = self.changes
+            self.commute()
+            self.merge_quantizes()
+            if self.changes == before:
+                return
+
     # Step 4 -----------------------------------------------------------------------------
     def fold_zero_padding(self) -> None:
         g = self.g
@@ -399,8 +418,7 @@ def chain_function(func: relax.Function, int8_skips: bool = True) -> tuple[relax
     if int8_skips:
         chainer.residual_adds()
         chainer.merge_quantizes()
-    chainer.commute()
-    chainer.merge_quantizes()
+    chainer.commute_to_fixpoint()
     chainer.fold_zero_padding()
     if not chainer.changes:
         return func, 0
