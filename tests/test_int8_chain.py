@@ -148,7 +148,8 @@ def _inception_module(rng) -> tuple[tvm.IRModule, dict]:
 
 def _numpy_inception(x: np.ndarray, weights: dict, stats) -> np.ndarray:
     """The block's int8 arithmetic in numpy: max pools and the concat on uint8, each branch's
-    epilogue quantizing for the layer after the concat (its calibrated scale)."""
+    epilogue quantizing for the layer after the concat (its calibrated scale). The branch's
+    pool reads ``y``'s uint8 tensor and, where conv2d.3's scale differs, requantizes to it."""
     e = [stats.layers[f"conv2d.{i}"] for i in range(5)]
 
     def layer(q, i, relu=True):
@@ -170,21 +171,27 @@ def _numpy_inception(x: np.ndarray, weights: dict, stats) -> np.ndarray:
     pooled = np.stack(
         [padded[:, :, ry : ry + h, rx : rx + h] for ry in range(3) for rx in range(3)]
     ).max(axis=0)
+    if (e[3].input_scale, e[3].input_zero_point) != (e[1].input_scale, e[1].input_zero_point):
+        zp = np.float32(e[1].input_zero_point)
+        pooled = q((pooled.astype(np.float32) - zp) * np.float32(e[1].input_scale), 3)
     branches = [layer(qy, 1), layer(qy, 2), layer(pooled, 3)]
     cat = np.concatenate([q(b, 4) for b in branches], axis=1)  # each branch's epilogue
     qp = cat.reshape(1, 3 * C, h // 2, 2, h // 2, 2).max(axis=(3, 5))
     return layer(qp, 4, relu=False)
 
 
-def test_inception_block_pools_and_concatenates_uint8_bit_exact():
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_inception_block_pools_and_concatenates_uint8_bit_exact(method):
     rng = np.random.default_rng()
     mod, weights = _inception_module(rng)
     samples = rng.standard_normal((4, 1, C, H, H)).astype("float32")
     # minmax: a 3x3 stride-1 max pool keeps its input's range, so conv2d.3 (after the pool)
-    # gets the scale of conv2d.1/2 (reading y), as on GoogLeNet; y then has one quantize.
-    stats = calibrate(mod, [{"input": s} for s in samples], method="minmax")
+    # gets the scale of conv2d.1/2 (reading y) and y has one quantize; percentile (what
+    # mulayer.compile uses): conv2d.3's scale differs and the pool requantizes its uint8 max.
+    stats = calibrate(mod, [{"input": s} for s in samples], method=method)
     e = [stats.layers[f"conv2d.{i}"] for i in range(4)]
-    assert e[1].input_scale == e[2].input_scale == e[3].input_scale
+    assert e[1].input_scale == e[2].input_scale
+    assert (e[3].input_scale == e[1].input_scale) == (method == "minmax")
     chained = _cpu_only(mod, stats)
     calls = {}
     for binding in chained["main"].body.blocks[0].bindings:
@@ -267,7 +274,12 @@ def _dtype(expr) -> str:
 
 
 @pytest.mark.parametrize(
-    "builder, method", [(_chain_module, "percentile"), (_inception_module, "minmax")]
+    "builder, method",
+    [
+        (_chain_module, "percentile"),
+        (_inception_module, "minmax"),
+        (_inception_module, "percentile"),
+    ],
 )
 def test_fp32_uint8_conversions_only_at_chain_boundaries(builder, method):
     rng = np.random.default_rng()
