@@ -338,9 +338,15 @@ class _Chainer:
         return None
 
     def _other_quant(self, x: relax.Var, q: _Quant) -> _Quant | None:
-        """A quantize of ``x`` with constants other than ``q``'s (``x`` is stored as uint8)."""
+        """A quantize of ``x`` with constants other than ``q``'s (``x`` is stored as uint8),
+        bound before ``q``'s source (so the pool that replaces it can read it)."""
+        order = {var: i for i, (var, _) in enumerate(self.g.bindings)}
         for other in self.g.quants():
-            if other.source == x and other.key != q.key:
+            if (
+                other.source == x
+                and other.key != q.key
+                and order[other.var] < order.get(q.source, -1)
+            ):
                 return other
         return None
 
