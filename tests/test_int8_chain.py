@@ -111,6 +111,101 @@ def _numpy_chain(x: np.ndarray, weights: dict, stats) -> np.ndarray:
     return dequant(acc2, weights["w2"][0], e2, weights["w2"][1])
 
 
+def _inception_module(rng) -> tuple[tvm.IRModule, dict]:
+    """fp32 stem and Inception-like block: ``y = max_pool(relu(conv(x)))``; branches
+    ``relu(conv(y))``, ``relu(conv(y))``, ``relu(conv(max_pool_3x3_s1(y)))``; ``concat ->
+    max pool -> conv``. ``y`` is read by two convs and a max pool (GoogLeNet's pattern)."""
+    shapes = {"w0": (C, C), "w1": (C, C), "w2": (C, C), "w3": (C, C), "w4": (C, 3 * C)}
+    weights = {
+        name: (
+            (rng.standard_normal((f, c, 3, 3)) * 0.12).astype("float32"),
+            (rng.standard_normal((1, f, 1, 1)) * 0.1).astype("float32"),
+        )
+        for name, (f, c) in shapes.items()
+    }
+    bb = relax.BlockBuilder()
+    x = relax.Var("input", relax.TensorType((1, C, H, H), "float32"))
+
+    def conv(data, name):
+        w, b = weights[name]
+        y = bb.emit(relax.op.nn.conv2d(data, relax.const(w), padding=[1, 1, 1, 1]))
+        return bb.emit(relax.op.add(y, relax.const(b)))
+
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y0 = bb.emit(relax.op.nn.relu(conv(x, "w0")))
+            y = bb.emit(relax.op.nn.max_pool2d(y0, pool_size=[2, 2], strides=[2, 2]))
+            b1 = bb.emit(relax.op.nn.relu(conv(y, "w1")))
+            b2 = bb.emit(relax.op.nn.relu(conv(y, "w2")))
+            pool = relax.op.nn.max_pool2d(y, pool_size=[3, 3], strides=[1, 1], padding=[1, 1])
+            b3 = bb.emit(relax.op.nn.relu(conv(bb.emit(pool), "w3")))
+            cat = bb.emit(relax.op.concat([b1, b2, b3], axis=1))
+            p = bb.emit(relax.op.nn.max_pool2d(cat, pool_size=[2, 2], strides=[2, 2]))
+            out = bb.emit_output(conv(p, "w4"))
+        bb.emit_func_output(out)
+    return bb.get(), weights
+
+
+def _numpy_inception(x: np.ndarray, weights: dict, stats) -> np.ndarray:
+    """The block's int8 arithmetic in numpy: max pools and the concat on uint8, each branch's
+    epilogue quantizing for the layer after the concat (its calibrated scale). The branch's
+    pool reads ``y``'s uint8 tensor and, where conv2d.3's scale differs, requantizes to it."""
+    e = [stats.layers[f"conv2d.{i}"] for i in range(5)]
+
+    def layer(q, i, relu=True):
+        w, b = weights[f"w{i}"]
+        wq, w_scale = quantize_weight(w, 0)
+        acc = _conv_int(q, wq, e[i].input_zero_point)
+        deq = (np.float64(e[i].input_scale) * w_scale).astype(np.float32).reshape(1, -1, 1, 1)
+        y = _fma(acc.astype(np.float32), deq, b)
+        return np.maximum(y, np.float32(0)) if relu else y
+
+    def q(v, i):
+        return _quantize(v, e[i].input_scale, e[i].input_zero_point)
+
+    h = H // 2
+    # max(q(.)) = q(max(.)): conv2d.0's epilogue quantizes for the block (one scale for its
+    # three readers), the pools run on uint8 (padding 0 = q(-inf)).
+    qy = q(layer(q(x, 0), 0), 1).reshape(1, C, h, 2, h, 2).max(axis=(3, 5))
+    padded = np.pad(qy, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    pooled = np.stack(
+        [padded[:, :, ry : ry + h, rx : rx + h] for ry in range(3) for rx in range(3)]
+    ).max(axis=0)
+    if (e[3].input_scale, e[3].input_zero_point) != (e[1].input_scale, e[1].input_zero_point):
+        zp = np.float32(e[1].input_zero_point)
+        pooled = q((pooled.astype(np.float32) - zp) * np.float32(e[1].input_scale), 3)
+    branches = [layer(qy, 1), layer(qy, 2), layer(pooled, 3)]
+    cat = np.concatenate([q(b, 4) for b in branches], axis=1)  # each branch's epilogue
+    qp = cat.reshape(1, 3 * C, h // 2, 2, h // 2, 2).max(axis=(3, 5))
+    return layer(qp, 4, relu=False)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_inception_block_pools_and_concatenates_uint8_bit_exact(method):
+    rng = np.random.default_rng()
+    mod, weights = _inception_module(rng)
+    samples = rng.standard_normal((4, 1, C, H, H)).astype("float32")
+    # minmax: a 3x3 stride-1 max pool keeps its input's range, so conv2d.3 (after the pool)
+    # gets the scale of conv2d.1/2 (reading y) and y has one quantize; percentile (what
+    # mulayer.compile uses): conv2d.3's scale differs and the pool requantizes its uint8 max.
+    stats = calibrate(mod, [{"input": s} for s in samples], method=method)
+    e = [stats.layers[f"conv2d.{i}"] for i in range(4)]
+    assert e[1].input_scale == e[2].input_scale
+    assert (e[3].input_scale == e[1].input_scale) == (method == "minmax")
+    chained = _cpu_only(mod, stats)
+    calls = {}
+    for binding in chained["main"].body.blocks[0].bindings:
+        name = getattr(binding.value, "op", None)
+        if name is not None and str(name.name) in ("relax.nn.max_pool2d", "relax.concat"):
+            calls.setdefault(str(name.name), []).append(_dtype(binding.var))
+    assert calls == {"relax.nn.max_pool2d": ["uint8"] * 3, "relax.concat": ["uint8"]}
+    vm = relax.VirtualMachine(build_single(chained, HOST), tvm.cpu())
+    for _ in range(3):
+        x = rng.standard_normal((1, C, H, H)).astype("float32")
+        out = vm["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_array_equal(out, _numpy_inception(x, weights, stats))
+
+
 def _cpu_only(mod: tvm.IRModule, stats) -> tvm.IRModule:
     return cpu_only_passes(Plan.uniform(0.0), stats, guard_db=-100.0)(mod)
 
@@ -178,11 +273,19 @@ def _dtype(expr) -> str:
     return str(expr.ty.dtype)
 
 
-def test_fp32_uint8_conversions_only_at_chain_boundaries():
+@pytest.mark.parametrize(
+    "builder, method",
+    [
+        (_chain_module, "percentile"),
+        (_inception_module, "minmax"),
+        (_inception_module, "percentile"),
+    ],
+)
+def test_fp32_uint8_conversions_only_at_chain_boundaries(builder, method):
     rng = np.random.default_rng()
-    mod, _ = _chain_module(rng)
+    mod, _ = builder(rng)
     samples = rng.standard_normal((2, 1, C, H, H)).astype("float32")
-    stats = calibrate(mod, [{"input": s} for s in samples], method="percentile")
+    stats = calibrate(mod, [{"input": s} for s in samples], method=method)
     kernels = _kernels(_fused(mod, stats))
     producer = {var: (name, func) for name, func, var, _ in kernels}
     standalone_quantizes = []

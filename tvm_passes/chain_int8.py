@@ -20,14 +20,22 @@ This pass rewrites those places so that the fp32 tensor is no longer needed:
 3. **Max pooling and concatenation run on uint8.** ``q(max_pool2d(x)) = max_pool2d(q(x))`` and
    ``q(concat(x1, x2)) = concat(q(x1), q(x2))`` exactly (``q`` is monotone; uint8 max pooling
    pads with 0 = ``q(-inf)``), so when a pooled/concatenated tensor is only quantized, the
-   quantize moves before it, into its producers' epilogues.
+   quantize moves before it, into its producers' epilogues. Steps 1 and 3 repeat until nothing
+   changes: on GoogLeNet a concat (or max pool) feeds a block's convs and its max-pool branch
+   with one ``(s, zp)``; once the branch's quantize has moved before its pool it merges with
+   the convs' one, and the concat/pool producing the tensor commutes in turn (every Inception
+   concat and max pool but the last, read by the fp32 average pool, runs on uint8).
+   Where the scales differ (percentile calibration gives the branch's conv its own), a max
+   pool whose input already has a uint8 tensor pools that one and requantizes in its epilogue:
+   ``q_p(dq_x(max_pool2d(q_x(x))))`` for ``q_p(max_pool2d(x))``, one more rounding.
 4. **Zero padding inside the conv.** ``conv2d(pad(q, value=0), padding=0)`` (QuantizeCPU pads
    with the zero point) becomes ``conv2d(q, padding=p)`` when ``zp == 0`` (inputs after a relu):
    the schedule rules then pack the padded input in the conv's own prologue.
 
 Chains end (a dequantize, or fp32 kept) where an fp32 op reads the tensor: average pooling, a
 layer the accuracy guard kept in fp32, a model output. Nothing here changes a layer's
-quantization parameters; only steps 2 (skip inputs) changes numbers.
+quantization parameters; only step 2 (skip inputs) and step 3's requantizing pools change
+numbers.
 
 When ``main`` is not one dataflow block the module is returned unchanged (debug log).
 """
@@ -208,14 +216,16 @@ def _quantize_bindings(source: relax.Var, q: _Quant, name: str) -> list[tuple]:
     return out
 
 
-def _dequantize_bindings(q: _Quant, name: str) -> list[tuple]:
-    """Bindings of ``(f32(q) - zp) * s``, the fp32 value ``q`` stands for."""
-    out = [(_tensor_var(name, q.var, "float32"), relax.op.astype(q.var, "float32"))]
+def _dequantize_bindings(q: _Quant, name: str, var: relax.Var | None = None) -> list[tuple]:
+    """Bindings of ``(f32(v) - zp) * s`` (``q``'s constants), the fp32 value the uint8 ``v``
+    (default ``q.var``) stands for."""
+    var = q.var if var is None else var
+    out = [(_tensor_var(name, var, "float32"), relax.op.astype(var, "float32"))]
     if q.zero_point:
         zp = relax.const(np.float32(q.zero_point), "float32")
-        out.append((_tensor_var(name, q.var, "float32"), relax.op.subtract(out[-1][0], zp)))
+        out.append((_tensor_var(name, var, "float32"), relax.op.subtract(out[-1][0], zp)))
     scale = relax.const(np.float32(q.scale), "float32")
-    out.append((_tensor_var(name, q.var, "float32"), relax.op.multiply(out[-1][0], scale)))
+    out.append((_tensor_var(name, var, "float32"), relax.op.multiply(out[-1][0], scale)))
     return out
 
 
@@ -295,16 +305,23 @@ class _Chainer:
                 continue
             new = []
             quantized = []
-            for x in inputs:
+            other = self._other_quant(inputs[0], q) if kind == "relax.nn.max_pool2d" else None
+            for x in inputs if other is None else ():
                 chain = _quantize_bindings(x, q, f"{q.source.name}_q")
                 new += chain
                 quantized.append(chain[-1][0])
+            if other is not None:  # pool the uint8 tensor that exists, then requantize
+                quantized = [other.var]
             if kind == "relax.nn.max_pool2d":
                 op = relax.Call(source.op, quantized, source.attrs, [])
             else:
                 op = relax.Call(source.op, [relax.Tuple(quantized)], source.attrs, [])
             pooled = relax.DataflowVar(q.source.name, relax.TensorType(q.var.ty.shape, "uint8"))
             new.append((pooled, op))
+            if other is not None:
+                new += _dequantize_bindings(other, f"{q.source.name}_rq", pooled)
+                new += _quantize_bindings(new[-1][0], q, f"{q.source.name}_rq")
+                pooled = new[-1][0]
             bindings = []
             drop = set(q.chain) | {q.source}
             for var, value in g.bindings:
@@ -319,6 +336,34 @@ class _Chainer:
             self.changes += 1
             return self.commute()  # the graph changed: look again
         return None
+
+    def _other_quant(self, x: relax.Var, q: _Quant) -> _Quant | None:
+        """A quantize of ``x`` with constants other than ``q``'s (``x`` is stored as uint8),
+        bound before ``q``'s source (so the pool that replaces it can read it)."""
+        order = {var: i for i, (var, _) in enumerate(self.g.bindings)}
+        for other in self.g.quants():
+            if (
+                other.source == x
+                and other.key != q.key
+                and order[other.var] < order.get(q.source, -1)
+            ):
+                return other
+        return None
+
+    def commute_to_fixpoint(self) -> None:
+        """Commute and merge until nothing changes.
+
+        A commute can make a tensor's quantizes identical (an Inception block's max-pool branch,
+        quantized before its pool, reads the concatenation with the same ``(s, zp)`` as the
+        block's convs); once merged, that tensor has one reader and its own producer (a concat,
+        a max pool between stages) commutes in turn.
+        """
+        while True:
+            before = self.changes
+            self.commute()
+            self.merge_quantizes()
+            if self.changes == before:
+                return
 
     # Step 4 -----------------------------------------------------------------------------
     def fold_zero_padding(self) -> None:
@@ -399,8 +444,7 @@ def chain_function(func: relax.Function, int8_skips: bool = True) -> tuple[relax
     if int8_skips:
         chainer.residual_adds()
         chainer.merge_quantizes()
-    chainer.commute()
-    chainer.merge_quantizes()
+    chainer.commute_to_fixpoint()
     chainer.fold_zero_padding()
     if not chainer.changes:
         return func, 0
