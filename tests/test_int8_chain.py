@@ -33,6 +33,12 @@ HOST = parse_target("llvm").host_target()
 C, H = 16, 12  # channels, height/width of the chain's input
 
 
+def _conv3x3_bias(bb: relax.BlockBuilder, data, w: np.ndarray, b: np.ndarray):
+    """Emit a padded 3x3 conv of ``data`` with weight ``w``, plus bias ``b``."""
+    y = bb.emit(relax.op.nn.conv2d(data, relax.const(w), padding=[1, 1, 1, 1]))
+    return bb.emit(relax.op.add(y, relax.const(b)))
+
+
 def _chain_module(rng) -> tuple[tvm.IRModule, dict]:
     """fp32 ``conv -> relu -> conv -> add(skip) -> relu -> max pool -> conv`` (canonical form)."""
     weights = {
@@ -46,9 +52,7 @@ def _chain_module(rng) -> tuple[tvm.IRModule, dict]:
     x = relax.Var("input", relax.TensorType((1, C, H, H), "float32"))
 
     def conv(data, name):
-        w, b = weights[name]
-        y = bb.emit(relax.op.nn.conv2d(data, relax.const(w), padding=[1, 1, 1, 1]))
-        return bb.emit(relax.op.add(y, relax.const(b)))
+        return _conv3x3_bias(bb, data, *weights[name])
 
     with bb.function("main", [x]):
         with bb.dataflow():
@@ -127,9 +131,7 @@ def _inception_module(rng) -> tuple[tvm.IRModule, dict]:
     x = relax.Var("input", relax.TensorType((1, C, H, H), "float32"))
 
     def conv(data, name):
-        w, b = weights[name]
-        y = bb.emit(relax.op.nn.conv2d(data, relax.const(w), padding=[1, 1, 1, 1]))
-        return bb.emit(relax.op.add(y, relax.const(b)))
+        return _conv3x3_bias(bb, data, *weights[name])
 
     with bb.function("main", [x]):
         with bb.dataflow():
