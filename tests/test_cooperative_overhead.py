@@ -75,6 +75,36 @@ def test_fused_kernels_keep_their_side(tiny_onnx):
     assert COPY_FUNC in script and "R.to_vdevice" not in script
 
 
+def _crossings(main: relax.Function) -> list[tuple[relax.Var, relax.Expr, int]]:
+    """``(destination var, source, pin flag)`` of every staged crossing of ``main``."""
+    found = []
+    for block in main.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if (
+                isinstance(value, relax.Call)
+                and getattr(value.args[0], "global_symbol", "") == COPY_FUNC
+            ):
+                src, pin = value.args[1].fields
+                found.append((binding.var, src, int(pin.value)))
+    return found
+
+
+def test_only_planned_host_buffers_are_pinned(tiny_onnx):
+    """The caller's input and the returned tensor are freed by their owners: never page-locked
+    (memory freed while registered makes later copies through its address fail)."""
+    mod, _, _ = import_onnx(str(tiny_onnx))
+    main = lower_two_device(_coop(mod, 0.5), tvm.target.Target(CUDA, host=LLVM))["main"]
+    crossings = _crossings(main)
+    params = set(main.params)
+    returned = main.body.body
+    returned = set(returned.fields) if isinstance(returned, relax.Tuple) else {returned}
+    owned = [pin for dst, src, pin in crossings if src in params or dst in returned]
+    planned = [pin for dst, src, pin in crossings if src not in params and dst not in returned]
+    assert owned and planned  # tiny at 0.5: its input and its output cross, and inner tensors
+    assert set(owned) == {0} and set(planned) == {1}
+
+
 def test_cuda_graphs_capture_gpu_segments_only(tiny_onnx):
     mod, _, _ = import_onnx(str(tiny_onnx))
     lowered = lower_two_device(_coop(mod, 0.5), tvm.target.Target(CUDA, host=LLVM))
@@ -135,8 +165,11 @@ def test_crossing_copy_and_wait_run_without_a_gpu():
 
     src = tvm.runtime.tensor(np.random.default_rng().standard_normal((3, 7)).astype("float32"))
     dst = tvm.runtime.empty((3, 7), "float32", tvm.cpu(0))
-    tvm.get_global_func(COPY_FUNC)(src, dst)
+    tvm.get_global_func(COPY_FUNC)(src, 1, dst)
     assert np.array_equal(dst.numpy(), src.numpy())
+    again = tvm.runtime.empty((3, 7), "float32", tvm.cpu(0))
+    tvm.get_global_func(COPY_FUNC)(src, again)  # artifacts built before the pin flag
+    assert np.array_equal(again.numpy(), src.numpy())
     crossing.wait(tvm.cpu(0))  # the stream handle is an int (None was refused on the GPU)
     crossing.PINNER.pin(dst)  # no CUDA driver here: a no-op; never an error
 
@@ -155,8 +188,12 @@ def test_crossing_copy_waits_on_the_gpu_and_pins_the_host_side(monkeypatch):
     monkeypatch.setattr(crossing, "wait", lambda dev: calls.append(("wait", dev)))
     monkeypatch.setattr(crossing.PINNER, "pin", lambda t: calls.append(("pin", t.name)))
     gpu, host = Fake(2, "gpu"), Fake(1, "host")
-    crossing.copy(gpu, host)  # device to host
-    crossing.copy(host, gpu)  # host to device
+    crossing.copy(gpu, 1, host)  # device to host
+    crossing.copy(host, 1, gpu)  # host to device
     assert [c[0] for c in calls] == ["copy", "wait", "pin", "copy", "wait", "pin"]
     assert calls[1][1] is gpu.device and calls[4][1] is gpu.device  # the GPU's stream
     assert calls[2][1] == calls[5][1] == "host"  # the host side is page-locked
+    calls.clear()
+    crossing.copy(host, 0, gpu)  # the caller's buffer: never page-locked
+    crossing.copy(gpu, host)  # the flag missing (older artifacts): never page-locked
+    assert [c[0] for c in calls] == ["copy", "wait", "copy", "wait"]

@@ -7,14 +7,18 @@ PlaceDevices expresses a crossing as ``R.to_vdevice``, which the VM runs as
 ``vm.builtin.to_device``: a fresh allocation on every call, a copy through pageable memory, and
 a result that TVM's CUDA-graph planner cannot treat as static (so no GPU kernel after the first
 crossing could be captured). This pass rewrites each crossing of ``main`` into a
-destination-passing call ``R.call_dps_packed("mulayer.crossing.copy", (x,), out)``:
+destination-passing call ``R.call_dps_packed("mulayer.crossing.copy", (x, pin), out)``:
 
 - the destination is an ordinary planned tensor on the destination device (the static memory
   planner allocates it once; with CUDA graphs it is a cached allocation), so the runtime can pin
   the host side once per loaded model and the GPU kernels that read an uploaded tensor stay
   capturable;
 - ``mulayer.crossing.copy`` (registered by :mod:`mulayer.runtime.crossing`) copies and returns
-  when the destination can be read.
+  when the destination can be read. Its second argument says whether the host side may be
+  page-locked: only planned buffers, which live as long as the loaded model, may. A parameter of
+  ``main`` (the caller's input, a weight) or a tensor ``main`` returns is freed by its owner, and
+  memory freed while page-locked leaves a registration behind that makes later copies through
+  that address fail (``cudaErrorInvalidValue``).
 
 It also moves every device-to-host copy right after the binding that produces its source: the
 CPU part of a split layer then reads its input as soon as the GPU has produced it, and the GPU
@@ -46,10 +50,39 @@ def _crossing(binding: relax.Binding) -> relax.Call | None:
     return value if is_copy and isinstance(value.args[0], relax.Var) else None
 
 
-def _staged(call: relax.Call, ty: relax.TensorType) -> relax.Call:
+def _staged(call: relax.Call, ty: relax.TensorType, pin: bool) -> relax.Call:
     out = relax.TensorType(ty.shape, ty.dtype, vdevice=call.attrs.dst_vdevice)
-    staged = relax.call_dps_packed(COPY_FUNC, relax.Tuple([call.args[0]]), out_ty=out)
+    args = relax.Tuple([call.args[0], relax.prim_value(int(pin))])
+    staged = relax.call_dps_packed(COPY_FUNC, args, out_ty=out)
     return relax.BlockBuilder().normalize(staged)
+
+
+def _escaping(main: relax.Function) -> set[relax.Var]:
+    """Variables whose tensors ``main`` returns (through aliases and tuples)."""
+    escaping: set[relax.Var] = set()
+
+    def add(expr: relax.Expr) -> None:
+        if isinstance(expr, relax.Var):
+            escaping.add(expr)
+        elif isinstance(expr, relax.Tuple):
+            for field in expr.fields:
+                add(field)
+
+    add(main.body.body)
+    for block in reversed(list(main.body.blocks)):
+        for binding in reversed(list(block.bindings)):
+            value = getattr(binding, "value", None)
+            if binding.var in escaping and isinstance(value, relax.Tuple | relax.Var):
+                add(value)
+            elif binding.var in escaping and isinstance(value, relax.TupleGetItem):
+                add(value.tuple_value)
+    return escaping
+
+
+def _pinnable(binding: relax.VarBinding, call: relax.Call, is_host, owned) -> bool:
+    """Whether the host side of a crossing is a planned buffer (see the module docstring)."""
+    host_side = binding.var if is_host(call.attrs.dst_vdevice) else call.args[0]
+    return host_side not in owned
 
 
 def _reorder(bindings: list[relax.Binding], is_host) -> list[relax.Binding]:
@@ -78,6 +111,7 @@ class StageCrossings:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         main = mod["main"]
         is_host = _host_test(mod)
+        owned = set(main.params) | _escaping(main)  # freed by their owners, not planned
         blocks = []
         changed = False
         for block in main.body.blocks:
@@ -90,7 +124,8 @@ class StageCrossings:
             for binding in _reorder(bindings, is_host):
                 call = _crossing(binding)
                 if call is not None and isinstance(binding.var.ty, relax.TensorType):
-                    binding = relax.VarBinding(binding.var, _staged(call, binding.var.ty))
+                    pin = _pinnable(binding, call, is_host, owned)
+                    binding = relax.VarBinding(binding.var, _staged(call, binding.var.ty, pin))
                 new.append(binding)
             kind = relax.DataflowBlock if isinstance(block, relax.DataflowBlock) else None
             blocks.append(kind(new) if kind else relax.BindingBlock(new))

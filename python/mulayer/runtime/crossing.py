@@ -1,14 +1,17 @@
 """The copy a cooperative model's VM calls where a tensor crosses between the devices.
 
 :class:`mulayer.passes.stage_crossings.StageCrossings` turns every crossing into
-``R.call_dps_packed("mulayer.crossing.copy", (src,), dst)``: ``dst`` is a buffer of the memory
+``R.call_dps_packed("mulayer.crossing.copy", (src, pin), dst)``: ``dst`` is a buffer of the memory
 plan, allocated once per loaded model (a cached allocation with CUDA graphs; the VM's pooled
 storage otherwise), so the same host buffers come back on every call. This module registers
 that function:
 
-- the host side of a GPU copy is page-locked (``cuMemHostRegister`` through the CUDA driver)
-  after the first copy through it, so every later copy runs at pinned speed (DMA straight from or to
-  the buffer) although the tensor's device stays ``cpu`` for the CPU kernels;
+- where ``pin`` is set (the pass sets it when the host side is a planned buffer, not the caller's
+  input or a returned tensor) the host side of a GPU copy is page-locked (``cuMemHostRegister``
+  through the CUDA driver) after the first copy through it, so every later copy runs at pinned
+  speed (DMA straight from or to the buffer) although the tensor's device stays ``cpu`` for the
+  CPU kernels. Memory freed while page-locked would leave its registration behind, and a later
+  copy through that address fails, so nothing the caller owns is ever pinned;
 - the copy is issued on the GPU's current stream, in order with the kernels, and the function
   returns once it is complete (the CPU reads the result next, or may reuse the source buffer);
 - host to host (the llvm + llvm stand-in) is a ``memcpy``.
@@ -101,16 +104,21 @@ def wait(device) -> None:
     _stream_sync(device, 0)  # stream handle 0: the default stream, which TVM launches on
 
 
-def copy(src, dst) -> None:
-    """Copy ``src`` into ``dst`` (same shape and dtype, any two devices); return when done."""
+def copy(src, *pin_and_dst) -> None:
+    """``copy(src, pin, dst)``: copy ``src`` into ``dst`` (same shape and dtype, any two
+    devices) and return when done; page-lock the host side for later calls if ``pin``.
+    ``copy(src, dst)`` (artifacts built before the flag) never pins."""
+    pin, dst = (
+        (bool(pin_and_dst[0]), pin_and_dst[1]) if len(pin_and_dst) == 2 else (False, *pin_and_dst)
+    )
     src_host = src.device.dlpack_device_type() in _HOST_TYPES
     dst_host = dst.device.dlpack_device_type() in _HOST_TYPES
-    if src_host and dst_host:
-        _copy_from_to(src, dst)
-        return
     _copy_from_to(src, dst)
+    if src_host and dst_host:
+        return
     wait(dst.device if src_host else src.device)
-    PINNER.pin(src if src_host else dst)  # for the next calls (the first copy is pageable)
+    if pin:
+        PINNER.pin(src if src_host else dst)  # for the next calls (the first copy is pageable)
 
 
 def register() -> None:
