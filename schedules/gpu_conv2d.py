@@ -82,6 +82,10 @@ class ConvTile:
         K position: in NCHW those are neighbouring input columns, so a warp's loads coalesce
         (stride 1), where K-major loads gather one element per channel/tap. Scalar loads and
         strided shared-memory stores instead of 4-wide vectors.
+    k_by_tap : bool
+        Order K as (kernel row, kernel column, input channel) instead of (channel, row,
+        column): a K step then stays inside one tap when the channels fill whole steps, and
+        the load's index math (div/mod by the kernel size per element) simplifies away.
     """
 
     i_warps: int = 4
@@ -91,6 +95,7 @@ class ConvTile:
     k_frags: int = 4
     split_k: int = 1
     a_by_pixel: bool = False
+    k_by_tap: bool = False
 
     @property
     def tile_i(self) -> int:
@@ -136,9 +141,10 @@ class ConvTile:
     def name(self) -> str:
         split = f"_s{self.split_k}" if self.split_k > 1 else ""
         by_pixel = "_p" if self.a_by_pixel else ""
+        by_tap = "_t" if self.k_by_tap else ""
         return (
             f"i{self.i_warps}x{self.i_frags}_j{self.j_warps}x{self.j_frags}_k{self.k_frags}"
-            f"{split}{by_pixel}"
+            f"{split}{by_pixel}{by_tap}"
         )
 
 
@@ -300,6 +306,16 @@ def _split_reduction(sch: s_tir.Schedule, info: Conv2dInfo, split: int):
     return partial
 
 
+def _channels_last_in_k(sch: s_tir.Schedule, block) -> None:
+    """Permute the block's reduction iterators (rc, ry, rx) to (ry, rx, rc)."""
+    iter_vars = sch.get(block).iter_vars
+    reduce = [i for i, iv in enumerate(iter_vars) if iv.iter_type == tirx.IterVar.CommReduce]
+    order = list(range(len(iter_vars)))
+    order[reduce[0] : reduce[-1] + 1] = [*reduce[1:], reduce[0]]
+    src = [tirx.Var(iv.var.name, iv.var.ty) for iv in iter_vars]
+    sch.transform_block_layout(block, tirx.IndexMap(src, [src[i] for i in order], None))
+
+
 def schedule_implicit_gemm(  # noqa: PLR0915 - one linear recipe, split for no gain
     sch: s_tir.Schedule,
     main_block,
@@ -323,6 +339,8 @@ def schedule_implicit_gemm(  # noqa: PLR0915 - one linear recipe, split for no g
     num_ty = i_factors[2] * j_factors[2]
 
     # Step 1. Normalize to C[S, I, J] += A[S, I, K] * B[S, J, K] (implicit im2col).
+    if tile.k_by_tap:
+        _channels_last_in_k(sch, main_block)
     reindex_a = sch.reindex(main_block, ("read", 0))
     reindex_b = sch.reindex(main_block, ("read", 1))
     reindex_c = sch.reindex(main_block, ("write", 0))

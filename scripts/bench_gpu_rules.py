@@ -295,23 +295,24 @@ def layer_name(spec) -> str:
 
 
 def conv_sweep_tiles(info) -> list:
-    """Tiles tried by ``--conv --sweep``: I x J tiles (J narrowed to the output channels under
-    64) next to the default, each also with pixel-major im2col loads (``a_by_pixel``), and the
-    default tile (split-K included) with them."""
+    """Tiles tried by ``--conv --sweep``: the default tile (split-K included) and two others
+    (I x J tiles, J narrowed to the output channels under 64), each with pixel-major im2col
+    loads (``a_by_pixel``), K ordered by tap (``k_by_tap``), and both."""
     from mulayer.schedules.gpu_conv2d import ConvTile, base_tile, choose_tile
 
     base = base_tile(info)
     k = base.k_frags
+    tiles = [choose_tile(info)]
     if info.f < 64:
-        tiles = [ConvTile(iw, ifr, 1, base.j_frags, k) for iw, ifr in ((1, 2), (2, 4))]
+        tiles.append(ConvTile(1, 2, 1, base.j_frags, k))
     else:
-        tiles = [ConvTile(2, 2, 4, 2, k), ConvTile(4, 2, 2, 2, k)]
+        tiles += [ConvTile(2, 2, 4, 2, k), ConvTile(4, 2, 2, 2, k)]
         tiles = [t for t in tiles if t.tile_j <= max(64, info.f)]
-    tiles += [replace(t, a_by_pixel=True) for t in tiles]
-    tiles.append(replace(choose_tile(info), a_by_pixel=True))
-    if choose_tile(info).split_k > 1:
-        tiles.append(replace(base, a_by_pixel=True))
-    return [t for t in dict.fromkeys(tiles) if t.launchable]
+    out = []
+    for t in tiles:
+        out += [t, replace(t, a_by_pixel=True), replace(t, k_by_tap=True)]
+        out.append(replace(t, a_by_pixel=True, k_by_tap=True))
+    return [t for t in dict.fromkeys(out[1:]) if t.launchable]
 
 
 def _conv_func(spec):

@@ -338,18 +338,13 @@ def _cpu_pool(s: _Shape, traits: MachineTraits) -> KernelInfo:
 
 # -------------------------------------------------------------------------------------- GPU
 def _gpu_conv(s: _Shape, traits: MachineTraits) -> KernelInfo:
-    from mulayer.schedules.gpu_conv2d import MIN_EXTENT, MIN_OUT_CHANNELS, choose_tile
+    from mulayer.schedules.gpu_conv2d import MIN_EXTENT, choose_tile
     from mulayer.schedules.gpu_depthwise import choose_tile as depthwise_tile
 
     gemm_i, gemm_k = s.oh * s.ow, s.cg * s.kh * s.kw
     tensor_cores = traits.gpu_arch >= 70
-    # Step 1. mulayer's implicit-GEMM tensor-core rule (ungrouped, F >= 64), split-K included.
-    if (
-        tensor_cores
-        and s.groups == 1
-        and min(gemm_i, gemm_k) >= MIN_EXTENT
-        and s.f >= MIN_OUT_CHANNELS
-    ):
+    # Step 1. mulayer's implicit-GEMM tensor-core rule (ungrouped), split-K included.
+    if tensor_cores and s.groups == 1 and min(gemm_i, gemm_k) >= MIN_EXTENT:
         tile = choose_tile(SimpleNamespace(n=1, oh=s.oh, ow=s.ow, f=s.f, cg=s.cg, kh=s.kh, kw=s.kw))
         info = _gemm_launch(
             "Conv2dTensorCore", gemm_i, s.f, _ceil(gemm_k, tile.split_k), tile.tile_i,
