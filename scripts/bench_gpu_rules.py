@@ -18,8 +18,10 @@ cell says so. ``--e2e`` also times MobileNetV2 GPU-only (``cuda -arch=sm_XY, llv
 with and without the rule, next to PyTorch with a CUDA graph.
 
 ``--conv`` does the same for the tensor-core conv rule on the dense convs of :data:`DENSE`:
-``legacy`` (the old fixed tile), ``default`` (``choose_tile``) and, with ``--sweep``, the tiles
-and splits of :func:`conv_sweep_tiles`, next to cuDNN in NCHW and channels-last. Each layer's
+``dlight`` for convs with fewer than 64 outputs (the rules without ours: what the build had
+before the rule took them), ``default`` (``choose_tile``) and, with ``--sweep``, the tiles and
+load layouts of :func:`conv_sweep_tiles`, next to cuDNN in NCHW and channels-last;
+``--layers`` picks layers by name. Each layer's
 variants go into one exported module (one NVRTC compile at load); ``--build-only`` builds them
 for sm_90 on a machine without a GPU into ``--conv-dir``, which the GPU machine then times.
 
@@ -332,10 +334,8 @@ def _build_conv(job) -> tuple[str, dict[str, str]]:
     errors: dict[str, str] = {}
     try:
         import tvm
-        from tvm import s_tir
 
-        from mulayer.schedules.conv2d_analysis import find_conv2d
-        from mulayer.schedules.gpu_conv2d import Conv2dTensorCore, legacy_tile
+        from mulayer.schedules.gpu_conv2d import Conv2dTensorCore
 
         target = _TARGET[0]
         _, func = _conv_func(DENSE[index])
@@ -349,8 +349,6 @@ def _build_conv(job) -> tuple[str, dict[str, str]]:
                     _, prim = schedule_with(func, target, rules)
                     funcs[_symbol(name)] = prim.with_attr("global_symbol", _symbol(name))
                     continue
-                if tile == "legacy":
-                    tile = legacy_tile(find_conv2d(s_tir.Schedule(func)))
                 with target:
                     sch = Conv2dTensorCore(tile).apply(func, target, False)
                 if sch is None:
@@ -400,7 +398,7 @@ def conv_rows(
     _TARGET[:] = [target]
     workdir = workdir or Path(tempfile.mkdtemp(prefix="convsweep"))
     workdir.mkdir(parents=True, exist_ok=True)
-    plan = []  # (layer index, [(cell name, tile, "legacy" or "dlight")], path)
+    plan = []  # (layer index, [(cell name, tile or "dlight")], path)
     for index, spec in enumerate(DENSE):
         if layers and not any(part in layer_name(spec) for part in layers):
             continue
