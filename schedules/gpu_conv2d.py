@@ -41,13 +41,13 @@ from ._util import logger
 from .base import GPUScheduleRule
 from .conv2d_analysis import Conv2dInfo, find_conv2d
 
-# wmma fragment shape and the smallest GEMM extents worth a tensor-core tile.
+# wmma fragment shape and the smallest GEMM extents (output pixels, K) worth a tensor-core
+# tile. Output channels need no minimum: J is padded to the J tile (16, 32, 48 or 64 wide, see
+# choose_tile). Narrow outputs under the old 128-row tile failed to launch on an H100
+# (CUDA_ERROR_INVALID_VALUE, 2026-11-23): 41 KB dynamic + 10 KB static shared memory, which
+# ConvTile.launchable now refuses.
 MICRO = 16
 MIN_EXTENT = 16
-# Narrower outputs (warp tiles of 1 or 2 fragments along J) failed to launch on an H100
-# (CUDA_ERROR_INVALID_VALUE, 2026-11-23), most likely the shared-memory limit that
-# ConvTile.launchable describes; they go to dlight's rules until that is measured.
-MIN_OUT_CHANNELS = 64
 WARP_SIZE = 32
 VECTOR = 4
 # Shared memory a kernel may use without opting in (static + dynamic).
@@ -77,6 +77,15 @@ class ConvTile:
         Input-channel chunks computed by separate thread blocks (the chunk is the GEMM batch
         axis, on ``blockIdx.z``) into fp32/out_dtype partial sums that a second kernel adds up
         with the epilogue fused. 1: no split.
+    a_by_pixel : bool
+        Load the im2col tile with consecutive threads on consecutive output pixels (I) at one
+        K position: in NCHW those are neighbouring input columns, so a warp's loads coalesce
+        (stride 1), where K-major loads gather one element per channel/tap. Scalar loads and
+        strided shared-memory stores instead of 4-wide vectors.
+    k_by_tap : bool
+        Order K as (kernel row, kernel column, input channel) instead of (channel, row,
+        column): a K step then stays inside one tap when the channels fill whole steps, and
+        the load's index math (div/mod by the kernel size per element) simplifies away.
     """
 
     i_warps: int = 4
@@ -85,6 +94,8 @@ class ConvTile:
     j_frags: int = 2
     k_frags: int = 4
     split_k: int = 1
+    a_by_pixel: bool = False
+    k_by_tap: bool = False
 
     @property
     def tile_i(self) -> int:
@@ -129,8 +140,11 @@ class ConvTile:
 
     def name(self) -> str:
         split = f"_s{self.split_k}" if self.split_k > 1 else ""
+        by_pixel = "_p" if self.a_by_pixel else ""
+        by_tap = "_t" if self.k_by_tap else ""
         return (
-            f"i{self.i_warps}x{self.i_frags}_j{self.j_warps}x{self.j_frags}_k{self.k_frags}{split}"
+            f"i{self.i_warps}x{self.i_frags}_j{self.j_warps}x{self.j_frags}_k{self.k_frags}"
+            f"{split}{by_pixel}{by_tap}"
         )
 
 
@@ -163,19 +177,35 @@ def legacy_tile(info: Conv2dInfo) -> ConvTile:
 # under ~100 blocks gained from splitting K (that layer: 101.7 -> 18.3 us with split 8), and
 # layers with long K chunks kept gaining up to ~4 blocks per SM (VGG-16 14x14 512: split 8).
 DEFAULT_TILE = (1, 2, 2, 2, 4)  # i_warps, i_frags, j_warps, j_frags, k_frags: 32x64, K step 64
+# Fewer than 64 output channels: (i_warps, i_frags) of the I tile; J is one warp of 1-3
+# fragments (16, 32 or 48 channels, the output padded to it).
+NARROW_TILE = (2, 2)
 FILL_BLOCKS = 96  # split K while the grid has fewer blocks than this
 MIN_CHUNK = 576  # ... or while each chunk keeps at least this much K
 MAX_SPLIT_BLOCKS = 512  # never split a grid beyond this many blocks
 
 
+def base_tile(info: Conv2dInfo) -> ConvTile:
+    """The tile before split-K: :data:`DEFAULT_TILE`, or :data:`NARROW_TILE` with a J tile of
+    1-3 fragments for convs with fewer than 64 output channels; K steps of 32 where K is that
+    short (a 3-channel 3x3 stem: K = 27; one-fragment steps break TVM's software pipeline)."""
+    gemm_k = info.cg * info.kh * info.kw
+    k_frags = 2 if gemm_k <= 2 * MICRO else DEFAULT_TILE[4]
+    j_frags = _ceil(info.f, MICRO)
+    if j_frags >= 4:
+        return ConvTile(*DEFAULT_TILE[:4], k_frags)
+    i_warps, i_frags = NARROW_TILE
+    return ConvTile(i_warps, i_frags, 1, j_frags, k_frags)
+
+
 def choose_tile(info: Conv2dInfo) -> ConvTile:
-    """The default tile of ``info``: 32x64 with split-K by the policy above.
+    """The default tile of ``info``: :func:`base_tile` with split-K by the policy above.
 
     ``MULAYER_GPU_CONV_TILE=legacy`` selects :func:`legacy_tile` (to measure against it).
     """
     if os.environ.get("MULAYER_GPU_CONV_TILE", "") == "legacy":
         return legacy_tile(info)
-    tile = ConvTile(*DEFAULT_TILE)
+    tile = base_tile(info)
     gemm_k = info.cg * info.kh * info.kw
     base = tile.blocks(info.n * info.oh * info.ow, info.f)
     split = 1
@@ -224,7 +254,7 @@ class Conv2dTensorCore(GPUScheduleRule):
             return None
         gemm_i = info.n * info.oh * info.ow
         gemm_k = info.cg * info.kh * info.kw
-        if min(gemm_i, gemm_k) < MIN_EXTENT or info.f < MIN_OUT_CHANNELS:
+        if min(gemm_i, gemm_k) < MIN_EXTENT:
             return None
         load_tvm_tensor_intrinsics()
         tile = self.tile or choose_tile(info)
@@ -276,6 +306,16 @@ def _split_reduction(sch: s_tir.Schedule, info: Conv2dInfo, split: int):
     return partial
 
 
+def _channels_last_in_k(sch: s_tir.Schedule, block) -> None:
+    """Permute the block's reduction iterators (rc, ry, rx) to (ry, rx, rc)."""
+    iter_vars = sch.get(block).iter_vars
+    reduce = [i for i, iv in enumerate(iter_vars) if iv.iter_type == tirx.IterVar.CommReduce]
+    order = list(range(len(iter_vars)))
+    order[reduce[0] : reduce[-1] + 1] = [*reduce[1:], reduce[0]]
+    src = [tirx.Var(iv.var.name, iv.var.ty) for iv in iter_vars]
+    sch.transform_block_layout(block, tirx.IndexMap(src, [src[i] for i in order], None))
+
+
 def schedule_implicit_gemm(  # noqa: PLR0915 - one linear recipe, split for no gain
     sch: s_tir.Schedule,
     main_block,
@@ -299,6 +339,8 @@ def schedule_implicit_gemm(  # noqa: PLR0915 - one linear recipe, split for no g
     num_ty = i_factors[2] * j_factors[2]
 
     # Step 1. Normalize to C[S, I, J] += A[S, I, K] * B[S, J, K] (implicit im2col).
+    if tile.k_by_tap:
+        _channels_last_in_k(sch, main_block)
     reindex_a = sch.reindex(main_block, ("read", 0))
     reindex_b = sch.reindex(main_block, ("read", 1))
     reindex_c = sch.reindex(main_block, ("write", 0))
@@ -340,20 +382,26 @@ def schedule_implicit_gemm(  # noqa: PLR0915 - one linear recipe, split for no g
     sch.bind(thread_idy, "threadIdx.y")
 
     # Step 4. Global -> shared (padding and im2col inlined into the copy).
-    def fetch_to_shared(block, idx):
+    def fetch_to_shared(block, idx, by_row=False):
         block_read = sch.cache_read(block, idx, "shared.dyn")
         sch.compute_at(block_read, k0)
-        fused = sch.fuse(*sch.get_loops(block_read)[-2:])
-        _, f_1, f_2, f_3 = sch.split(fused, factors=[None, num_ty, WARP_SIZE, VECTOR])
+        rows, cols = sch.get_loops(block_read)[-2:]
+        if by_row:  # threadIdx.x along the rows (I), one element each
+            sch.reorder(cols, rows)
+            fused = sch.fuse(cols, rows)
+            _, f_1, f_2 = sch.split(fused, factors=[None, num_ty, WARP_SIZE])
+        else:
+            fused = sch.fuse(rows, cols)
+            _, f_1, f_2, f_3 = sch.split(fused, factors=[None, num_ty, WARP_SIZE, VECTOR])
+            sch.vectorize(f_3)
         sch.bind(f_2, "threadIdx.x")
         sch.bind(f_1, "threadIdx.y")
-        sch.vectorize(f_3)
         sch.storage_align(block_read, 0, axis=-2, factor=16, offset=8)
         sch.annotate(block_read, "tirx.manifest_shared_memory_local_stage", 1)
         sch.annotate(block_read, "double_buffer_scope", 0)
         return block_read
 
-    a_g2s = fetch_to_shared(block_outer, 0)
+    a_g2s = fetch_to_shared(block_outer, 0, by_row=tile.a_by_pixel)
     b_g2s = fetch_to_shared(block_outer, 1)
     auto_inline_producers(sch, a_g2s)
     auto_inline_producers(sch, b_g2s)

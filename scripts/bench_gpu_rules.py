@@ -18,8 +18,10 @@ cell says so. ``--e2e`` also times MobileNetV2 GPU-only (``cuda -arch=sm_XY, llv
 with and without the rule, next to PyTorch with a CUDA graph.
 
 ``--conv`` does the same for the tensor-core conv rule on the dense convs of :data:`DENSE`:
-``legacy`` (the old fixed tile), ``default`` (``choose_tile``) and, with ``--sweep``, the tiles
-and splits of :func:`conv_sweep_tiles`, next to cuDNN in NCHW and channels-last. Each layer's
+``dlight`` for convs with fewer than 64 outputs (the rules without ours: what the build had
+before the rule took them), ``default`` (``choose_tile``) and, with ``--sweep``, the tiles and
+load layouts of :func:`conv_sweep_tiles`, next to cuDNN in NCHW and channels-last;
+``--layers`` picks layers by name. Each layer's
 variants go into one exported module (one NVRTC compile at load); ``--build-only`` builds them
 for sm_90 on a machine without a GPU into ``--conv-dir``, which the GPU machine then times.
 
@@ -41,6 +43,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -268,32 +271,50 @@ DENSE = (
     (2048, 7, 7, 512, 1, 1),
     (512, 7, 7, 2048, 1, 1),
     (3, 224, 224, 64, 7, 2),
+    # VGG-16's second block, and convs with fewer than 64 outputs (which dlight's rules had):
+    # GoogLeNet, SqueezeNet 1.1, MobileNetV2 and EfficientNet-Lite0; a 16-input 1x1 (K = 16).
+    (128, 112, 112, 128, 3, 1),
+    (480, 14, 14, 16, 1, 1),
+    (192, 28, 28, 16, 1, 1),
+    (16, 28, 28, 32, 3, 1),
+    (16, 14, 14, 48, 3, 1),
+    (512, 14, 14, 24, 1, 1),
+    (832, 7, 7, 48, 1, 1),
+    (64, 55, 55, 16, 1, 1),
+    (128, 27, 27, 32, 1, 1),
+    (384, 13, 13, 48, 1, 1),
+    (32, 112, 112, 16, 1, 1),
+    (96, 56, 56, 24, 1, 1),
+    (144, 28, 28, 40, 1, 1),
+    (3, 224, 224, 32, 3, 2),
+    (16, 112, 112, 96, 1, 1),
 )
 
 
-def conv_sweep_tiles(info) -> list:
-    """Tiles tried by ``--conv --sweep``: I x J tiles, K steps, and split-K where the grid is
-    under two waves of 132 SMs."""
-    from mulayer.schedules.gpu_conv2d import ConvTile, split_k_choices
+def layer_name(spec) -> str:
+    c, h, w, f, k, s = spec
+    return f"conv{k}x{k}s{s}_{c}x{h}x{w}_{f}"
 
-    base = [
-        ConvTile(4, 2, 4, 2, 4),
-        ConvTile(4, 2, 2, 2, 4),
-        ConvTile(2, 2, 4, 2, 4),
-        ConvTile(2, 2, 2, 2, 4),  # does not launch (shared memory): kept to show it
-        ConvTile(1, 2, 2, 2, 4),
-        ConvTile(2, 2, 2, 2, 2),
-        ConvTile(2, 4, 2, 2, 4),
-    ]
-    i = info.n * info.oh * info.ow
-    tiles = [t for t in base if t.tile_j <= max(64, info.f)]
-    for t in (ConvTile(1, 2, 2, 2, 4), ConvTile(4, 2, 2, 2, 4), ConvTile(2, 2, 2, 2, 2)):
-        if t.blocks(i, info.f) >= 264:
-            continue
-        for split in split_k_choices(info, t.tile_k):
-            if split <= 16 and t.blocks(i, info.f) * split <= 4 * 132:
-                tiles.append(ConvTile(t.i_warps, t.i_frags, t.j_warps, t.j_frags, t.k_frags, split))
-    return tiles
+
+def conv_sweep_tiles(info) -> list:
+    """Tiles tried by ``--conv --sweep``: the default tile (split-K included) and two others
+    (I x J tiles, J narrowed to the output channels under 64), each with pixel-major im2col
+    loads (``a_by_pixel``), K ordered by tap (``k_by_tap``), and both."""
+    from mulayer.schedules.gpu_conv2d import ConvTile, base_tile, choose_tile
+
+    base = base_tile(info)
+    k = base.k_frags
+    tiles = [choose_tile(info)]
+    if info.f < 64:
+        tiles.append(ConvTile(1, 2, 1, base.j_frags, k))
+    else:
+        tiles += [ConvTile(2, 2, 4, 2, k), ConvTile(4, 2, 2, 2, k)]
+        tiles = [t for t in tiles if t.tile_j <= max(64, info.f)]
+    out = []
+    for t in tiles:
+        out += [t, replace(t, a_by_pixel=True), replace(t, k_by_tap=True)]
+        out.append(replace(t, a_by_pixel=True, k_by_tap=True))
+    return [t for t in dict.fromkeys(out[1:]) if t.launchable]
 
 
 def _conv_func(spec):
@@ -313,18 +334,21 @@ def _build_conv(job) -> tuple[str, dict[str, str]]:
     errors: dict[str, str] = {}
     try:
         import tvm
-        from tvm import s_tir
 
-        from mulayer.schedules.conv2d_analysis import find_conv2d
-        from mulayer.schedules.gpu_conv2d import Conv2dTensorCore, legacy_tile
+        from mulayer.schedules.gpu_conv2d import Conv2dTensorCore
 
         target = _TARGET[0]
         _, func = _conv_func(DENSE[index])
         funcs = {}
         for name, tile in variants:
             try:
-                if tile == "legacy":
-                    tile = legacy_tile(find_conv2d(s_tir.Schedule(func)))
+                if tile == "dlight":  # the rules without ours: what the build had before
+                    rules = [
+                        r for r in dlight_rules(target) if type(r).__name__ != "Conv2dTensorCore"
+                    ]
+                    _, prim = schedule_with(func, target, rules)
+                    funcs[_symbol(name)] = prim.with_attr("global_symbol", _symbol(name))
+                    continue
                 with target:
                     sch = Conv2dTensorCore(tile).apply(func, target, False)
                 if sch is None:
@@ -348,7 +372,12 @@ _TARGET: list = []
 
 
 def conv_rows(
-    target, sweep: bool, jobs: int, workdir: Path | None = None, build_only: bool = False
+    target,
+    sweep: bool,
+    jobs: int,
+    workdir: Path | None = None,
+    build_only: bool = False,
+    layers: list[str] | None = None,
 ) -> list[dict]:
     """Dense convs: our rule (default tile, the old fixed tile, the sweep) against cuDNN.
 
@@ -369,11 +398,14 @@ def conv_rows(
     _TARGET[:] = [target]
     workdir = workdir or Path(tempfile.mkdtemp(prefix="convsweep"))
     workdir.mkdir(parents=True, exist_ok=True)
-    plan = []  # (layer index, [(cell name, tile or "legacy")], path)
+    plan = []  # (layer index, [(cell name, tile or "dlight")], path)
     for index, spec in enumerate(DENSE):
+        if layers and not any(part in layer_name(spec) for part in layers):
+            continue
         _, func = _conv_func(spec)
         info = find_conv2d(s_tir.Schedule(func))
-        tiles = [("legacy", "legacy"), ("default", choose_tile(info))]
+        tiles = [("dlight", "dlight")] if info.f < 64 else []
+        tiles.append(("default", choose_tile(info)))
         if sweep:
             tiles += [(t.name(), t) for t in conv_sweep_tiles(info)]
         plan.append((index, tiles, str(workdir / f"layer{index}.so")))
@@ -395,7 +427,8 @@ def conv_rows(
     rng = np.random.default_rng(3)
     dev = tvm.cuda(0)
     torch.backends.cudnn.benchmark = True
-    for index, spec in enumerate(DENSE):
+    for index, variants, path in plan:
+        spec = DENSE[index]
         case, func = _conv_func(spec)
         c, h, w, f, k, s = spec
         oh, ow = case.out_hw
@@ -405,14 +438,13 @@ def conv_rows(
         ref = np.maximum(conv2d_reference(x, wt, case) + b, 0)
         info = find_conv2d(s_tir.Schedule(func))
         row = {
-            "layer": f"conv{k}x{k}s{s}_{c}x{h}x{w}_{f}",
+            "layer": layer_name(spec),
             "shape": str(case),
             "gflop": case.flops / 1e9,
             "default_tile": choose_tile(info).name(),
             "cells": {},
         }
         print(row["layer"], flush=True)
-        _, variants, path = plan[index]
         errors = built.get(path, {})
         begin = time.perf_counter()
         lib = tvm.runtime.load_module(path) if "*" not in errors else None
@@ -647,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--build-only", action="store_true", help="--conv: build for sm_90 here, time nothing"
     )
+    parser.add_argument("--layers", nargs="+", help="--conv: only layers whose name has one")
     parser.add_argument("--out", type=Path, default=Path("bench-gpu-rules"))
     args = parser.parse_args(argv)
     try:
@@ -672,7 +705,9 @@ def main(argv: list[str] | None = None) -> int:
         (
             "conv",
             args.conv,
-            lambda: conv_rows(target, args.sweep, args.jobs, args.conv_dir, args.build_only),
+            lambda: conv_rows(
+                target, args.sweep, args.jobs, args.conv_dir, args.build_only, args.layers
+            ),
         ),
         ("others", args.others, lambda: other_rows(target)),
         ("end_to_end", args.e2e, end_to_end),

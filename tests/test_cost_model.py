@@ -419,8 +419,8 @@ def _spec(cin, cout, hw, k=3, stride=1, groups=1):
         ("cpu", (64, 64, 14, 3, 2), 32),  # strided: VNNI
         ("cpu", (3, 24, 20, 3, 2), 24),  # C = 3: int32 channel vectors
         ("cpu", (32, 32, 14, 3, 1, 32), 16),  # depthwise: int8 depthwise rule (width vectors)
-        ("gpu", (32, 96, 14), 64),  # tensor-core rule (F >= 64)
-        ("gpu", (32, 96, 14), 32),  # dlight's matmul (F < 64)
+        ("gpu", (32, 96, 14), 64),  # tensor-core rule
+        ("gpu", (32, 96, 14), 24),  # tensor-core rule, a narrow J tile (F < 64)
         ("gpu", (48, 48, 14, 3, 1, 48), 24),  # depthwise rule
     ],
 )

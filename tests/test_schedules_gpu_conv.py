@@ -38,6 +38,17 @@ CASES = [
     ConvCase(3, 32, 32, 64, k=7, stride=2, pad=3),
     ConvCase(512, 7, 7, 512),
 ]
+# Fewer than 64 output channels (J tiles of 16/32/48, the output padded to them): GoogLeNet's
+# and SqueezeNet's 1x1 reductions, a 3x3 on 16 inputs, a 3-channel stem (K = 27), 40 outputs
+# (not a multiple of 16), 8 outputs, odd sizes.
+NARROW_CASES = [
+    ConvCase(96, 13, 13, 16, k=1, pad=0),
+    ConvCase(128, 14, 14, 24, k=1, pad=0),
+    ConvCase(16, 14, 14, 48),
+    ConvCase(3, 30, 30, 32, stride=2),
+    ConvCase(72, 9, 11, 40, k=1, pad=0),
+    ConvCase(64, 7, 7, 8, k=1, pad=0),
+]
 # (name, tile): None is the default (choose_tile); splits only where they divide C.
 TILES = [
     ("default", None),
@@ -45,6 +56,17 @@ TILES = [
     ("32x64_s2", ConvTile(1, 2, 2, 2, 4, 2)),
     ("128x64_s4", ConvTile(4, 2, 2, 2, 4, 4)),
     ("64x64k32_s3", ConvTile(2, 2, 2, 2, 2, 3)),
+    ("32x64_pixel", ConvTile(1, 2, 2, 2, 4, a_by_pixel=True)),
+    ("64x128_pixel_s2", ConvTile(2, 2, 4, 2, 4, 2, a_by_pixel=True)),
+    ("32x64_pixel_tap", ConvTile(1, 2, 2, 2, 4, a_by_pixel=True, k_by_tap=True)),
+    ("128x64_tap_s2", ConvTile(4, 2, 2, 2, 4, 2, k_by_tap=True)),
+]
+NARROW_TILES = [
+    ("default", None),
+    ("32x16", ConvTile(1, 2, 1, 1, 4)),
+    ("128x48_pixel", ConvTile(2, 4, 1, 3, 4, a_by_pixel=True)),
+    ("64x32k32_s2_pixel", ConvTile(2, 2, 1, 2, 2, 2, a_by_pixel=True)),
+    ("64x48_pixel_tap", ConvTile(2, 2, 1, 3, 4, a_by_pixel=True, k_by_tap=True)),
 ]
 
 
@@ -158,9 +180,15 @@ def _check(got: np.ndarray, ref: np.ndarray) -> None:
     np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
 
 
+NUMERICS = [(c, *t) for c in CASES for t in TILES] + [
+    (c, *t) for c in NARROW_CASES for t in NARROW_TILES
+]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize(("name", "tile"), TILES, ids=[t[0] for t in TILES])
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize(
+    ("case", "name", "tile"), NUMERICS, ids=[f"{c}-{n}" for c, n, _ in NUMERICS]
+)
 @pytest.mark.parametrize("epilogue", ["bias_relu", "residual", "fp16_acc"])
 def test_tensor_core_conv_numerics(case, name, tile, epilogue):
     if not tvm.cuda().exist:
@@ -198,3 +226,62 @@ def test_conv_without_epilogue_is_not_split():
     sch = _schedule(func, ConvTile(1, 2, 2, 2, 4, 8))
     src = _cuda_source(build_prim_func(sch.mod["main"], CUDA))
     assert src.count('extern "C" __global__') == 2 and "wmma::mma_sync" in src
+
+
+@pytest.mark.parametrize("case", NARROW_CASES, ids=str)
+def test_narrow_outputs_take_the_tensor_core_rule(case):
+    """Convs with fewer than 64 output channels get a J tile of whole fragments covering them
+    (not dlight's rules), one that launches."""
+    from mulayer.schedules.apply import claiming_rule
+
+    func = _conv_func(case)
+    assert isinstance(claiming_rule(func, CUDA), Conv2dTensorCore)
+    tile = choose_tile(find_conv2d(s_tir.Schedule(func)))
+    assert tile.launchable
+    assert case.f <= tile.tile_j < case.f + 16
+
+
+@pytest.mark.parametrize(
+    ("case", "tile"),
+    [
+        (ConvCase(16, 14, 14, 48), None),
+        (ConvCase(3, 30, 30, 32, stride=2), None),
+        (ConvCase(72, 9, 11, 40, k=1, pad=0), ConvTile(2, 4, 1, 3, 4, a_by_pixel=True)),
+        (ConvCase(256, 14, 14, 256), ConvTile(2, 2, 4, 2, 4, 2, a_by_pixel=True)),
+        (ConvCase(72, 9, 11, 80), ConvTile(1, 2, 2, 2, 4, 4, a_by_pixel=True, k_by_tap=True)),
+    ],
+    ids=str,
+)
+def test_narrow_and_pixel_major_sources_compile_with_nvcc(tmp_path, case, tile):
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not shutil.which(nvcc):
+        pytest.skip("nvcc not installed")
+    sch = _schedule(_conv_func(case, residual=True), tile)
+    src = tmp_path / "k.cu"
+    code = _cuda_source(build_prim_func(sch.mod["main"], CUDA))
+    assert "wmma::mma_sync" in code
+    src.write_text(code)
+    subprocess.run(
+        [nvcc, "-arch=sm_90", "-cubin", "-o", str(tmp_path / "k.cubin"), str(src)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_pixel_major_loads_put_threads_on_neighbouring_pixels():
+    """With ``a_by_pixel`` the input index of the im2col load is ``... + threadIdx.x`` (a
+    warp reads neighbouring input columns); by default threadIdx.x steps along K (a gather of
+    one element per channel and tap)."""
+    func = _conv_func(ConvCase(64, 14, 14, 64))
+
+    def x_loads(tile: ConvTile) -> list[str]:
+        src = _cuda_source(build_prim_func(_schedule(func, tile).mod["main"], CUDA))
+        return [line for line in src.splitlines() if "x_ptr[" in line]
+
+    pixel = x_loads(ConvTile(1, 2, 2, 2, 4, a_by_pixel=True))
+    default = x_loads(ConvTile(1, 2, 2, 2, 4))
+    assert pixel and default
+    for line in pixel:
+        assert "+ ((int)threadIdx.x))" in line
+        assert "threadIdx.x) &" not in line and "threadIdx.x) >>" not in line
+    assert all("threadIdx.x) & 15" in line for line in default)

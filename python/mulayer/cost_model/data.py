@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from mulayer.errors import MuLayerError
 from mulayer.frontend.layers import Layer
 
-from .kernels import MachineTraits, is_pixel_lane_pointwise, normalize_rule, traits_for
+from .kernels import (
+    NARROW_OUT_CHANNELS,
+    MachineTraits,
+    is_pixel_lane_pointwise,
+    normalize_rule,
+    traits_for,
+)
 
 
 @dataclass
@@ -61,6 +68,17 @@ class ProfileData:
             and normalize_rule(p.rule) != "DepthwiseConv2d"
             for p in self.parts
         )
+        # A profile from before the tensor-core rule took convs with < 64 outputs ran dlight's.
+        old_narrow = any(
+            p.processor == "gpu"
+            and p.rule
+            and p.layer.kind == "conv2d"
+            and p.layer.groups == 1
+            and p.channels < NARROW_OUT_CHANNELS
+            and min(math.prod(p.layer.output_shape[2:]), math.prod(p.layer.weight_shape[1:])) >= 16
+            and normalize_rule(p.rule) != "Conv2dTensorCore"
+            for p in self.parts
+        )
         # Whether AMX ran is a property of the profiling machine (a VM may hide it), not of
         # the target alone: a profile that records rules says.
         recorded = {p.rule for p in self.parts if p.processor == "cpu" and p.rule}
@@ -76,6 +94,7 @@ class ProfileData:
         return replace(
             traits,
             gpu_depthwise_rule=not old_depthwise,
+            gpu_narrow_conv_rule=not old_narrow,
             cpu_amx=amx,
             cpu_pixel_lanes=not old_pointwise,
         )

@@ -58,6 +58,8 @@ _SM_COUNTS = {"H100": 132, "H200": 132, "A100": 108, "L4": 58, "A10": 72, "V100"
 _DEFAULT_SMS = 80
 _GPU_MAX_THREADS = 1024  # dlight's Fallback binds this many threads per block
 _GPU_REDUCTION_THREADS = 256
+# Output channels under which the tensor-core conv rule only runs with gpu_narrow_conv_rule.
+NARROW_OUT_CHANNELS = 64
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,9 @@ class MachineTraits:
     gpu_sms: int = _DEFAULT_SMS
     # Whether GPU depthwise convs get DepthwiseConv2d (profiles measured before it ran dlight's).
     gpu_depthwise_rule: bool = True
+    # Whether dense GPU convs with fewer than 64 output channels get the tensor-core rule
+    # (profiles measured before it ran dlight's Matmul for them).
+    gpu_narrow_conv_rule: bool = True
     # Whether int8 pointwise convs with whole vectors of 16 pixels get the pixel-lane VNNI
     # schedule rather than AMX (profiles measured before it ran AMX tiles for them).
     cpu_pixel_lanes: bool = True
@@ -338,18 +343,14 @@ def _cpu_pool(s: _Shape, traits: MachineTraits) -> KernelInfo:
 
 # -------------------------------------------------------------------------------------- GPU
 def _gpu_conv(s: _Shape, traits: MachineTraits) -> KernelInfo:
-    from mulayer.schedules.gpu_conv2d import MIN_EXTENT, MIN_OUT_CHANNELS, choose_tile
+    from mulayer.schedules.gpu_conv2d import MIN_EXTENT, choose_tile
     from mulayer.schedules.gpu_depthwise import choose_tile as depthwise_tile
 
     gemm_i, gemm_k = s.oh * s.ow, s.cg * s.kh * s.kw
     tensor_cores = traits.gpu_arch >= 70
-    # Step 1. mulayer's implicit-GEMM tensor-core rule (ungrouped, F >= 64), split-K included.
-    if (
-        tensor_cores
-        and s.groups == 1
-        and min(gemm_i, gemm_k) >= MIN_EXTENT
-        and s.f >= MIN_OUT_CHANNELS
-    ):
+    # Step 1. mulayer's implicit-GEMM tensor-core rule (ungrouped), split-K included.
+    narrow_ok = s.f >= NARROW_OUT_CHANNELS or traits.gpu_narrow_conv_rule
+    if tensor_cores and s.groups == 1 and min(gemm_i, gemm_k) >= MIN_EXTENT and narrow_ok:
         tile = choose_tile(SimpleNamespace(n=1, oh=s.oh, ow=s.ow, f=s.f, cg=s.cg, kh=s.kh, kw=s.kw))
         info = _gemm_launch(
             "Conv2dTensorCore", gemm_i, s.f, _ceil(gemm_k, tile.split_k), tile.tile_i,
