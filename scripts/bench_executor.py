@@ -298,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet18", "googlenet", "mobilenetv2"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.9])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="TAG",
+        help="only these variants (gpu_only, cpu_only, ratio_1, split_<ratio>, branch_pool)",
+    )
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
@@ -318,6 +324,14 @@ def main(argv: list[str] | None = None) -> int:
         paths[name] = work / f"{name}.onnx"
         save_model(name, paths[name])
     tables = {name: variants(name, args.ratios) for name in args.models}
+    if args.variants:
+        known = {tag for table in tables.values() for tag in table}
+        unknown = sorted(set(args.variants) - known)
+        if unknown:
+            parser.error(f"unknown variant(s) {unknown}; valid: {sorted(known)}")
+        tables = {
+            m: {t: s for t, s in table.items() if t in args.variants} for m, table in tables.items()
+        }
     builds: dict[tuple[str, str], dict] = {}
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")
