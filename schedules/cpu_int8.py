@@ -55,6 +55,7 @@ from .cpu_dense import pack_b
 from .cpu_int8_pointwise import fits_pixel_lanes, schedule_pointwise_pixel_lanes
 from .cpu_tiling import (
     blocked_accumulator,
+    pack_in_destination_order,
     pack_input_channels,
     pack_weight,
     parallel_conv_tiles,
@@ -124,6 +125,8 @@ def schedule_conv2d_dot_product(
     )
     if rows_outer:  # pack just the rows a task reads (see cpu_conv2d)
         sch.compute_at(pad, outer, preserve_unit_loops=True)
+    else:
+        pack_in_destination_order(sch, pad, kk)
 
     # Step 4. Tensorize the (channel-vector x k) step; leftovers parallel.
     init = sch.decompose_reduction(conv, rco)

@@ -38,7 +38,7 @@ from ._intrin import DotProductIntrin
 from ._util import inline_epilogue_into, largest_divisor, logger
 from .base import finish_cpu_schedule
 from .conv2d_analysis import Conv2dInfo, data_producer
-from .cpu_tiling import pack_weight
+from .cpu_tiling import MIN_BALANCE, balance, pack_weight, parallel_part
 
 PIXEL_LANES = 16
 # Accumulator registers of a task's tile (of 32 zmm; the rest hold operands).
@@ -69,7 +69,11 @@ def schedule_pointwise_pixel_lanes(
     conv = info.block
     width, pixels = info.ow, info.oh * info.ow
     vectors = -(-pixels // PIXEL_LANES)
-    pt = largest_divisor(vectors, 4)
+    # Pixel tile: up to 4 vectors, fewer where that balances the parallel loop better.
+    pt = next(
+        (t for t in (4, 2) if vectors % t == 0 and balance(info.n * vectors // t) >= MIN_BALANCE),
+        largest_divisor(vectors, 4),
+    )
     ft = largest_divisor(info.f, max(1, TILE_REGISTERS // pt))
 
     # Steps 1-2. Input to N, C/4, H*W, 4 and accumulator N, F, H*W (pixels contiguous, H*W
@@ -85,22 +89,35 @@ def schedule_pointwise_pixel_lanes(
         pack_weight(sch, replace(info, weight_read=weight_read), ft, 4)
     sch.transform_layout(pad, ("write", 0), lambda n, c, p: (n, c // 4, p, c % 4))
 
-    # Step 3. Tile: parallel (n, pixel tiles) | channel tiles | C/4 | ft, pt (unrolled) | 16 x 4.
+    # Step 3. Tile: parallel (n, pixel tiles[, channel tiles]) | channel tiles | C/4 |
+    # ft, pt (unrolled) | 16 x 4. Channel tiles join the parallel loop where the pixel tiles
+    # leave threads idle (7x7 maps: one tile of 4 vectors; see cpu_tiling.parallel_part).
     n, f, p, rc, ry, rx = sch.get_loops(conv)
     fo, fi = sch.split(f, [None, ft])
     po, pv, pi = sch.split(p, [None, pt, PIXEL_LANES])
     rco, rci = sch.split(rc, [None, 4])
-    sch.reorder(n, po, fo, rco, ry, rx, fi, pv, pi, rci)
-    outer = sch.fuse(n, po)
+    part = parallel_part(info.n * (vectors // pt), info.f // ft)
+    pack_per_task = part == 1
+    if pack_per_task:
+        sch.reorder(n, po, fo, rco, ry, rx, fi, pv, pi, rci)
+        outer = sch.fuse(n, po)
+    else:
+        fo_par, fo = sch.split(fo, [part, None])
+        sch.reorder(n, po, fo_par, fo, rco, ry, rx, fi, pv, pi, rci)
+        outer = sch.fuse(n, po, fo_par)
     sch.parallel(outer)
     sch.reverse_compute_at(acc_out, fo, preserve_unit_loops=True)
-    # Pack the task's pixels: pixels outer of the 4 channels of a group, so that LLVM turns
-    # the copy into 16-byte loads from 4 channel planes and interleaving stores.
-    sch.compute_at(pad, outer, preserve_unit_loops=True)
-    *_, pack_c, pack_p = sch.get_loops(pad)
+    # Pack the task's pixels (or, with channel tiles parallel, the whole input once): pixels
+    # outer of the 4 channels of a group, so that LLVM turns the copy into 16-byte loads from
+    # 4 channel planes and interleaving stores.
+    if pack_per_task:
+        sch.compute_at(pad, outer, preserve_unit_loops=True)
+    *pack_outer, pack_c, pack_p = sch.get_loops(pad)
     pack_c4, pack_k = sch.split(pack_c, [None, 4])
     sch.reorder(pack_c4, pack_p, pack_k)
     sch.unroll(pack_k)
+    if not pack_per_task:
+        sch.parallel(sch.fuse(*pack_outer, pack_c4) if pack_outer else pack_c4)
 
     # Step 4. Tensorize; vector init and write-back (16 pixels of one channel at a time).
     init = sch.decompose_reduction(conv, rco)
