@@ -52,6 +52,7 @@ RECORDED_ALIASES = {
     "WithTensorIntrinsics": "Matmul",
     "GEMV": "Reduction",
     "Conv2dInt8Depthwise": "Conv2dWidthVector",
+    "PoolPlanes": "CPUFallback",  # pools: one task per channel plane (schedules/cpu_pool.py)
 }
 # Known SM counts (the fingerprint has the GPU's name, not its SM count).
 _SM_COUNTS = {"H100": 132, "H200": 132, "A100": 108, "L4": 58, "A10": 72, "V100": 80, "T4": 40}
