@@ -125,8 +125,7 @@ def schedule_conv2d_dot_product(
     )
     if rows_outer:  # pack just the rows a task reads (see cpu_conv2d)
         sch.compute_at(pad, outer, preserve_unit_loops=True)
-    else:
-        pack_in_destination_order(sch, pad, kk)
+    pack_in_destination_order(sch, pad, kk)
 
     # Step 4. Tensorize the (channel-vector x k) step; leftovers parallel.
     init = sch.decompose_reduction(conv, rco)

@@ -152,14 +152,15 @@ def parallel_conv_tiles(
 
 
 def pack_in_destination_order(sch: s_tir.Schedule, pad: SBlockRV, k: int) -> None:
-    """Walk an ``N, C, H, W -> N, C/k, H, W, k`` input pack at the root in destination order
-    (``k`` unrolled innermost: k channel planes read, k consecutive bytes written), parallel
-    over ``N, C/k``."""
-    n, c, h, w = sch.get_loops(pad)
+    """Walk an ``N, C, H, W -> N, C/k, H, W, k`` input pack in destination order (``k``
+    unrolled innermost: k channel planes read, k consecutive bytes written); at the root it is
+    parallel over ``N, C/k``."""
+    *outer, n, c, h, w = sch.get_loops(pad)
     c4, ck = sch.split(c, [None, k])
     sch.reorder(c4, h, w, ck)
     sch.unroll(ck)
-    sch.parallel(sch.fuse(n, c4))
+    if not outer:
+        sch.parallel(sch.fuse(n, c4))
 
 
 def tile_matmul(
