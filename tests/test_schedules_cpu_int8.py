@@ -75,11 +75,17 @@ INT8_CONV_CASES = [
     ConvCase(32, 7, 7, 48, k=1, pad=0, n=2),  # pixel lanes, 49 padded to 64, batch 2
     ConvCase(16, 6, 6, 32, k=1, pad=1),  # pixel lanes, zero-padded 1x1 (8 x 8 outputs)
     ConvCase(64, 7, 7, 96, k=1, pad=0),  # pixel lanes, 1 pixel tile: channel tiles parallel
+    ConvCase(16, 11, 11, 32, k=1, pad=0, n=2),  # pixel lanes, rows of 11 padded to 16
 ]
-# Channel-lane convs whose 7 rows get channel tiles in the parallel loop (input packed at root).
-GRAIN_CASES = [ConvCase(32, 7, 7, 64), ConvCase(32, 14, 14, 64, stride=2, n=2)]
+# Channel-lane convs whose 7 rows get channel tiles in the parallel loop (input packed at root);
+# a zero-padded 1x1 on 14 x 14 outputs, which the padded-row pixel lanes leave to channel lanes.
+GRAIN_CASES = [
+    ConvCase(32, 7, 7, 64),
+    ConvCase(32, 14, 14, 64, stride=2, n=2),
+    ConvCase(16, 12, 12, 32, k=1, pad=1),
+]
 # Pointwise convs that take the pixels-in-lanes schedule (cpu_int8_pointwise) on VNNI.
-PIXEL_LANE_CASES = INT8_CONV_CASES[-8:]
+PIXEL_LANE_CASES = INT8_CONV_CASES[-9:]
 
 
 def _int8_inputs(case: ConvCase, rng):
@@ -115,7 +121,8 @@ def test_conv2d_int8_bit_exact(case: ConvCase):
         INT8_CONV_CASES[0],
         INT8_CONV_CASES[8],
         *PIXEL_LANE_CASES[:2],
-        *PIXEL_LANE_CASES[-3:],
+        *PIXEL_LANE_CASES[-4:],
+        INT8_CONV_CASES[1],
         *GRAIN_CASES,
     ],
     ids=str,
@@ -208,7 +215,8 @@ def test_conv2d_int8_asm_uses_vpdpbusd(target, case, expect):
     ("case", "pixels"),
     [
         *((case, True) for case in PIXEL_LANE_CASES),
-        (INT8_CONV_CASES[1], False),  # 14 x 14 = 196 pixels: channel lanes (14-pixel rows)
+        (INT8_CONV_CASES[1], True),  # 14 x 14 = 196 pixels: rows padded to 16
+        (ConvCase(96, 14, 14, 32, k=1, pad=0), False),  # 14 x 14 projection: channel lanes
         (ConvCase(16, 8, 8, 64, k=1, pad=0, stride=2), False),  # strided
         (INT8_CONV_CASES[0], False),  # 3x3
     ],
@@ -225,6 +233,8 @@ def test_pointwise_pixel_lanes_claims(case: ConvCase, pixels: bool):
     # only on the pixel-lane path.
     oh, ow = case.out_hw
     flat = f"T.int64({case.c // 4}), T.int64({-(-oh * ow // 16) * 16}), T.int64(4)"
+    if (oh * ow) % 16 and 8 <= ow < 16:  # rows padded to a vector each
+        flat = f"T.int64({case.c // 4}), T.int64({oh}), T.int64(16), T.int64(4)"
     assert (flat in func.script()) == pixels
 
 

@@ -227,7 +227,8 @@ def _dot_lanes(traits: MachineTraits, divide: int) -> int:
 
 
 def _pixel_lane_shape(s: _Shape) -> bool:
-    """The shapes of ``schedules.cpu_int8_pointwise.fits_pixel_lanes``."""
+    """The shapes of ``fits_pixel_lanes(info, row_padding=False)`` (schedules.cpu_int8_pointwise):
+    the pointwise convs that AMX targets leave to the pixel-lane schedule."""
     from mulayer.schedules.cpu_int8_pointwise import PADDED_BELOW_WIDTH
 
     return (
