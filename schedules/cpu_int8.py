@@ -41,6 +41,7 @@ from tvm.target import Target
 from ._intrin import DotProductIntrin, dot_product_intrin, pixel_dot_product_intrin
 from ._util import (
     SCHEDULE_ERRORS,
+    copy_plane,
     inline_epilogue_into,
     is_cpu_target,
     largest_divisor,
@@ -248,12 +249,7 @@ def schedule_depthwise_int8(
     sch.parallel(outer)
     if pad is not None:
         sch.compute_at(pad, outer, preserve_unit_loops=True)
-        inner = sch.get_loops(pad)[-1]
-        if sw > 1:  # walk the copy in its destination order
-            wo, wp = sch.split(inner, [None, sw])
-            sch.reorder(wp, wo)
-            inner = wo
-        sch.vectorize(inner)
+        copy_plane(sch, pad, sw)
     sch.unroll(yi_l)
     sch.vectorize(xi_l)
 

@@ -21,6 +21,7 @@ from tvm.target import Target
 from ._util import (
     SCHEDULE_ERRORS,
     const_int,
+    copy_plane,
     inline_epilogue_into,
     is_cpu_target,
     iter_kinds,
@@ -120,12 +121,7 @@ def schedule_pool_planes(sch: s_tir.Schedule, pool: SBlockRV, sw: int, target: T
     outer = sch.fuse(n, c)
     sch.parallel(outer)
     sch.compute_at(pad, outer, preserve_unit_loops=True)
-    inner = sch.get_loops(pad)[-1]
-    if sw > 1:  # walk the copy in its destination order
-        wo, wp = sch.split(inner, [None, sw])
-        sch.reorder(wp, wo)
-        inner = wo
-    sch.vectorize(inner)
+    copy_plane(sch, pad, sw)
     sch.unroll(yi_l)
     sch.vectorize(xi_l)
 
