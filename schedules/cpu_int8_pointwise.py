@@ -17,9 +17,10 @@ Here a register holds 16 consecutive pixels of one output channel instead:
   int32 and writes 16 contiguous output bytes per channel: no gather and no scalar tail
   (``H*W`` flattened makes rows of any width contiguous).
 
-Scope: 1x1, stride 1, ``groups == 1``, ``C % 4 == 0``, and ``H*W % 16 == 0`` or rows
+Scope: 1x1, stride 1, ``groups == 1``, ``C % 4 == 0``, and ``H*W % 16 == 0``, or rows
 narrower than 8 (``H*W`` then padded to whole vectors with ``pad_einsum``: see
-:data:`PADDED_BELOW_WIDTH`).
+:data:`PADDED_BELOW_WIDTH`), or rows of 8-15 pixels with ``F >= C`` (each row padded to one
+vector, ``N, C/4, H, 16, 4``: see :data:`ROW_PADDED_WIDTHS`).
 The input pack walks pixels outer of the 4 channels of a group (LLVM vectorises it into
 16-byte loads and interleaving stores); walked the other way it was a byte scatter that cost
 projection convs (``C > F``) more than the write-back saved (docs/results.md "CPU int8
