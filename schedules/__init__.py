@@ -46,7 +46,8 @@ process must call :func:`~.cpu_amx.request_amx_permission` before running its ke
 :mod:`~.cpu_int8_pointwise`), :class:`~.cpu_int8.Conv2dInt8Depthwise` (u8 x s8 depthwise, int32
 vectors), :class:`~.cpu_conv2d.Conv2dChannelVector`,
 :class:`~.cpu_conv2d.Conv2dWidthVector`, :class:`~.cpu_dense.MatmulCPU`,
-:class:`~.cpu_generic.CPUFallback` (pooling, elementwise, reductions).
+:class:`~.cpu_pool.PoolPlanes` (NCHW window pools, one channel plane per task),
+:class:`~.cpu_generic.CPUFallback` (global pools, elementwise, reductions).
 cuda/opencl: :class:`~.gpu_conv2d.Conv2dTensorCore` (cuda sm_70+),
 :class:`~.gpu_depthwise.DepthwiseConv2d` (NCHW depthwise, fp16/fp32, any GPU kind), then
 dlight's Matmul, GEMV, Reduction, GeneralReduction, Fallback.

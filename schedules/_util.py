@@ -222,3 +222,38 @@ def new_schedule(func: tirx.PrimFunc) -> s_tir.Schedule:
     """A fresh schedule over ``func`` (error messages unrendered: failures are expected)."""
     level = "detail" if logger.isEnabledFor(logging.DEBUG) else "none"
     return s_tir.Schedule(func, error_render_level=level)
+
+
+def copy_plane(sch: s_tir.Schedule, pad: SBlockRV, stride: int) -> None:
+    """Schedule a task's padded copy of one channel plane (``pad``, computed at the task loop;
+    columns split by phase for ``stride > 1``, ``N, C, H, W % s, W // s``).
+
+    The zero border is written by its own block (``decompose_padding``), so the copy of the
+    interior has no bounds check per element. Stride 1: the interior copy is a vector loop.
+    Strides > 1: its columns walk ``W // s`` outer of the phases (unrolled), contiguous stores
+    per phase that LLVM vectorises with de-interleaving loads (a vector loop over the phase
+    split would gather). Falls back to a plain vector loop where the padding cannot be split.
+    """
+    loops = sch.get_loops(pad)
+    first = len(loops) - 4  # the block's own n, c, h, w loops
+    try:
+        fill = sch.decompose_padding(pad, loops[first])
+    except SCHEDULE_ERRORS:
+        fill = None
+    if fill is not None:
+        fill_inner = sch.get_loops(fill)[-1]
+        if stride > 1:  # in destination order
+            fo, fp = sch.split(fill_inner, [None, stride])
+            sch.reorder(fp, fo)
+            fill_inner = fo
+        sch.vectorize(fill_inner)
+    inner = sch.get_loops(pad)[-1]
+    if stride > 1:
+        wo, wp = sch.split(inner, [None, stride])
+        if fill is None:  # walk the copy in its destination order
+            sch.reorder(wp, wo)
+            sch.vectorize(wo)
+        else:
+            sch.unroll(wp)
+    else:
+        sch.vectorize(inner)

@@ -13,6 +13,7 @@ from .cpu_conv2d import Conv2dChannelVector, Conv2dWidthVector
 from .cpu_dense import MatmulCPU
 from .cpu_generic import CPUFallback
 from .cpu_int8 import Conv2dInt8Depthwise, Conv2dInt8DotProduct, MatmulInt8DotProduct
+from .cpu_pool import PoolPlanes
 from .prepack import fold_weight_packing, has_layout_rewrite
 
 
@@ -27,6 +28,7 @@ def cpu_rules(target: Target) -> list[ScheduleRule]:
         Conv2dChannelVector(),
         Conv2dWidthVector(),
         MatmulCPU(),
+        PoolPlanes(),
         CPUFallback(),
     ]
 

@@ -306,7 +306,7 @@ def fits_amx(info: Conv2dInfo) -> bool:
         and info.stride == (1, 1)
         and info.cg % 4 == 0
         and info.f % LANES == 0
-        and not fits_pixel_lanes(info)
+        and not fits_pixel_lanes(info, row_padding=False)
     )
 
 

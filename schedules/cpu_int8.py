@@ -41,6 +41,7 @@ from tvm.target import Target
 from ._intrin import DotProductIntrin, dot_product_intrin, pixel_dot_product_intrin
 from ._util import (
     SCHEDULE_ERRORS,
+    copy_plane,
     inline_epilogue_into,
     is_cpu_target,
     largest_divisor,
@@ -55,6 +56,7 @@ from .cpu_dense import pack_b
 from .cpu_int8_pointwise import fits_pixel_lanes, schedule_pointwise_pixel_lanes
 from .cpu_tiling import (
     blocked_accumulator,
+    pack_in_destination_order,
     pack_input_channels,
     pack_weight,
     parallel_conv_tiles,
@@ -124,6 +126,7 @@ def schedule_conv2d_dot_product(
     )
     if rows_outer:  # pack just the rows a task reads (see cpu_conv2d)
         sch.compute_at(pad, outer, preserve_unit_loops=True)
+    pack_in_destination_order(sch, pad, kk)
 
     # Step 4. Tensorize the (channel-vector x k) step; leftovers parallel.
     init = sch.decompose_reduction(conv, rco)
@@ -246,12 +249,7 @@ def schedule_depthwise_int8(
     sch.parallel(outer)
     if pad is not None:
         sch.compute_at(pad, outer, preserve_unit_loops=True)
-        inner = sch.get_loops(pad)[-1]
-        if sw > 1:  # walk the copy in its destination order
-            wo, wp = sch.split(inner, [None, sw])
-            sch.reorder(wp, wo)
-            inner = wo
-        sch.vectorize(inner)
+        copy_plane(sch, pad, sw)
     sch.unroll(yi_l)
     sch.vectorize(xi_l)
 

@@ -7,7 +7,8 @@ Each rule picks its own tile sizes and inner loop order; these helpers do the co
 - :func:`pack_input_channels`: the (padded) input as ``NC/k HW k``;
 - :func:`blocked_accumulator`: a local accumulator laid out ``N, F/v, H, W, v`` with the
   elementwise epilogue fused into its write-back;
-- :func:`parallel_conv_tiles`: rows or channel tiles outer (by weight size), one parallel loop;
+- :func:`parallel_conv_tiles`: rows or channel tiles outer (by weight size), one parallel loop
+  balanced for :data:`TARGET_THREADS` where the shape allows (:func:`parallel_part`);
 - :func:`tile_matmul`: the register tiling of a matmul with a packed B.
 """
 
@@ -18,12 +19,37 @@ from collections.abc import Sequence
 from tvm import s_tir
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
-from ._util import LAYOUT_REWRITE_PREPROC, inline_epilogue_into
+from ._util import LAYOUT_REWRITE_PREPROC, const_int, inline_epilogue_into
 from .conv2d_analysis import Conv2dInfo, data_producer
 from .matmul_analysis import MatmulInfo
 
 # Weights up to this size are assumed to stay in the per-core L2 across output rows.
 WEIGHT_CACHE_BYTES = 1 << 20
+# Threads a conv's parallel loop is balanced for at batch 1: the 16-core Xeon of the GPU machine.
+# A loop of T equal tasks runs in ceil(T / threads) rounds of static chunks, so its use of the
+# threads is T / (threads * ceil(T / threads)): 7 row tasks (ResNet's 7x7 stage) use 44% of 16
+# threads, one pixel tile (a pointwise conv on a 7x7 map) 6% of 16 and 50% of 2.
+TARGET_THREADS = 16
+# The balance below which a rule adds channel tiles to its parallel loop (14 or 28 rows: 0.875,
+# 49 pixel tiles: 0.77). Splitting further costs a shared input pack at the root: 20-80% slower
+# on MobileNetV2's 28x28 pointwise convs at 2 threads (development machine).
+MIN_BALANCE = 0.75
+
+
+def balance(tasks: int, threads: int = TARGET_THREADS) -> float:
+    """The share of ``threads`` that a parallel loop of ``tasks`` equal tasks keeps busy."""
+    return tasks / (threads * -(-tasks // threads))
+
+
+def parallel_part(tasks: int, extent: int, threads: int = TARGET_THREADS) -> int:
+    """How much of a loop of ``extent`` to add to ``tasks`` parallel tasks: the smallest
+    divisor ``d`` of ``extent`` with ``balance(tasks * d) >= MIN_BALANCE``, else the smallest
+    with the best balance."""
+    divisors = [d for d in range(1, extent + 1) if extent % d == 0]
+    for d in divisors:
+        if balance(tasks * d, threads) >= MIN_BALANCE:
+            return d
+    return max(divisors, key=lambda d: (balance(tasks * d, threads), -d))
 
 
 def pack_weight(
@@ -101,17 +127,40 @@ def parallel_conv_tiles(
     """Order ``n, y, fo, xo | reduction | inner`` and fuse the outer loops into a parallel one.
 
     Rows outer when the weights fit :data:`WEIGHT_CACHE_BYTES` (input rows are then reused by
-    every channel tile while hot; parallel over ``n, y``), channel tiles outer otherwise (each
-    tile's weights stay hot; parallel over ``n, fo, y``). The accumulator's write-back goes
-    under ``xo``. Returns the parallel loop and whether rows are outer.
+    every channel tile while hot; parallel over ``n, y``, and over as many channel tiles as
+    :func:`parallel_part` adds when the rows leave threads idle), channel tiles outer otherwise
+    (each tile's weights stay hot; parallel over ``n, fo, y``). The accumulator's write-back
+    goes under ``xo``. Returns the parallel loop and whether a task may pack its own input
+    rows (rows outer and no channel tiles in the parallel loop: those would pack the rows again).
     """
     rows_outer = weight_bytes <= WEIGHT_CACHE_BYTES
-    order = [n, y, fo] if rows_outer else [n, fo, y]
-    sch.reorder(*order, xo, *reduction, *inner)
+    if rows_outer:
+        n_rows, rows, tiles = (const_int(sch.get(lp).extent) for lp in (n, y, fo))
+        part = 1 if None in (n_rows, rows, tiles) else parallel_part(n_rows * rows, tiles)
+        parallel = [n, y]
+        if part > 1:
+            fo_par, fo = sch.split(fo, [part, None])
+            parallel.append(fo_par)
+        sch.reorder(*parallel, fo, xo, *reduction, *inner)
+    else:
+        sch.reorder(n, fo, y, xo, *reduction, *inner)
+        parallel = [n, fo, y]
     sch.reverse_compute_at(acc_out, xo, preserve_unit_loops=True)
-    outer = sch.fuse(*(order[:2] if rows_outer else order))
+    outer = sch.fuse(*parallel)
     sch.parallel(outer)
-    return outer, rows_outer
+    return outer, rows_outer and len(parallel) == 2
+
+
+def pack_in_destination_order(sch: s_tir.Schedule, pad: SBlockRV, k: int) -> None:
+    """Walk an ``N, C, H, W -> N, C/k, H, W, k`` input pack in destination order (``k``
+    unrolled innermost: k channel planes read, k consecutive bytes written); at the root it is
+    parallel over ``N, C/k``."""
+    *outer, n, c, h, w = sch.get_loops(pad)
+    c4, ck = sch.split(c, [None, k])
+    sch.reorder(c4, h, w, ck)
+    sch.unroll(ck)
+    if not outer:
+        sch.parallel(sch.fuse(n, c4))
 
 
 def tile_matmul(

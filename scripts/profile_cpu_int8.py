@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=7, help="timings; the best is kept")
     parser.add_argument("--top", type=int, default=15, help="kernels to print")
     parser.add_argument("--out", type=Path, help="JSON results")
+    parser.add_argument(
+        "--save-module",
+        type=Path,
+        help="also write the scheduled module (TVM JSON, with a .target file beside it) for "
+        "scripts/compare_kernels_cpu_int8.py",
+    )
     args = parser.parse_args(argv)
 
     import tvm
@@ -88,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     build.lower_for_target = lower
     mod, target = kept["mod"], kept["target"]
+    if args.save_module is not None:
+        args.save_module.write_text(tvm.ir.save_json(mod))
+        args.save_module.with_suffix(".target").write_text(str(target))
 
     # Step 2. The kernels main calls, how often, and their arguments' shapes.
     calls: collections.Counter[str] = collections.Counter()

@@ -9,7 +9,7 @@ import pytest
 import tvm
 
 from mulayer.schedules import apply_schedules
-from mulayer.schedules._util import has_cpu_feature
+from mulayer.schedules._util import has_cpu_feature, leaf_blocks
 from mulayer.schedules.cpu_amx import (
     Conv2dInt8AMX,
     amx_intrinsics,
@@ -25,6 +25,7 @@ from mulayer.schedules.cpu_int8 import (
     Conv2dInt8DotProduct,
     MatmulInt8DotProduct,
 )
+from mulayer.schedules.cpu_tiling import MIN_BALANCE, TARGET_THREADS, balance, parallel_part
 from mulayer.schedules.testing import (
     ConvCase,
     build_prim_func,
@@ -73,9 +74,18 @@ INT8_CONV_CASES = [
     ConvCase(16, 7, 7, 40, k=1, pad=0),  # pixel lanes, 49 pixels padded to 64
     ConvCase(32, 7, 7, 48, k=1, pad=0, n=2),  # pixel lanes, 49 padded to 64, batch 2
     ConvCase(16, 6, 6, 32, k=1, pad=1),  # pixel lanes, zero-padded 1x1 (8 x 8 outputs)
+    ConvCase(64, 7, 7, 96, k=1, pad=0),  # pixel lanes, 1 pixel tile: channel tiles parallel
+    ConvCase(16, 11, 11, 32, k=1, pad=0, n=2),  # pixel lanes, rows of 11 padded to 16
+]
+# Channel-lane convs whose 7 rows get channel tiles in the parallel loop (input packed at root);
+# a zero-padded 1x1 on 14 x 14 outputs, which the padded-row pixel lanes leave to channel lanes.
+GRAIN_CASES = [
+    ConvCase(32, 7, 7, 64),
+    ConvCase(32, 14, 14, 64, stride=2, n=2),
+    ConvCase(16, 12, 12, 32, k=1, pad=1),
 ]
 # Pointwise convs that take the pixels-in-lanes schedule (cpu_int8_pointwise) on VNNI.
-PIXEL_LANE_CASES = INT8_CONV_CASES[-7:]
+PIXEL_LANE_CASES = INT8_CONV_CASES[-9:]
 
 
 def _int8_inputs(case: ConvCase, rng):
@@ -94,7 +104,7 @@ def _conv_int8(case: ConvCase, target, epilogue: str):
 
 
 @host_has_vnni
-@pytest.mark.parametrize("case", INT8_CONV_CASES, ids=str)
+@pytest.mark.parametrize("case", INT8_CONV_CASES + GRAIN_CASES, ids=str)
 def test_conv2d_int8_bit_exact(case: ConvCase):
     x, w, b = _int8_inputs(case, np.random.default_rng())
     lib = build_prim_func(_conv_int8(case, HOST, "bias"), HOST)
@@ -107,7 +117,14 @@ def test_conv2d_int8_bit_exact(case: ConvCase):
 @host_has_vnni
 @pytest.mark.parametrize(
     "case",
-    [INT8_CONV_CASES[0], INT8_CONV_CASES[8], *PIXEL_LANE_CASES[:2], PIXEL_LANE_CASES[-2]],
+    [
+        INT8_CONV_CASES[0],
+        INT8_CONV_CASES[8],
+        *PIXEL_LANE_CASES[:2],
+        *PIXEL_LANE_CASES[-4:],
+        INT8_CONV_CASES[1],
+        *GRAIN_CASES,
+    ],
     ids=str,
 )
 def test_conv2d_int8_requantize_epilogue(case: ConvCase):
@@ -198,7 +215,8 @@ def test_conv2d_int8_asm_uses_vpdpbusd(target, case, expect):
     ("case", "pixels"),
     [
         *((case, True) for case in PIXEL_LANE_CASES),
-        (INT8_CONV_CASES[1], False),  # 14 x 14 = 196 pixels: channel lanes (14-pixel rows)
+        (INT8_CONV_CASES[1], True),  # 14 x 14 = 196 pixels: rows padded to 16
+        (ConvCase(96, 14, 14, 32, k=1, pad=0), False),  # 14 x 14 projection: channel lanes
         (ConvCase(16, 8, 8, 64, k=1, pad=0, stride=2), False),  # strided
         (INT8_CONV_CASES[0], False),  # 3x3
     ],
@@ -215,6 +233,8 @@ def test_pointwise_pixel_lanes_claims(case: ConvCase, pixels: bool):
     # only on the pixel-lane path.
     oh, ow = case.out_hw
     flat = f"T.int64({case.c // 4}), T.int64({-(-oh * ow // 16) * 16}), T.int64(4)"
+    if (oh * ow) % 16 and 8 <= ow < 16:  # rows padded to a vector each
+        flat = f"T.int64({case.c // 4}), T.int64({oh}), T.int64(16), T.int64(4)"
     assert (flat in func.script()) == pixels
 
 
@@ -461,3 +481,48 @@ def test_amx_bit_exact_on_host(case: ConvCase, epilogue: str):
 
 def test_request_amx_permission_answers_without_crashing():
     assert request_amx_permission() in (True, False)  # False where the OS has no AMX
+
+
+def _conv_parallel_extent(func) -> int:
+    """Extent of the parallel loop around the conv's reduction block."""
+    sch = tvm.s_tir.Schedule(func)
+    (conv,) = [b for b in leaf_blocks(sch) if "conv2d_nchw_update" in sch.get(b).name_hint]
+    extents = [
+        int(sch.get(lp).extent)
+        for lp in sch.get_loops(conv)
+        if sch.get(lp).kind == tvm.tirx.ForKind.PARALLEL
+    ]
+    assert len(extents) == 1, extents
+    return extents[0]
+
+
+@pytest.mark.parametrize(
+    ("case", "tasks"),
+    [
+        # ResNet-50's 7x7 stage: one pixel tile of 4 vectors (was 1 task), 7 rows (was 7).
+        (ConvCase(2048, 7, 7, 512, k=1, pad=0), 16),
+        (ConvCase(512, 7, 7, 2048, k=1, pad=0), 16),
+        (ConvCase(160, 7, 7, 320), 14),
+        # 14 rows or 49 pixel tiles balance 16 threads well enough: unchanged.
+        (ConvCase(1024, 14, 14, 256, k=1, pad=0), 14),
+        (ConvCase(24, 56, 56, 144, k=1, pad=0), 49),
+        # MobileNetV2's 56x56 depthwise: one task per channel.
+        (ConvCase(144, 56, 56, 144, groups=144), 144),
+    ],
+    ids=str,
+)
+def test_conv_parallel_grain_for_16_threads(case: ConvCase, tasks: int):
+    """Batch-1 convs split into enough parallel tasks to keep 16 threads busy."""
+    func = _conv_int8(case, VNNI, "requant")
+    extent = _conv_parallel_extent(func)
+    assert extent == tasks
+    assert balance(extent, TARGET_THREADS) >= MIN_BALANCE
+
+
+def test_parallel_part():
+    assert balance(7, 16) == pytest.approx(7 / 16)
+    assert balance(7, 2) == pytest.approx(7 / 8)
+    assert parallel_part(7, 32) == 2  # 14 tasks
+    assert parallel_part(1, 128) == 16
+    assert parallel_part(14, 16) == 1
+    assert parallel_part(1, 5) == 5  # the best there is

@@ -52,6 +52,7 @@ RECORDED_ALIASES = {
     "WithTensorIntrinsics": "Matmul",
     "GEMV": "Reduction",
     "Conv2dInt8Depthwise": "Conv2dWidthVector",
+    "PoolPlanes": "CPUFallback",  # pools: one task per channel plane (schedules/cpu_pool.py)
 }
 # Known SM counts (the fingerprint has the GPU's name, not its SM count).
 _SM_COUNTS = {"H100": 132, "H200": 132, "A100": 108, "L4": 58, "A10": 72, "V100": 80, "T4": 40}
@@ -231,7 +232,8 @@ def _dot_lanes(traits: MachineTraits, divide: int) -> int:
 
 
 def _pixel_lane_shape(s: _Shape) -> bool:
-    """The shapes of ``schedules.cpu_int8_pointwise.fits_pixel_lanes``."""
+    """The shapes of ``fits_pixel_lanes(info, row_padding=False)`` (schedules.cpu_int8_pointwise):
+    the pointwise convs that AMX targets leave to the pixel-lane schedule."""
     from mulayer.schedules.cpu_int8_pointwise import PADDED_BELOW_WIDTH
 
     return (
