@@ -48,6 +48,11 @@ from .conv2d_analysis import Conv2dInfo, find_conv2d
 # ConvTile.launchable now refuses.
 MICRO = 16
 MIN_EXTENT = 16
+# Narrow convs take the rule only where MULAYER_GPU_NARROW_CONV=1: their J tiles compile for
+# sm_90 and their numerics tests exist, but neither has run on a GPU yet (the session that wrote
+# them got no GPU time); until then they keep dlight's rules by default, as before.
+MIN_OUT_CHANNELS = 64
+NARROW_ENV = "MULAYER_GPU_NARROW_CONV"
 WARP_SIZE = 32
 VECTOR = 4
 # Shared memory a kernel may use without opting in (static + dynamic).
@@ -185,6 +190,12 @@ MIN_CHUNK = 576  # ... or while each chunk keeps at least this much K
 MAX_SPLIT_BLOCKS = 512  # never split a grid beyond this many blocks
 
 
+def narrow_convs_enabled() -> bool:
+    """Whether convs with fewer than :data:`MIN_OUT_CHANNELS` outputs take this rule's default
+    tiles (``MULAYER_GPU_NARROW_CONV=1``; see :data:`NARROW_ENV`)."""
+    return os.environ.get(NARROW_ENV, "") == "1"
+
+
 def base_tile(info: Conv2dInfo) -> ConvTile:
     """The tile before split-K: :data:`DEFAULT_TILE`, or :data:`NARROW_TILE` with a J tile of
     1-3 fragments for convs with fewer than 64 output channels; K steps of 32 where K is that
@@ -255,6 +266,8 @@ class Conv2dTensorCore(GPUScheduleRule):
         gemm_i = info.n * info.oh * info.ow
         gemm_k = info.cg * info.kh * info.kw
         if min(gemm_i, gemm_k) < MIN_EXTENT:
+            return None
+        if info.f < MIN_OUT_CHANNELS and self.tile is None and not narrow_convs_enabled():
             return None
         load_tvm_tensor_intrinsics()
         tile = self.tile or choose_tile(info)

@@ -10,6 +10,9 @@ dense conv shapes (stem, expansions, projections, head: EfficientNet-Lite0 at 22
 ``mobilenetv2_pretrained`` is the zoo's MobileNetV2 architecture.
 
     python scripts/inspect_gpu_convs.py [--models resnet18 googlenet ...] [--json out.json]
+
+Convs with fewer than 64 outputs take the tensor-core rule only with
+``MULAYER_GPU_NARROW_CONV=1`` (``schedules/gpu_conv2d.py``); run with and without it to see both.
 """
 
 from __future__ import annotations

@@ -420,13 +420,19 @@ def _spec(cin, cout, hw, k=3, stride=1, groups=1):
         ("cpu", (3, 24, 20, 3, 2), 24),  # C = 3: int32 channel vectors
         ("cpu", (32, 32, 14, 3, 1, 32), 16),  # depthwise: int8 depthwise rule (width vectors)
         ("gpu", (32, 96, 14), 64),  # tensor-core rule
-        ("gpu", (32, 96, 14), 24),  # tensor-core rule, a narrow J tile (F < 64)
+        ("gpu", (32, 96, 14), 24),  # F < 64: dlight, or a narrow J tile with the switch on
         ("gpu", (48, 48, 14, 3, 1, 48), 24),  # depthwise rule
     ],
 )
-def test_kernel_info_names_the_rule_the_build_uses(processor, spec_args, channels):
-    """The features' mirror of the rules' gating agrees with the rules run on the built part."""
+@pytest.mark.parametrize("narrow", ["0", "1"], ids=["narrow_off", "narrow_on"])
+def test_kernel_info_names_the_rule_the_build_uses(
+    processor, spec_args, channels, narrow, monkeypatch
+):
+    """The features' mirror of the rules' gating agrees with the rules run on the built part
+    (MULAYER_GPU_NARROW_CONV on and off)."""
     import tvm
+
+    monkeypatch.setenv("MULAYER_GPU_NARROW_CONV", narrow)
 
     from mulayer.cost_model.kernels import kernel_info, normalize_rule, traits_for
     from mulayer.frontend.layers import splittable_layers

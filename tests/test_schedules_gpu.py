@@ -11,6 +11,7 @@ import tvm
 from tvm import relax
 
 from mulayer.schedules import apply_schedules
+from mulayer.schedules.gpu_conv2d import MIN_OUT_CHANNELS, NARROW_ENV
 from mulayer.schedules.testing import (
     ConvCase,
     conv2d_module,
@@ -50,12 +51,16 @@ def _compile(case: ConvCase, target, dtype="float16", out_dtype=None):
 
 
 # (case, tensor cores expected): no tensor cores for the depthwise conv (DepthwiseConv2d); the
-# narrow convs (32 and 7 outputs) take the tensor-core rule with their J tile padded to 32 / 16.
+# narrow convs (32 and 7 outputs) take the tensor-core rule with their J tile padded to 32 / 16
+# where MULAYER_GPU_NARROW_CONV=1, dlight's rules otherwise (the default).
 TENSOR_CORE = [True, True, True, False, True]
 
 
+@pytest.mark.parametrize("narrow", [False, True], ids=["narrow_off", "narrow_on"])
 @pytest.mark.parametrize(("case", "wmma"), zip(GPU_CASES, TENSOR_CORE, strict=True), ids=str)
-def test_cuda_conv_compiles_to_device_code(case, wmma):
+def test_cuda_conv_compiles_to_device_code(case, wmma, narrow, monkeypatch):
+    monkeypatch.setenv(NARROW_ENV, "1" if narrow else "0")
+    wmma = wmma and (narrow or case.f >= MIN_OUT_CHANNELS)
     _, ex = _compile(case, CUDA)
     (cuda,) = _device_modules(ex, "cuda")
     src = cuda.inspect_source()

@@ -12,6 +12,7 @@ from tvm import relax, s_tir
 
 from mulayer.schedules.conv2d_analysis import find_conv2d
 from mulayer.schedules.gpu_conv2d import (
+    NARROW_ENV,
     Conv2dTensorCore,
     ConvTile,
     choose_tile,
@@ -190,7 +191,8 @@ NUMERICS = [(c, *t) for c in CASES for t in TILES] + [
     ("case", "name", "tile"), NUMERICS, ids=[f"{c}-{n}" for c, n, _ in NUMERICS]
 )
 @pytest.mark.parametrize("epilogue", ["bias_relu", "residual", "fp16_acc"])
-def test_tensor_core_conv_numerics(case, name, tile, epilogue):
+def test_tensor_core_conv_numerics(case, name, tile, epilogue, monkeypatch):
+    monkeypatch.setenv(NARROW_ENV, "1")  # the narrow cases' default tiles
     if not tvm.cuda().exist:
         pytest.skip("no CUDA device")
     if not _applies(case, tile):
@@ -229,12 +231,16 @@ def test_conv_without_epilogue_is_not_split():
 
 
 @pytest.mark.parametrize("case", NARROW_CASES, ids=str)
-def test_narrow_outputs_take_the_tensor_core_rule(case):
-    """Convs with fewer than 64 output channels get a J tile of whole fragments covering them
-    (not dlight's rules), one that launches."""
+def test_narrow_outputs_take_the_tensor_core_rule(case, monkeypatch):
+    """With the switch on, convs with fewer than 64 output channels get a J tile of whole
+    fragments covering them (not dlight's rules), one that launches; off (the default until
+    the narrow tiles have run on a GPU), they stay with dlight."""
     from mulayer.schedules.apply import claiming_rule
 
     func = _conv_func(case)
+    monkeypatch.delenv(NARROW_ENV, raising=False)
+    assert not isinstance(claiming_rule(func, CUDA), Conv2dTensorCore)
+    monkeypatch.setenv(NARROW_ENV, "1")
     assert isinstance(claiming_rule(func, CUDA), Conv2dTensorCore)
     tile = choose_tile(find_conv2d(s_tir.Schedule(func)))
     assert tile.launchable
@@ -252,7 +258,8 @@ def test_narrow_outputs_take_the_tensor_core_rule(case):
     ],
     ids=str,
 )
-def test_narrow_and_pixel_major_sources_compile_with_nvcc(tmp_path, case, tile):
+def test_narrow_and_pixel_major_sources_compile_with_nvcc(tmp_path, case, tile, monkeypatch):
+    monkeypatch.setenv(NARROW_ENV, "1")  # the narrow cases' default tiles
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     if not shutil.which(nvcc):
         pytest.skip("nvcc not installed")

@@ -68,17 +68,19 @@ class ProfileData:
             and normalize_rule(p.rule) != "DepthwiseConv2d"
             for p in self.parts
         )
-        # A profile from before the tensor-core rule took convs with < 64 outputs ran dlight's.
-        old_narrow = any(
-            p.processor == "gpu"
+        # Which rule ran the dense GPU convs with < 64 outputs (the tensor-core rule takes them
+        # only with MULAYER_GPU_NARROW_CONV=1; dlight's otherwise): the profile says if it has any.
+        narrow_rules = {
+            normalize_rule(p.rule) == "Conv2dTensorCore"
+            for p in self.parts
+            if p.processor == "gpu"
             and p.rule
             and p.layer.kind == "conv2d"
             and p.layer.groups == 1
             and p.channels < NARROW_OUT_CHANNELS
             and min(math.prod(p.layer.output_shape[2:]), math.prod(p.layer.weight_shape[1:])) >= 16
-            and normalize_rule(p.rule) != "Conv2dTensorCore"
-            for p in self.parts
-        )
+        }
+        narrow = True in narrow_rules if narrow_rules else traits.gpu_narrow_conv_rule
         # Whether AMX ran is a property of the profiling machine (a VM may hide it), not of
         # the target alone: a profile that records rules says.
         recorded = {p.rule for p in self.parts if p.processor == "cpu" and p.rule}
@@ -94,7 +96,7 @@ class ProfileData:
         return replace(
             traits,
             gpu_depthwise_rule=not old_depthwise,
-            gpu_narrow_conv_rule=not old_narrow,
+            gpu_narrow_conv_rule=narrow,
             cpu_amx=amx,
             cpu_pixel_lanes=not old_pointwise,
         )

@@ -20,7 +20,7 @@ training data (:class:`mulayer.cost_model.predictors.RooflinePrior`).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from types import SimpleNamespace
 
 from mulayer.frontend.layers import Layer
@@ -63,6 +63,12 @@ _GPU_REDUCTION_THREADS = 256
 NARROW_OUT_CHANNELS = 64
 
 
+def _narrow_conv_rule() -> bool:
+    from mulayer.schedules.gpu_conv2d import narrow_convs_enabled
+
+    return narrow_convs_enabled()
+
+
 @dataclass(frozen=True)
 class MachineTraits:
     """What the schedule rules ask of the target, for the machine a profile was measured on."""
@@ -78,8 +84,8 @@ class MachineTraits:
     # Whether GPU depthwise convs get DepthwiseConv2d (profiles measured before it ran dlight's).
     gpu_depthwise_rule: bool = True
     # Whether dense GPU convs with fewer than 64 output channels get the tensor-core rule
-    # (profiles measured before it ran dlight's Matmul for them).
-    gpu_narrow_conv_rule: bool = True
+    # (by default only with MULAYER_GPU_NARROW_CONV=1; otherwise dlight's Matmul runs them).
+    gpu_narrow_conv_rule: bool = field(default_factory=_narrow_conv_rule)
     # Whether int8 pointwise convs with whole vectors of 16 pixels get the pixel-lane VNNI
     # schedule rather than AMX (profiles measured before it ran AMX tiles for them).
     cpu_pixel_lanes: bool = True
