@@ -25,26 +25,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_cpu_int8 import kind_of  # noqa: E402
+from profile_cpu_int8 import kernel_calls, kind_of  # noqa: E402
 
 
 def load(path: Path):
     """The module, its kernels' call counts and argument (shape, dtype) lists."""
     import tvm
-    from tvm import relax
 
     mod = tvm.ir.load_json(path.read_text())
-    calls: collections.Counter[str] = collections.Counter()
-    shapes: dict[str, list[tuple[list[int], str]]] = {}
-
-    def visit(expr) -> None:
-        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_tir":
-            name = expr.args[0].name_hint
-            calls[name] += 1
-            types = [arg.ty for arg in expr.args[1].fields] + [expr.ty]
-            shapes[name] = [([int(d) for d in t.shape], str(t.dtype)) for t in types]
-
-    relax.analysis.post_order_visit(mod["main"], visit)
+    calls, shapes = kernel_calls(mod)
     return mod, calls, shapes
 
 

@@ -27,6 +27,24 @@ import numpy as np
 TARGET = "mulayer -ratio=0, llvm, llvm"
 
 
+def kernel_calls(mod) -> tuple[collections.Counter, dict[str, list[tuple[list[int], str]]]]:
+    """The kernels ``main`` calls: how often each, and its arguments' (shape, dtype) list."""
+    from tvm import relax
+
+    calls: collections.Counter[str] = collections.Counter()
+    shapes: dict[str, list[tuple[list[int], str]]] = {}
+
+    def visit(expr) -> None:
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_tir":
+            name = expr.args[0].name_hint
+            calls[name] += 1
+            types = [arg.ty for arg in expr.args[1].fields] + [expr.ty]
+            shapes[name] = [([int(d) for d in t.shape], str(t.dtype)) for t in types]
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return calls, shapes
+
+
 def kind_of(name: str, shapes: list[tuple[list[int], str]]) -> str:
     """A kernel's group, from its name and argument shapes (weight second for convs)."""
     if "conv2d" in name:
@@ -68,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import tvm
-    from tvm import relax, tirx
+    from tvm import tirx
 
     import mulayer
     import mulayer.compiler.build as build
@@ -99,17 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         args.save_module.with_suffix(".target").write_text(str(target))
 
     # Step 2. The kernels main calls, how often, and their arguments' shapes.
-    calls: collections.Counter[str] = collections.Counter()
-    shapes: dict[str, list[tuple[list[int], str]]] = {}
-
-    def visit(expr) -> None:
-        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_tir":
-            name = expr.args[0].name_hint
-            calls[name] += 1
-            types = [arg.ty for arg in expr.args[1].fields] + [expr.ty]
-            shapes[name] = [([int(d) for d in t.shape], str(t.dtype)) for t in types]
-
-    relax.analysis.post_order_visit(mod["main"], visit)
+    calls, shapes = kernel_calls(mod)
 
     # Step 3. Each kernel alone.
     dev = tvm.cpu()
