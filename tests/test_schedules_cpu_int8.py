@@ -172,6 +172,56 @@ def test_depthwise_int8_bit_exact(case: ConvCase, epilogue: str, target):
     _check_int8_numerics(case, build_prim_func(sch.mod["main"], target), epilogue)
 
 
+# MobileNetV2's stride-1 depthwise row widths (56/28/14/7), batch 2: the tile spans whole rows,
+# so the write-back is one vector loop over rows x columns (no per-row tail).
+WHOLE_ROW_DEPTHWISE_CASES = [
+    ConvCase(16, 56, 56, 16, groups=16, n=2),
+    ConvCase(32, 28, 28, 32, groups=32, n=2),
+    ConvCase(48, 14, 14, 48, groups=48, n=2),
+    ConvCase(40, 7, 7, 40, groups=40, n=2),
+]
+
+
+def _write_back_vector_extents(func) -> list[int]:
+    """Extents of the vectorised loops around the blocks that write the conv's output."""
+    sch = tvm.s_tir.Schedule(func)
+    out = sch.mod["main"].params[-1].name
+    return [
+        int(sch.get(lp).extent)
+        for block in leaf_blocks(sch)
+        if any(w.source.name == out for w in sch.get(block).writes)
+        for lp in sch.get_loops(block)
+        if sch.get(lp).kind == tvm.tirx.ForKind.VECTORIZED
+    ]
+
+
+@host_has_avx2
+@pytest.mark.parametrize("epilogue", ["bias", "bias_relu", "requant"])
+@pytest.mark.parametrize("case", WHOLE_ROW_DEPTHWISE_CASES, ids=str)
+@pytest.mark.parametrize("target", [HOST, NO_VNNI], ids=["host", "haswell"])
+def test_depthwise_int8_whole_rows_bit_exact(case: ConvCase, epilogue: str, target):
+    raw = prim_funcs(
+        standard_pipeline(conv2d_module(case, "uint8", "int8", "int32", epilogue=epilogue))
+    ).popitem()[1]
+    sch = Conv2dInt8Depthwise().apply(raw, target, False)
+    assert sch is not None
+    _check_int8_numerics(case, build_prim_func(sch.mod["main"], target), epilogue)
+
+
+@pytest.mark.parametrize("case", WHOLE_ROW_DEPTHWISE_CASES, ids=str)
+def test_depthwise_int8_write_back_spans_rows(case: ConvCase):
+    """On 16-lane AVX-512 these tiles are whole rows, several of them: the write-back is one
+    vector loop over rows x columns (was one per row, ending in a partial vector)."""
+    raw = prim_funcs(
+        standard_pipeline(conv2d_module(case, "uint8", "int8", "int32", epilogue="requant"))
+    ).popitem()[1]
+    sch = Conv2dInt8Depthwise().apply(raw, VNNI, False)
+    assert sch is not None
+    extents = _write_back_vector_extents(sch.mod["main"])
+    ow = case.out_hw[1]
+    assert extents and all(e % ow == 0 and e > ow for e in extents), extents
+
+
 @pytest.mark.parametrize(
     ("case", "dtypes", "expect"),
     [
@@ -395,13 +445,15 @@ def _schedule_amx(case: ConvCase, target, epilogue: str, emulate: bool):
 
 
 def _check_int8_numerics(case: ConvCase, lib, epilogue: str):
-    """``lib`` (a u8 x s8 conv with a bias or requantize epilogue) against numpy, bit for bit."""
+    """``lib`` (a u8 x s8 conv with a bias, bias + ReLU or requantize epilogue) against numpy,
+    bit for bit."""
     x, w, b = _int8_inputs(case, np.random.default_rng())
     oh, ow = case.out_hw
     acc = conv2d_reference(x, w, case, "int64")
-    if epilogue == "bias":
+    if epilogue in ("bias", "bias_relu"):
         out = run_poisoned(lib, [x, w, b], (case.n, case.f, oh, ow), "int32")
-        np.testing.assert_array_equal(out, acc + b)
+        want = acc + b if epilogue == "bias" else np.maximum(acc + b, 0)
+        np.testing.assert_array_equal(out, want)
     else:
         scale = np.linspace(1e-4, 2e-3, case.f, dtype="float32").reshape(1, case.f, 1, 1)
         out = run_poisoned(lib, [x, w, b, scale], (case.n, case.f, oh, ow), "uint8")
