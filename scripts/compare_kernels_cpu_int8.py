@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_cpu_int8 import kernel_calls, kind_of  # noqa: E402
+from profile_cpu_int8 import kernel_args, kernel_calls, kind_of  # noqa: E402
 
 
 def load(path: Path):
@@ -61,13 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, (mod, _, shapes) in enumerate(builds):
             func = mod[name].with_attr("global_symbol", "main")
             lib = tvm.tirx.build(tvm.IRModule({"main": func}), target=target)
-            tensors = []
-            for dims, dtype in shapes[name]:
-                if dtype.startswith("float"):
-                    value = np.abs(rng.standard_normal(dims)) * 0.01  # scales, biases
-                else:
-                    value = rng.integers(0, 100, dims)
-                tensors.append(tvm.runtime.tensor(value.astype(dtype), dev))
+            tensors = kernel_args(shapes[name], rng, dev)
             timers[name, i] = (lib.time_evaluator("main", dev, number=20, repeat=3), tensors)
     times: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
     for r in range(args.rounds):

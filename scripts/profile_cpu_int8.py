@@ -45,6 +45,21 @@ def kernel_calls(mod) -> tuple[collections.Counter, dict[str, list[tuple[list[in
     return calls, shapes
 
 
+def kernel_args(shapes: list[tuple[list[int], str]], rng: np.random.Generator, dev) -> list:
+    """Random arguments of a kernel: small positive floats (scales, biases), integers in
+    [0, 100) (activations, weights)."""
+    import tvm
+
+    tensors = []
+    for dims, dtype in shapes:
+        if dtype.startswith("float"):
+            value = np.abs(rng.standard_normal(dims)) * 0.01  # scales, biases
+        else:
+            value = rng.integers(0, 100, dims)
+        tensors.append(tvm.runtime.tensor(value.astype(dtype), dev))
+    return tensors
+
+
 def kind_of(name: str, shapes: list[tuple[list[int], str]]) -> str:
     """A kernel's group, from its name and argument shapes (weight second for convs)."""
     if "conv2d" in name:
@@ -130,13 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         lib = tvm.tirx.build(
             tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target
         )
-        tensors = []
-        for dims, dtype in shapes[name]:
-            if dtype.startswith("float"):
-                value = np.abs(rng.standard_normal(dims)) * 0.01  # scales, biases
-            else:
-                value = rng.integers(0, 100, dims)
-            tensors.append(tvm.runtime.tensor(value.astype(dtype), dev))
+        tensors = kernel_args(shapes[name], rng, dev)
         timer = lib.time_evaluator("main", dev, number=args.number, repeat=args.repeat)
         ms = 1e3 * min(timer(*tensors).results)
         rows.append(

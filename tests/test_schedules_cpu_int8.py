@@ -164,6 +164,10 @@ DEPTHWISE_CASES = [
 @pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=str)
 @pytest.mark.parametrize("target", [HOST, NO_VNNI], ids=["host", "haswell"])
 def test_depthwise_int8_bit_exact(case: ConvCase, epilogue: str, target):
+    _check_depthwise_int8(case, epilogue, target)
+
+
+def _check_depthwise_int8(case: ConvCase, epilogue: str, target) -> None:
     raw = prim_funcs(
         standard_pipeline(conv2d_module(case, "uint8", "int8", "int32", epilogue=epilogue))
     ).popitem()[1]
@@ -200,12 +204,7 @@ def _write_back_vector_extents(func) -> list[int]:
 @pytest.mark.parametrize("case", WHOLE_ROW_DEPTHWISE_CASES, ids=str)
 @pytest.mark.parametrize("target", [HOST, NO_VNNI], ids=["host", "haswell"])
 def test_depthwise_int8_whole_rows_bit_exact(case: ConvCase, epilogue: str, target):
-    raw = prim_funcs(
-        standard_pipeline(conv2d_module(case, "uint8", "int8", "int32", epilogue=epilogue))
-    ).popitem()[1]
-    sch = Conv2dInt8Depthwise().apply(raw, target, False)
-    assert sch is not None
-    _check_int8_numerics(case, build_prim_func(sch.mod["main"], target), epilogue)
+    _check_depthwise_int8(case, epilogue, target)
 
 
 @pytest.mark.parametrize("case", WHOLE_ROW_DEPTHWISE_CASES, ids=str)
