@@ -217,13 +217,7 @@ def _flatten_padded_pixels(
         conv, lambda n, f, h, w, rc, ry, rx: (n, f, h * width + w, rc, ry, rx)
     )
     sch.transform_block_layout(acc_out, lambda n, f, h, w: (n, f, h * width + w))
-    sch.pad_einsum(conv, [1, info.f, padded, info.cg, 1, 1])
-    (copy_out,) = sch.get_consumers(conv)  # padded accumulator -> unpadded: read in place
-    sch.compute_inline(copy_out)
-    (padded_input,) = [
-        b for b in sch.get_producers(conv) if sch.get(b).writes[0].source.shape[-1] == padded
-    ]
-    sch.compute_inline(flat)
+    padded_input = _pad_pixels(sch, conv, flat, [1, info.f, padded, info.cg, 1, 1], padded)
     return padded_input, acc_out
 
 
@@ -241,11 +235,22 @@ def _flatten_row_padded_pixels(sch: s_tir.Schedule, info: Conv2dInfo) -> tuple[S
     flat = sch.reindex_cache_read(conv, data_read, "global", lambda n, f, y, x, rc: (n, rc, y, x))
     acc_out = sch.cache_write(conv, 0, "local")
     inline_epilogue_into(sch, acc_out)
-    sch.pad_einsum(conv, [1, info.f, info.oh, PIXEL_LANES, info.cg])
+    extents = [1, info.f, info.oh, PIXEL_LANES, info.cg]
+    padded_input = _pad_pixels(sch, conv, flat, extents, PIXEL_LANES)
+    return padded_input, acc_out
+
+
+def _pad_pixels(
+    sch: s_tir.Schedule, conv: SBlockRV, flat: SBlockRV, extents: list[int], pixels: int
+) -> SBlockRV:
+    """``pad_einsum`` the conv to ``extents``, whose innermost input axis becomes ``pixels``
+    long: the write-back reads the padded accumulator in place, the flattened input copy is
+    inlined into the padded one, which is returned."""
+    sch.pad_einsum(conv, extents)
     (copy_out,) = sch.get_consumers(conv)  # padded accumulator -> unpadded: read in place
     sch.compute_inline(copy_out)
     (padded_input,) = [
-        b for b in sch.get_producers(conv) if sch.get(b).writes[0].source.shape[-1] == PIXEL_LANES
+        b for b in sch.get_producers(conv) if sch.get(b).writes[0].source.shape[-1] == pixels
     ]
     sch.compute_inline(flat)
-    return padded_input, acc_out
+    return padded_input
