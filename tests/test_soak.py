@@ -71,7 +71,13 @@ def test_threads_give_the_serial_results(loaded, tiny_onnx):
 def test_short_soak_keeps_memory_and_results(loaded):
     # The CI version of scripts/soak.py (10,000 inferences there): a leak of one input copy per
     # call (12 KiB here) would show as >= 12 KiB per inference.
-    result = _soak_module().soak(loaded, inferences=300, warmup=200)
-    assert result["checked_outputs_mismatched"] == 0
-    assert result["growth_bytes_per_inference"] < 4096, result
-    assert result["growth_percent"] < 1.0, result
+    # Two windows: a leak grows the RSS in both, a one-off growth of the allocator's arena
+    # (about 1.7 MiB once in a full-suite run, 5.9 KiB over 300 calls) in one only.
+    soak = _soak_module().soak
+    first = soak(loaded, inferences=300, warmup=200)
+    second = soak(loaded, inferences=300, warmup=0)
+    for result in (first, second):
+        assert result["checked_outputs_mismatched"] == 0
+    steady = min((first, second), key=lambda r: r["growth_bytes_per_inference"])
+    assert steady["growth_bytes_per_inference"] < 4096, (first, second)
+    assert steady["growth_percent"] < 1.0, (first, second)
