@@ -87,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         "--model mobilenetv2",
     )
     parser.add_argument("--model", default="mobilenetv2")
+    parser.add_argument(
+        "--target",
+        default=TARGET,
+        help=f"CPU-only target (default {TARGET!r}; e.g. append -mattr=-amx-int8,-amx-tile to "
+        "both llvm parts for a build without AMX)",
+    )
     parser.add_argument("--samples", type=int, default=4, help="calibration samples")
     parser.add_argument("--number", type=int, default=20, help="calls per timing")
     parser.add_argument("--repeat", type=int, default=7, help="timings; the best is kept")
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mulayer.compile(
-            str(model_path), target=TARGET, calibration={"input": samples.astype(np.float32)}
+            str(model_path), target=args.target, calibration={"input": samples.astype(np.float32)}
         )
     build.lower_for_target = lower
     mod, target = kept["mod"], kept["target"]

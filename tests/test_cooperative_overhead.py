@@ -179,21 +179,101 @@ def test_crossing_copy_waits_on_the_gpu_and_pins_the_host_side(monkeypatch):
     from mulayer.runtime import crossing
 
     class Fake:
-        def __init__(self, kind: int, name: str) -> None:
-            self.name = name
+        def __init__(self, kind: int, name: str, ptr: int = 1 << 20) -> None:
+            self.name, self.ptr, self.shape, self.dtype = name, ptr, (4, 8), "float32"
             self.device = type("D", (), {"dlpack_device_type": lambda _self: kind})()
+
+        def data_ptr(self) -> int:
+            return self.ptr
 
     calls = []
     monkeypatch.setattr(crossing, "_copy_from_to", lambda s, d: calls.append(("copy", s, d)))
     monkeypatch.setattr(crossing, "wait", lambda dev: calls.append(("wait", dev)))
-    monkeypatch.setattr(crossing.PINNER, "pin", lambda t: calls.append(("pin", t.name)))
+    monkeypatch.setattr(
+        crossing.PINNER, "pin_range", lambda ptr, size: calls.append(("pin", ptr, size))
+    )
     gpu, host = Fake(2, "gpu"), Fake(1, "host")
     crossing.copy(gpu, 1, host)  # device to host
     crossing.copy(host, 1, gpu)  # host to device
-    assert [c[0] for c in calls] == ["copy", "wait", "pin", "copy", "wait", "pin"]
-    assert calls[1][1] is gpu.device and calls[4][1] is gpu.device  # the GPU's stream
-    assert calls[2][1] == calls[5][1] == "host"  # the host side is page-locked
+    # Locked before the copy (so it cannot straddle a neighbour) and after (a first copy makes
+    # the thread's context current).
+    assert [c[0] for c in calls] == ["pin", "copy", "wait", "pin"] * 2
+    assert calls[2][1] is gpu.device and calls[6][1] is gpu.device  # the GPU's stream
+    assert calls[0][1:] == calls[4][1:] == (host.ptr, 4 * 8 * 4)  # the host side
     calls.clear()
     crossing.copy(host, 0, gpu)  # the caller's buffer: never page-locked
     crossing.copy(gpu, host)  # the flag missing (older artifacts): never page-locked
     assert [c[0] for c in calls] == ["copy", "wait", "copy", "wait"]
+    # A caller's buffer that straddles a page-locked range goes through a staging buffer.
+    monkeypatch.setattr(crossing.PINNER, "ranges", [(host.ptr + 64, host.ptr + 8192)])
+    staged = []
+    monkeypatch.setattr(crossing, "_copy_through_staging", lambda *a: staged.append(a))
+    calls.clear()
+    crossing.copy(host, 0, gpu)
+    assert staged and staged[0][:3] == (host, gpu, True) and calls == []
+
+
+class _FakeDriver:
+    """cuMemHostRegister/Unregister on a page table: refuses to lock a page twice, as CUDA does."""
+
+    def __init__(self) -> None:
+        self.locked: dict[int, int] = {}  # range start -> end
+        self.refuse = False
+
+    def cuMemHostRegister_v2(self, start: int, size: int, _flags: int) -> int:
+        if self.refuse:
+            return 2  # CUDA_ERROR_OUT_OF_MEMORY
+        if any(s < start + size and start < e for s, e in self.locked.items()):
+            return 712  # CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED
+        self.locked[start] = start + size
+        return 0
+
+    def cuMemHostUnregister(self, start: int) -> int:
+        return 0 if self.locked.pop(start, None) is not None else 713
+
+
+def test_pinned_ranges_merge_so_that_no_copy_straddles_two(monkeypatch):
+    """Aliasing and page-sharing buffers end up in one registration each copy lies inside."""
+    from mulayer.runtime.crossing import _PAGE, _Pinner
+
+    pinner, driver = _Pinner(), _FakeDriver()
+    monkeypatch.setattr(pinner, "_load", lambda: driver)
+    monkeypatch.setattr(pinner, "enabled", True)
+    rng = np.random.default_rng()
+    base = 1 << 30
+    buffers = []
+    for _ in range(40):  # offsets and sizes of a memory plan: overlapping, page-sharing
+        ptr = base + int(rng.integers(0, 64)) * 64 * int(rng.integers(1, 300))
+        buffers.append((ptr, int(rng.integers(1, 5 * _PAGE))))
+    for ptr, size in buffers:
+        assert pinner.pin_range(ptr, size)
+        assert pinner.covers(ptr, size)
+    assert sorted(driver.locked.items()) == pinner.ranges  # the driver holds what we think
+    for (s0, e0), (s1, _) in zip(pinner.ranges, pinner.ranges[1:], strict=False):
+        assert e0 <= s1 and s0 % _PAGE == 0  # disjoint, page-aligned
+    for ptr, size in buffers:  # every buffer's copy lies inside one registration
+        assert pinner.covers(ptr, size) and not pinner.straddles(ptr, size)
+    # A caller's buffer starting inside a range and running past it straddles; one apart does not.
+    last_start, last_end = pinner.ranges[-1]
+    assert pinner.straddles(last_end - 64, 4096)
+    assert not pinner.straddles(last_end, 4096) and not pinner.covers(last_end, 4096)
+    # Where the driver refuses, the earlier ranges are put back as they were.
+    before = list(pinner.ranges)
+    driver.refuse = True
+    assert not pinner.pin_range(last_start - 64, last_end - last_start + 128)
+    driver.refuse = False
+    assert pinner.ranges == before
+    monkeypatch.setattr(pinner, "enabled", False)
+    assert not pinner.pin_range(last_end + 10 * _PAGE, 100)  # MULAYER_PIN_CROSSINGS=0
+
+
+def test_crossing_copy_through_staging_keeps_every_element():
+    from mulayer.runtime import crossing
+
+    for dtype in ("float32", "float16", "uint8"):
+        data = np.random.default_rng().standard_normal((3, 5, 7)) * 50
+        src = tvm.runtime.tensor(data.astype(dtype))
+        for src_host in (True, False):
+            dst = tvm.runtime.tensor(np.full((3, 5, 7), 7, dtype))
+            crossing._copy_through_staging(src, dst, src_host, tvm.cpu(0))
+            assert np.array_equal(dst.numpy(), src.numpy())

@@ -295,7 +295,9 @@ def test_fp32_uint8_conversions_only_at_chain_boundaries(builder, method):
         inputs = [a for a in args if isinstance(a, relax.Var)]
         if _is_int8_kernel(func):
             # Every int8 kernel is claimed by the int8 rule (epilogue in the conv's tiles).
-            assert isinstance(claiming_rule(func, HOST), Conv2dInt8DotProduct), name
+            assert isinstance(claiming_rule(func, HOST), (Conv2dInt8DotProduct, Conv2dInt8AMX)), (
+                name
+            )
             # ... and reads only uint8 activations (the skip too), never an fp32 tensor.
             assert all(_dtype(a) == "uint8" for a in inputs if a in producer), name
         elif _dtype(var) == "uint8" and any(_dtype(a) == "float32" for a in inputs):

@@ -101,3 +101,33 @@ def test_extra_mulayer_options_need_pseudo_target():
         parse_target("llvm", extra_mulayer={"ratio": "0.5"})
     with pytest.raises(MuLayerError, match="unknown --target-mulayer option"):
         parse_target("mulayer, llvm, llvm", extra_mulayer={"speed": "max"})
+
+
+def test_mattr_keeps_its_feature_list():
+    spec = parse_target(
+        "mulayer -ratio=0.5, llvm -mcpu=znver4 -mattr=+avx2,-fma, llvm -mcpu=znver4"
+    )
+    assert spec.device["mattr"] == ["+avx2", "-fma"]
+    assert "mattr" not in spec.host
+    assert spec.device_target().attrs["mattr"] == ["+avx2", "-fma"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "mcpu", "expected"),
+    [
+        ({"avx512_vnni", "amx_tile", "amx_int8"}, "rocketlake", ["+amx-tile", "+amx-int8"]),
+        ({"avx512_vnni", "amx_tile", "amx_int8"}, "sapphirerapids", None),  # LLVM knows it
+        ({"avx512_vnni"}, "rocketlake", None),  # the host has no AMX
+    ],
+)
+def test_detected_host_gets_the_amx_its_cpu_model_hides(monkeypatch, flags, mcpu, expected):
+    import mulayer.target as target
+
+    monkeypatch.setattr(target, "host_cpu_flags", lambda: flags)
+    monkeypatch.setattr(target, "detect_cpu", lambda: mcpu)
+    spec = parse_target("llvm")
+    assert spec.host["mcpu"] == mcpu
+    assert spec.host.get("mattr") == expected
+    assert ("-mattr=" in spec.detected[0]) == (expected is not None)
+    # The user's -mattr replaces detected features (e.g. to build without AMX).
+    assert parse_target("llvm -mattr=-amx-int8").host["mattr"] == ["-amx-int8"]
