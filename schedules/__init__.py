@@ -55,5 +55,8 @@ dlight's Matmul, GEMV, Reduction, GeneralReduction, Fallback.
 
 from .apply import ApplySchedules, apply_schedules, cpu_rules, gpu_rules
 from .pad_channels import PadConvInputChannels
+from .vector_ops import register_vectorizable_ops
+
+register_vectorizable_ops()  # before any build in this process (requantize rounding)
 
 __all__ = ["ApplySchedules", "PadConvInputChannels", "apply_schedules", "cpu_rules", "gpu_rules"]

@@ -577,3 +577,36 @@ def test_parallel_part():
     assert parallel_part(1, 128) == 16
     assert parallel_part(14, 16) == 1
     assert parallel_part(1, 5) == 5  # the best there is
+
+
+@pytest.mark.parametrize(
+    ("case", "target"),
+    [
+        (ConvCase(64, 14, 14, 64), AMX),  # 14-pixel rows: the epilogue went scalar, then gathers
+        (ConvCase(32, 16, 16, 64, k=1, pad=0), VNNI),  # pointwise, pixels in the lanes
+    ],
+    ids=["amx-3x3", "vnni-pointwise"],
+)
+def test_requantize_epilogue_rounds_in_vector_registers(case: ConvCase, target):
+    """Compile only: the requantize rounding (``T.nearbyint``) is widened by TVM's vectorizer
+    (``mulayer.schedules`` marks it vectorizable; TVM 0.27 left such loops scalar), so the
+    epilogue rounds with ``vrndscaleps`` and reads its accumulators without gathers."""
+    asm = build_prim_func(_conv_int8(case, target, "requant"), target).inspect_source("asm")
+    assert re.search(r"\bvrndscaleps\s+\$\w+,\s*%[yz]mm", asm)
+    assert not re.search(r"\bv\w*gather", asm)
+
+
+def test_vectorized_nearbyint_is_widened():
+    """TIR level: a ``T.vectorized`` loop around ``T.nearbyint`` becomes one vector call."""
+    from tvm.script import tirx as T
+
+    import mulayer.schedules  # noqa: F401  (registers the vectorizable ops)
+
+    @T.prim_func(s_tir=True)
+    def rounding(a: T.Buffer((4, 14), "float32"), out: T.Buffer((4, 14), "float32")):
+        for c in range(4):
+            for x in T.vectorized(14):
+                out[c, x] = T.nearbyint(a[c, x])
+
+    text = str(tvm.tirx.transform.VectorizeLoop()(tvm.IRModule({"main": rounding})))
+    assert "T.nearbyint(a[c, T.Ramp(0, 1, 14)])" in text
