@@ -19,7 +19,8 @@ schedule's layouts and tiling are checked bit-exact with plain-loop tiles on any
 (``amx_intrinsics(..., emulate=True)``), the asm for ``tdpbusd``; numerics on real tiles run
 in ``tests/test_schedules_cpu_int8.py`` where the OS exposes AMX.
 
-Scope: stride 1, ``groups == 1``, ``C % 4 == 0``, ``F % 16 == 0`` (other convs fall through to
+Scope: stride 1 or 2 (a strided tile is loaded with a row stride of ``stride x kt`` bytes),
+``groups == 1``, ``C % 4 == 0``, ``F % 16 == 0`` (other convs fall through to
 the VNNI rule), but not the pointwise convs that :mod:`.cpu_int8_pointwise` takes (pixels in
 the VNNI lanes): on the H100 machine's Xeon a 64 -> 256, 56x56 pointwise conv ran in 252 µs on
 AMX tiles and 175 µs on the channel-lane VNNI rule (docs/results.md kernel table), whose
@@ -61,6 +62,10 @@ TMM_C, TMM_A, TMM_B = 0, 1, 2
 LANES = 16  # int32 columns of a tile (64 bytes)
 MAX_ROWS = 16
 MAX_K = 64  # bytes of a tile row
+STRIDES = (1, 2)  # conv strides the tiles take (a tile row per stride-th input pixel)
+# Fewer input channels fill a tile row too little: an RGB stem (4 channels after padding) ran
+# 2x slower on tiles than on VNNI (development machine, docs/results.md).
+MIN_INPUT_CHANNELS = 16
 _SYS_ARCH_PRCTL = 158
 _ARCH_REQ_XCOMP_PERM = 0x1023
 _XFEATURE_XTILEDATA = 18
@@ -149,10 +154,11 @@ def _tile_config_words(rows: int, k: int) -> list[int]:
     return words
 
 
-def _intrin_funcs(rows: int, k: int):
+def _intrin_funcs(rows: int, k: int, stride: int):
     from tvm.script import tirx as T
 
     kq = k // 4
+    span = (rows - 1) * stride + 1  # input pixels a tile row's output pixels read
     words = _tile_config_words(rows, k)
 
     @T.prim_func(s_tir=True)
@@ -186,32 +192,37 @@ def _intrin_funcs(rows: int, k: int):
 
     @T.prim_func(s_tir=True)
     def update_desc(
-        A: T.Buffer((rows, k), "uint8", offset_factor=1),
+        A: T.Buffer((span, k), "uint8", offset_factor=1),
         B: T.Buffer((kq, LANES, 4), "int8", offset_factor=1),
         C: T.Buffer((rows, LANES), "int32", offset_factor=1, scope="local"),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:rows, 0:LANES], A[0:rows, 0:k], B[0:kq, 0:LANES, 0:4])
+            T.reads(C[0:rows, 0:LANES], A[0:span, 0:k], B[0:kq, 0:LANES, 0:4])
             T.writes(C[0:rows, 0:LANES])
             for m, n, kk in T.grid(rows, LANES, k):
                 with T.sblock("update"):
                     vn, vm, vk = T.axis.remap("SSR", [n, m, kk])
-                    C[vm, vn] = C[vm, vn] + T.cast(A[vm, vk], "int32") * T.cast(
+                    C[vm, vn] = C[vm, vn] + T.cast(A[vm * stride, vk], "int32") * T.cast(
                         B[vk // 4, vn, vk % 4], "int32"
                     )
 
     @T.prim_func(s_tir=True)
     def update_impl(
-        A: T.Buffer((rows, k), "uint8", offset_factor=1),
+        A: T.Buffer((span, k), "uint8", offset_factor=1),
         B: T.Buffer((kq, LANES, 4), "int8", offset_factor=1),
         C: T.Buffer((rows, LANES), "int32", offset_factor=1, scope="local"),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:rows, 0:LANES], A[0:rows, 0:k], B[0:kq, 0:LANES, 0:4])
+            T.reads(C[0:rows, 0:LANES], A[0:span, 0:k], B[0:kq, 0:LANES, 0:4])
             T.writes(C[0:rows, 0:LANES])
+            # Tile rows are every stride-th pixel: a row stride of stride * k bytes.
             T.evaluate(
                 T.call_llvm_intrin(
-                    "void", "llvm.x86.tileloadd64", T.int8(TMM_A), A.access_ptr("r"), T.int64(k)
+                    "void",
+                    "llvm.x86.tileloadd64",
+                    T.int8(TMM_A),
+                    A.access_ptr("r"),
+                    T.int64(k * stride),
                 )
             )
             T.evaluate(
@@ -267,25 +278,26 @@ def _intrin_funcs(rows: int, k: int):
     }
 
 
-_REGISTERED: dict[tuple[int, int, bool], AMXIntrinsics] = {}
+_REGISTERED: dict[tuple[int, int, int, bool], AMXIntrinsics] = {}
 
 
-def amx_intrinsics(rows: int, k: int, emulate: bool = False) -> AMXIntrinsics:
-    """Register (once) and return the intrinsics of an ``rows x k`` activation tile.
+def amx_intrinsics(rows: int, k: int, stride: int = 1, emulate: bool = False) -> AMXIntrinsics:
+    """Register (once) and return the intrinsics of an ``rows x k`` activation tile whose rows
+    are every ``stride``-th pixel of the input row.
 
     ``emulate=True`` registers the descriptions as implementations (plain loops): the same
     schedule then runs on any CPU, which tests its layouts and tiling without AMX hardware.
     """
-    assert 1 <= rows <= MAX_ROWS and k % 4 == 0 and 4 <= k <= MAX_K
-    key = (rows, k, emulate)
+    assert 1 <= rows <= MAX_ROWS and k % 4 == 0 and 4 <= k <= MAX_K and stride in STRIDES
+    key = (rows, k, stride, emulate)
     with _LOCK:
         if key not in _REGISTERED:
             with fast_tvmscript_parsing():
-                funcs = _intrin_funcs(rows, k)
+                funcs = _intrin_funcs(rows, k, stride)
             names = {}
             for part, (desc, impl) in funcs.items():
                 suffix = "_emulated" if emulate else ""
-                names[part] = f"mulayer_amx_u8s8s32_m{rows}_k{k}_{part}{suffix}"
+                names[part] = f"mulayer_amx_u8s8s32_m{rows}_k{k}_s{stride}_{part}{suffix}"
                 s_tir.TensorIntrin.register(
                     names[part], desc, desc if emulate else impl, override=True
                 )
@@ -303,8 +315,9 @@ def fits_amx(info: Conv2dInfo) -> bool:
         and info.w_dtype == "int8"
         and info.out_dtype == "int32"
         and info.groups == 1
-        and info.stride == (1, 1)
+        and info.stride in ((s, s) for s in STRIDES)
         and info.cg % 4 == 0
+        and info.cg >= MIN_INPUT_CHANNELS
         and info.f % LANES == 0
         and not fits_pixel_lanes(info, row_padding=False)
     )
@@ -323,9 +336,10 @@ class Conv2dInt8AMX(CPUScheduleRule):
         return schedule_conv2d_amx(sch, info, target, amx_intrinsics(*tile_shape(info)))
 
 
-def tile_shape(info: Conv2dInfo) -> tuple[int, int]:
-    """(pixels, input channels) of the activation tile: up to 16 of a row x up to 64."""
-    return largest_divisor(info.ow, MAX_ROWS), largest_divisor(info.cg, MAX_K, multiple_of=4)
+def tile_shape(info: Conv2dInfo) -> tuple[int, int, int]:
+    """(pixels, input channels, stride) of the activation tile: up to 16 of a row x up to 64."""
+    rows = largest_divisor(info.ow, MAX_ROWS)
+    return rows, largest_divisor(info.cg, MAX_K, multiple_of=4), info.stride[1]
 
 
 def schedule_conv2d_amx(

@@ -378,15 +378,34 @@ def test_eval_script_json_on_shipped_data(capsys, monkeypatch):
             assert out[name][processor]["n"] > 0
 
 
+# Rule changes made after data/profile-h100.jsonl was measured: (recorded, derived now).
+# Stride-2 int8 convs moved from VNNI to AMX tiles in session 6; the re-profile (issue 18)
+# records them as such.
+CHANGED_SINCE_PROFILE = {("Conv2dInt8DotProduct", "Conv2dInt8AMX")}
+
+
 def test_kernel_rules_match_the_h100_profile():
     from mulayer.cost_model.evaluate import rule_agreement
+    from mulayer.cost_model.kernels import kernel_info
     from mulayer.profiler import read_many
 
     data = profile_data(read_many([ROOT / "data" / "profile-h100.jsonl"]))
     agreement = rule_agreement(data)
     for processor in ("cpu", "gpu"):
         assert agreement[processor]["n"] > 0
-        assert agreement[processor]["agree"] == 1.0, agreement["mismatches"]
+        unexplained = {
+            k: n
+            for k, n in agreement["mismatches"].items()
+            if not any(f"recorded {a}, derived {b}" in k for a, b in CHANGED_SINCE_PROFILE)
+        }
+        assert not unexplained, unexplained
+    # ... and the changed ones are exactly the stride-2 convs, nothing else.
+    traits = data.traits()
+    for part in data.parts:
+        if part.processor == "cpu" and part.rule == "Conv2dInt8DotProduct":
+            derived = kernel_info(part.layer, part.channels, "cpu", traits).rule
+            if derived == "Conv2dInt8AMX":
+                assert tuple(part.layer.strides) == (2, 2), part.layer
 
 
 # ------------------------------------------------------------------------ kernel features
@@ -416,7 +435,7 @@ def _spec(cin, cout, hw, k=3, stride=1, groups=1):
     "processor, spec_args, channels",
     [
         ("cpu", (64, 64, 14), 32),  # AMX (16 | F, stride 1)
-        ("cpu", (64, 64, 14, 3, 2), 32),  # strided: VNNI
+        ("cpu", (64, 64, 14, 3, 2), 32),  # stride 2: AMX too (strided tile loads)
         ("cpu", (3, 24, 20, 3, 2), 24),  # C = 3: int32 channel vectors
         ("cpu", (32, 32, 14, 3, 1, 32), 16),  # depthwise: int8 depthwise rule (width vectors)
         ("gpu", (32, 96, 14), 64),  # tensor-core rule

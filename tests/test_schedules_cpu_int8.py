@@ -425,8 +425,10 @@ AMX_CASES = [
     ConvCase(64, 14, 14, 64),  # 14-pixel tiles, 64 channels
     ConvCase(32, 9, 9, 48, k=1, pad=0),  # pointwise, read without padding
     ConvCase(96, 20, 20, 32),  # 48-channel tiles (96 = 2 x 48)
-    ConvCase(8, 7, 7, 16, dilation=2, pad=2, n=2),  # dilated, batch 2, 8-channel tiles
+    ConvCase(16, 7, 7, 16, dilation=2, pad=2, n=2),  # dilated, batch 2, 16-channel tiles
     ConvCase(1152, 3, 10, 1024, k=1, pad=0),  # weights > 1 MB: channel tiles outer
+    ConvCase(64, 28, 28, 32, stride=2),  # stride 2: tile rows every second pixel
+    ConvCase(32, 15, 15, 48, stride=2, n=2),  # stride 2, odd size (8 output pixels a row)
 ]
 
 
@@ -472,7 +474,9 @@ def test_amx_schedule_bit_exact_with_emulated_tiles(case: ConvCase, epilogue: st
     [
         (AMX_CASES[0], True),
         (AMX_CASES[1], True),
-        (ConvCase(64, 14, 14, 64, stride=2), False),  # strided: VNNI
+        (ConvCase(64, 14, 14, 64, stride=2), True),  # stride 2: strided tile loads
+        (ConvCase(64, 14, 14, 64, stride=3), False),  # stride 3: VNNI
+        (ConvCase(4, 30, 30, 64, k=7, stride=2, pad=3), False),  # RGB stem: too few channels
         (ConvCase(32, 18, 18, 32, groups=32), False),  # depthwise
         (ConvCase(32, 11, 11, 40), False),  # 40 output channels
     ],

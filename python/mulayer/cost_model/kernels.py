@@ -258,7 +258,7 @@ def is_pixel_lane_pointwise(layer: Layer, channels: int) -> bool:
 
 
 def _cpu_conv(s: _Shape, traits: MachineTraits) -> KernelInfo:
-    from mulayer.schedules.cpu_amx import LANES, MAX_K, MAX_ROWS
+    from mulayer.schedules.cpu_amx import LANES, MAX_K, MAX_ROWS, MIN_INPUT_CHANNELS, STRIDES
     from mulayer.schedules.cpu_tiling import WEIGHT_CACHE_BYTES
 
     regs = traits.cpu_vector_registers
@@ -273,13 +273,14 @@ def _cpu_conv(s: _Shape, traits: MachineTraits) -> KernelInfo:
     # Pointwise convs with whole vectors of 16 pixels: VNNI with pixels in the lanes
     # (schedules/cpu_int8_pointwise.py), on AMX machines too.
     pixel_lanes = traits.cpu_pixel_lanes and 16 in traits.cpu_dot_lanes and _pixel_lane_shape(s)
-    # Step 1. AMX tiles (ungrouped, stride 1, 4 | C, 16 | F).
+    # Step 1. AMX tiles (ungrouped, stride 1 or 2, 4 | C >= 16, 16 | F).
     if (
         traits.cpu_amx
         and not pixel_lanes
         and s.groups == 1
-        and s.stride == 1
+        and s.stride in STRIDES
         and s.cg % 4 == 0
+        and s.cg >= MIN_INPUT_CHANNELS
         and s.f % LANES == 0
     ):
         rows = _largest_divisor(s.ow, MAX_ROWS)
