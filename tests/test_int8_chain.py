@@ -454,5 +454,6 @@ def test_int8_rules_claim_fused_kernels_with_the_epilogue_in_the_tile(rule, targ
             sch = rule.apply(func, target, False)
         assert sch is not None
         conv_blocks = ("conv2d_nchw", "pad_temp", "param_0_global", "amx_request_permission")
+        conv_blocks += ("amx_configure_tiles",)  # the per-task ldtilecfg
         names = [sch.get(block).name_hint for block in leaf_blocks(sch)]
         assert all(name.startswith(conv_blocks) for name in names), names

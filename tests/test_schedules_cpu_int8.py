@@ -442,7 +442,7 @@ def _schedule_amx(case: ConvCase, target, epilogue: str, emulate: bool):
     info = find_conv2d(sch)
     assert fits_amx(info)
     intrin = amx_intrinsics(*tile_shape(info), emulate=emulate)
-    return schedule_conv2d_amx(sch, info, target, intrin).mod["main"]
+    return schedule_conv2d_amx(sch, info, target, intrin, emulated=emulate).mod["main"]
 
 
 def _check_int8_numerics(case: ConvCase, lib, epilogue: str):
