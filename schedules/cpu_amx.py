@@ -10,22 +10,23 @@ weights into an ``M x 16`` int32 accumulator tile (``M <= 16`` output pixels of 
 - the accumulator stays in tile register ``tmm0`` over the whole reduction (``I/kt x KH x KW``
   steps of two tile loads and one ``tdpbusd``), then one tile store writes it to a local
   buffer on which the requantize epilogue runs vectorised;
-- each output tile starts with ``ldtilecfg`` (the tile shapes, written into the accumulator's
-  memory, unused while it lives in ``tmm0``) and ``tilezero``; tiles are not released after
-  the kernel (the next ``ldtilecfg`` resets them).
+- each parallel task starts with one ``ldtilecfg`` (:func:`configure_tiles_per_task`; the
+  shapes are the same for every tile of the kernel) and each output tile with ``tilezero``;
+  tiles are not released after the kernel (the next ``ldtilecfg`` resets them).
 
-Not measured yet on AMX hardware (this was written on a machine whose OS hides AMX): the
-schedule's layouts and tiling are checked bit-exact with plain-loop tiles on any CPU
-(``amx_intrinsics(..., emulate=True)``), the asm for ``tdpbusd``; numerics on real tiles run
-in ``tests/test_schedules_cpu_int8.py`` where the OS exposes AMX.
+The schedule's layouts and tiling are checked bit-exact with plain-loop tiles on any CPU
+(``amx_intrinsics(..., emulate=True)``), and with real tiles in
+``tests/test_schedules_cpu_int8.py`` where the OS exposes AMX (the GPU machine's Xeon, and the
+development VM, whose CPU LLVM names ``rocketlake``: :func:`mulayer.target.detect_hidden_features`).
 
 Scope: stride 1 or 2 (a strided tile is loaded with a row stride of ``stride x kt`` bytes),
-``groups == 1``, ``C % 4 == 0``, ``F % 16 == 0`` (other convs fall through to
-the VNNI rule), but not the pointwise convs that :mod:`.cpu_int8_pointwise` takes (pixels in
-the VNNI lanes): on the H100 machine's Xeon a 64 -> 256, 56x56 pointwise conv ran in 252 µs on
-AMX tiles and 175 µs on the channel-lane VNNI rule (docs/results.md kernel table), whose
-write-back the pixel-lane schedule removes. Batch-1 dense layers have one row, which AMX would
-waste: they stay on VNNI.
+``groups == 1``, ``C % 4 == 0``, at least :data:`MIN_INPUT_CHANNELS` input channels,
+``F % 16 == 0`` (other convs fall through to the VNNI rule), but not the pointwise convs that
+:mod:`.cpu_int8_pointwise` takes (pixels in the VNNI lanes): on the H100 machine's Xeon a
+64 -> 256, 56x56 pointwise conv ran in 252 µs on AMX tiles and 175 µs on the channel-lane VNNI
+rule (docs/results.md kernel table), whose write-back the pixel-lane schedule removes; on the
+development VM, with this session's tiles, ResNet-50 ran 5-10% slower with its pointwise convs
+on tiles. Batch-1 dense layers have one row, which AMX would waste: they stay on VNNI.
 
 Running AMX code needs the process to hold Linux's AMX permission
 (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``; tile instructions trap with SIGILL
