@@ -418,36 +418,39 @@ def configure_tiles_per_task(func: tirx.PrimFunc, words: list[int]) -> tirx.Prim
     def rewrite(stmt):
         if isinstance(stmt, tirx.For):
             if stmt.kind == tirx.ForKind.PARALLEL and uses_tiles(stmt.body):
-                body = tirx.SeqStmt([configure, stmt.body])
-                return tirx.For(
-                    stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, None, stmt.annotations
-                ), True
-            body, done = rewrite(stmt.body)
+                body, done = tirx.SeqStmt([configure, stmt.body]), True
+            else:
+                body, done = rewrite(stmt.body)
             if not done:
                 return stmt, False
-            return tirx.For(
+            loop = tirx.For(
                 stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, None, stmt.annotations
-            ), True
+            )
+            return loop, True
         if isinstance(stmt, tirx.SeqStmt):
-            parts, any_done = [], False
-            for part in stmt.seq:
-                new, done = rewrite(part)
-                parts.append(new)
-                any_done |= done
-            return (tirx.SeqStmt(parts), True) if any_done else (stmt, False)
+            parts = [rewrite(part) for part in stmt.seq]
+            if not any(done for _, done in parts):
+                return stmt, False
+            return tirx.SeqStmt([new for new, _ in parts]), True
         return stmt, False
 
+    def configured(body):
+        body, done = rewrite(body)
+        return body if done else tirx.SeqStmt([configure, body])
+
+    return _with_root_body(func, configured)
+
+
+def _with_root_body(func: tirx.PrimFunc, make_body) -> tirx.PrimFunc:
+    """``func`` whose root block's body is ``make_body(old body)``."""
     realize = func.body
     root = realize.block
-    body, done = rewrite(root.body)
-    if not done:
-        body = tirx.SeqStmt([configure, root.body])
     new_root = s_tir.SBlock(
         root.iter_vars,
         root.reads,
         root.writes,
         root.name_hint,
-        body,
+        make_body(root.body),
         root.init,
         root.alloc_buffers,
         root.match_buffers,
@@ -463,8 +466,6 @@ def request_permission_first(func: tirx.PrimFunc) -> tirx.PrimFunc:
     Asking in the kernel itself makes it safe to run in any process (a plain TVM runtime too);
     once granted, the call returns at once (well under a microsecond a kernel call).
     """
-    realize = func.body
-    root = realize.block
     request = tirx.Evaluate(
         tirx.call_extern(
             "int64",
@@ -479,16 +480,4 @@ def request_permission_first(func: tirx.PrimFunc) -> tirx.PrimFunc:
     request_block = s_tir.SBlockRealize(
         [], True, s_tir.SBlock([], [], [], "amx_request_permission", request)
     )
-    body = tirx.SeqStmt([request_block, root.body])
-    new_root = s_tir.SBlock(
-        root.iter_vars,
-        root.reads,
-        root.writes,
-        root.name_hint,
-        body,
-        root.init,
-        root.alloc_buffers,
-        root.match_buffers,
-        root.annotations,
-    )
-    return func.with_body(s_tir.SBlockRealize(realize.iter_values, realize.predicate, new_root))
+    return _with_root_body(func, lambda body: tirx.SeqStmt([request_block, body]))

@@ -614,3 +614,17 @@ def test_vectorized_nearbyint_is_widened():
 
     text = str(tvm.tirx.transform.VectorizeLoop()(tvm.IRModule({"main": rounding})))
     assert "T.nearbyint(a[c, T.Ramp(0, 1, 14)])" in text
+
+
+@pytest.mark.parametrize("case", AMX_CASES, ids=str)
+def test_amx_tiles_configured_once_per_task(case: ConvCase):
+    """Compile-side: one ``ldtilecfg``, at the top of the parallel task that uses the tiles
+    (not one per output tile); emulated tiles get none (no AMX to configure)."""
+    text = str(_schedule_amx(case, AMX, "requant", emulate=False))
+    assert text.count('"llvm.x86.ldtilecfg"') == 1
+    configure = text.index('T.sblock("amx_configure_tiles")')
+    first_tile = text.index('"llvm.x86.tilezero"')
+    task = text.rfind("T.parallel(", 0, configure)
+    assert configure < first_tile and task != -1
+    assert "T.parallel(" not in text[configure:first_tile]  # the same task
+    assert "ldtilecfg" not in str(_schedule_amx(case, AMX, "requant", emulate=True))
