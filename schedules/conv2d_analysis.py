@@ -1,4 +1,4 @@
-"""Recognise a legalized NCHW conv2d inside a (possibly fused) PrimFunc.
+"""Recognise a legalized NCHW (or, on request, NHWC) conv2d inside a (possibly fused) PrimFunc.
 
 ``relax.transform.LegalizeOps`` lowers every NCHW/OIHW ``R.nn.conv2d`` through ``topi.nn.conv``:
 a ``pad_temp`` stage (padding) followed by one reduction block named ``conv2d_nchw`` or
@@ -10,6 +10,11 @@ a ``pad_temp`` stage (padding) followed by one reduction block named ``conv2d_nc
 
 where ``Fg = F / groups`` and ``Cg = C / groups`` (the ``f // Fg * Cg`` term only when
 ``groups > 1``). FuseOps/FuseTIR may add elementwise epilogue blocks (bias, relu, requantize).
+
+An NHWC/OHWI conv (what :class:`~mulayer.passes.channels_last.ChannelsLastGPU` makes of a GPU
+conv) legalizes to one ``conv2d_nhwc`` block with iter vars ``nn, yy, xx, ff`` and
+``ry, rx, rc``, reading ``pad[n, y*sh + ry, x*sw + rx, rc]`` and ``w[f, ry, rx, rc]``. Only
+rules that ask for it (``layouts=("NCHW", "NHWC")``) see such convs.
 """
 
 from __future__ import annotations
@@ -22,11 +27,17 @@ from tvm.s_tir.schedule import SBlockRV
 from ._util import const_int, is_simple_multiply_add, iter_extents, iter_kinds, leaf_blocks
 
 CONV2D_BLOCK_NAMES = ("conv2d_nchw", "group_conv2d_nchw")
+NHWC_BLOCK_NAMES = ("conv2d_nhwc",)
+# Positions of (n, f, oh, ow, rc, ry, rx) among the block's iter vars, per data layout.
+_ITER_ORDER = {"NCHW": (0, 1, 2, 3, 4, 5, 6), "NHWC": (0, 3, 1, 2, 6, 4, 5)}
+# Positions of (n, c, h, w) in the data buffer, and of (f, rc, ry, rx) in the weight buffer.
+_DATA_AXES = {"NCHW": (0, 1, 2, 3), "NHWC": (0, 3, 1, 2)}
+_WEIGHT_AXES = {"NCHW": (0, 1, 2, 3), "NHWC": (0, 3, 1, 2)}
 
 
 @dataclass
 class Conv2dInfo:
-    """Shapes and buffers of one NCHW conv2d block.
+    """Shapes and buffers of one NCHW (or NHWC) conv2d block.
 
     Attributes
     ----------
@@ -52,6 +63,8 @@ class Conv2dInfo:
         (sh, sw), read from the data access.
     in_dtype, w_dtype, out_dtype : str
         Element types.
+    layout : str
+        ``"NCHW"`` (OIHW weights) or ``"NHWC"`` (OHWI weights).
     """
 
     block: SBlockRV
@@ -72,6 +85,12 @@ class Conv2dInfo:
     in_dtype: str
     w_dtype: str
     out_dtype: str
+    layout: str = "NCHW"
+
+    @property
+    def reduce_channel_loop(self) -> int:
+        """Position of the input-channel loop (``rc``) among the block's seven loops."""
+        return _ITER_ORDER[self.layout][4]
 
     @property
     def fg(self) -> int:
@@ -97,12 +116,37 @@ def _stride_of(index: tirx.Expr, spatial: tirx.Var) -> int | None:
     return const_int(coeffs[0])
 
 
-def find_conv2d(sch: s_tir.Schedule) -> Conv2dInfo | None:
-    """Return the single NCHW conv2d block of the scheduled function, or None."""
+def _block_layout(name: str, layouts: tuple[str, ...]) -> str | None:
+    if "NCHW" in layouts and name.endswith(CONV2D_BLOCK_NAMES):
+        return "NCHW"
+    if "NHWC" in layouts and name.endswith(NHWC_BLOCK_NAMES):
+        return "NHWC"
+    return None
+
+
+def _is_weight_load(load, ivars: list, layout: str) -> bool:
+    """``load`` reads ``w[f, rc, ry, rx]`` (OIHW) or ``w[f, ry, rx, rc]`` (OHWI)."""
+    idx = list(load.indices)
+    if len(idx) != 4:
+        return False
+    order = _ITER_ORDER[layout]
+    f, rc, ry, rx = (ivars[order[p]] for p in (1, 4, 5, 6))
+    want = [f, rc, ry, rx]
+    want = [want[_WEIGHT_AXES[layout].index(axis)] for axis in range(4)]
+    return all(isinstance(i, tirx.Var) and i.same_as(v) for i, v in zip(idx, want, strict=True))
+
+
+def find_conv2d(sch: s_tir.Schedule, layouts: tuple[str, ...] = ("NCHW",)) -> Conv2dInfo | None:
+    """Return the single conv2d block of the scheduled function, or None.
+
+    ``layouts``: the data layouts the caller handles (NCHW by default; rules that handle NHWC
+    convs pass ``("NCHW", "NHWC")``).
+    """
     found: list[Conv2dInfo] = []
     for block_rv in leaf_blocks(sch):
         block = sch.get(block_rv)
-        if not block.name_hint.endswith(CONV2D_BLOCK_NAMES):
+        layout = _block_layout(block.name_hint, layouts)
+        if layout is None:
             continue
         if iter_kinds(block) != "SSSSRRR":
             return None
@@ -114,31 +158,24 @@ def find_conv2d(sch: s_tir.Schedule) -> Conv2dInfo | None:
             return None
         data_load, weight_load = loads
         ivars = [iv.var for iv in block.iter_vars]
-        w_idx = list(weight_load.indices)
-        if len(w_idx) != 4 or not all(
-            isinstance(i, tirx.Var) and i.same_as(v)
-            for i, v in zip(w_idx, [ivars[1], ivars[4], ivars[5], ivars[6]], strict=True)
-        ):
-            # Weight loads must be w[f, rc, ry, rx] (OIHW).
+        if not _is_weight_load(weight_load, ivars, layout):
             data_load, weight_load = weight_load, data_load
-            w_idx = list(weight_load.indices)
-            if len(w_idx) != 4 or not all(
-                isinstance(i, tirx.Var) and i.same_as(v)
-                for i, v in zip(w_idx, [ivars[1], ivars[4], ivars[5], ivars[6]], strict=True)
-            ):
+            if not _is_weight_load(weight_load, ivars, layout):
                 return None
         d_idx = list(data_load.indices)
         if len(d_idx) != 4:
             return None
-        c_in = const_int(data_load.source.shape[1])
-        n, f, oh, ow, cg, kh, kw = extents
+        _, c_axis, h_axis, w_axis = _DATA_AXES[layout]
+        c_in = const_int(data_load.source.shape[c_axis])
+        order = _ITER_ORDER[layout]
+        n, f, oh, ow, cg, kh, kw = (extents[p] for p in order)
         if c_in is None or c_in % cg != 0:
             return None
         groups = c_in // cg
-        if f % groups != 0:
+        if f % groups != 0 or (layout == "NHWC" and groups != 1):
             return None
-        sh = _stride_of(d_idx[2], ivars[2])
-        sw = _stride_of(d_idx[3], ivars[3])
+        sh = _stride_of(d_idx[h_axis], ivars[order[2]])
+        sw = _stride_of(d_idx[w_axis], ivars[order[3]])
         if sh is None or sw is None:
             return None
         reads = [r.source for r in block.reads]
@@ -167,6 +204,7 @@ def find_conv2d(sch: s_tir.Schedule) -> Conv2dInfo | None:
                 in_dtype=str(data_load.source.dtype),
                 w_dtype=str(weight_load.source.dtype),
                 out_dtype=str(block.writes[0].source.dtype),
+                layout=layout,
             )
         )
     if len(found) != 1 or not _epilogue_is_chain(sch, found[0].block):

@@ -54,7 +54,8 @@ MIN_EXTENT = 16
 MIN_OUT_CHANNELS = 64
 NARROW_ENV = "MULAYER_GPU_NARROW_CONV"
 WARP_SIZE = 32
-VECTOR = 4
+VECTOR = 4  # halves per thread of a global -> shared copy (8 bytes)
+NHWC_VECTOR = 8  # ... where the channels are contiguous and a multiple of 8 (16-byte loads)
 # Shared memory a kernel may use without opting in (static + dynamic).
 SMEM_DEFAULT = 48 * 1024
 
@@ -258,7 +259,7 @@ class Conv2dTensorCore(GPUScheduleRule):
         if "dlight.do_not_tensorize" in func.attrs:
             return None
         sch = s_tir.Schedule(func)
-        info = find_conv2d(sch)
+        info = find_conv2d(sch, layouts=("NCHW", "NHWC"))
         if info is None or info.groups != 1 or info.in_dtype != "float16":
             return None
         if info.w_dtype != "float16" or info.out_dtype not in ("float16", "float32"):
@@ -283,7 +284,10 @@ class Conv2dTensorCore(GPUScheduleRule):
             if info.cg % tile.split_k:
                 return None
             block = _split_reduction(sch, info, tile.split_k)
-        return schedule_implicit_gemm(sch, block, info.out_dtype, tile)
+        if info.layout == "NHWC":  # K is already (row, column, channel)
+            tile = replace(tile, k_by_tap=False)
+        vector = NHWC_VECTOR if info.layout == "NHWC" and info.cg % NHWC_VECTOR == 0 else VECTOR
+        return schedule_implicit_gemm(sch, block, info.out_dtype, tile, vector)
 
 
 def _split_reduction(sch: s_tir.Schedule, info: Conv2dInfo, split: int):
@@ -292,12 +296,14 @@ def _split_reduction(sch: s_tir.Schedule, info: Conv2dInfo, split: int):
     The original block becomes the sum over chunks; the epilogue is inlined into it and it runs
     as its own kernel, one thread per output element with the sum in a register.
     """
-    rc = sch.get_loops(info.block)[4]
+    rc_at = info.reduce_channel_loop
+    rc = sch.get_loops(info.block)[rc_at]
     rc_outer, _ = sch.split(rc, factors=[split, None])
     partial = sch.rfactor(rc_outer, factor_axis=0)
     # Loops in the order of the block's iter vars (the chunk first), as the GEMM layout needs.
     p_loops = sch.get_loops(partial)
-    sch.reorder(p_loops[4], *p_loops[:4])
+    rest = [loop for at, loop in enumerate(p_loops[4:], 4) if at != rc_at]
+    sch.reorder(p_loops[rc_at], *p_loops[:4], *rest)
     total = info.block
     # Epilogue: fold the chain into its last block, which then reads the sum.
     chain = []
@@ -334,8 +340,12 @@ def schedule_implicit_gemm(  # noqa: PLR0915 - one linear recipe, split for no g
     main_block,
     out_dtype: str,
     tile: ConvTile,
+    vector: int = VECTOR,
 ) -> s_tir.Schedule | None:
-    """Tensor-core schedule of a GEMM-like block (returns None if tensorization fails)."""
+    """Tensor-core schedule of a GEMM-like block (returns None if tensorization fails).
+
+    ``vector``: elements per thread of the K-contiguous global -> shared copies (8 = 16-byte
+    loads where K is contiguous in memory: NHWC data, OHWI weights)."""
     from tvm.s_tir.dlight.gpu.matmul import (
         auto_inline_consumer_chain,
         auto_inline_consumers,
@@ -405,7 +415,7 @@ def schedule_implicit_gemm(  # noqa: PLR0915 - one linear recipe, split for no g
             _, f_1, f_2 = sch.split(fused, factors=[None, num_ty, WARP_SIZE])
         else:
             fused = sch.fuse(rows, cols)
-            _, f_1, f_2, f_3 = sch.split(fused, factors=[None, num_ty, WARP_SIZE, VECTOR])
+            _, f_1, f_2, f_3 = sch.split(fused, factors=[None, num_ty, WARP_SIZE, vector])
             sch.vectorize(f_3)
         sch.bind(f_2, "threadIdx.x")
         sch.bind(f_1, "threadIdx.y")

@@ -70,8 +70,12 @@ def conv2d_module(
     epilogue: str = "bias_relu",
     params: dict[str, np.ndarray] | None = None,
     cast_to: str | None = None,
+    layout: str = "NCHW",
 ) -> tvm.IRModule:
     """A Relax module ``main(x, w, b)`` computing conv2d (+ bias + relu), not yet legalized.
+
+    ``layout="NHWC"``: data, bias and output channels-last, weights OHWI (what
+    :class:`~mulayer.passes.channels_last.ChannelsLastGPU` makes of a GPU conv).
 
     ``epilogue`` is ``"none"``, ``"bias"``, ``"bias_relu"`` or ``"requant"`` (int32 ->
     ``clip(round((acc + b) * scale), 0, 255)`` as uint8, the quantizer's requantize; the scale
@@ -81,15 +85,19 @@ def conv2d_module(
     oh, ow = case.out_hw
     acc = out_dtype or dtype
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((case.n, case.c, case.h, case.w), dtype))
-    w = relax.Var(
-        "w", relax.TensorType((case.f, case.c // case.groups, case.k, case.k), w_dtype or dtype)
-    )
-    b = relax.Var("b", relax.TensorType((1, case.f, 1, 1), acc))
+    nhwc = layout == "NHWC"
+    x_shape = (case.n, case.h, case.w, case.c) if nhwc else (case.n, case.c, case.h, case.w)
+    cg = case.c // case.groups
+    w_shape = (case.f, case.k, case.k, cg) if nhwc else (case.f, cg, case.k, case.k)
+    x = relax.Var("x", relax.TensorType(x_shape, dtype))
+    w = relax.Var("w", relax.TensorType(w_shape, w_dtype or dtype))
+    b = relax.Var("b", relax.TensorType((1, 1, 1, case.f) if nhwc else (1, case.f, 1, 1), acc))
     del oh, ow
     with bb.function("main", [x, w, b]):
         with bb.dataflow():
             kwargs = {"out_dtype": out_dtype} if out_dtype else {}
+            if nhwc:
+                kwargs.update(data_layout="NHWC", kernel_layout="OHWI")
             y = bb.emit(
                 relax.op.nn.conv2d(
                     x,

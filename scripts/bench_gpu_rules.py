@@ -299,9 +299,12 @@ def layer_name(spec) -> str:
 def conv_sweep_tiles(info) -> list:
     """Tiles tried by ``--conv --sweep``: the default tile (split-K included) and two others
     (I x J tiles, J narrowed to the output channels under 64), each with pixel-major im2col
-    loads (``a_by_pixel``), K ordered by tap (``k_by_tap``), and both."""
+    loads (``a_by_pixel``), K ordered by tap (``k_by_tap``), and both. NHWC convs (whose K is
+    contiguous already) try tile sizes instead: :func:`nhwc_sweep_tiles`."""
     from mulayer.schedules.gpu_conv2d import ConvTile, base_tile, choose_tile
 
+    if info.layout == "NHWC":
+        return nhwc_sweep_tiles(info)
     base = base_tile(info)
     k = base.k_frags
     tiles = [choose_tile(info)]
@@ -317,12 +320,32 @@ def conv_sweep_tiles(info) -> list:
     return [t for t in dict.fromkeys(out[1:]) if t.launchable]
 
 
+def nhwc_sweep_tiles(info) -> list:
+    """NHWC tiles: 32x64 to 128x128 blocks with K steps of 32 or 64, each unsplit and with the
+    default tile's split-K."""
+    from mulayer.schedules.gpu_conv2d import ConvTile, choose_tile
+
+    default = choose_tile(info)
+    shapes = [(1, 2, 2, 2, 4), (2, 2, 2, 2, 2), (4, 2, 2, 2, 4), (2, 2, 4, 2, 4), (4, 2, 4, 2, 2)]
+    shapes += [(4, 2, 4, 2, 4), (2, 4, 2, 4, 2)]
+    out = []
+    for shape in shapes:
+        tile = ConvTile(*shape)
+        if info.f < 64 or tile.tile_j > max(64, info.f):
+            continue
+        out += [tile, replace(tile, split_k=default.split_k)]
+    return [t for t in dict.fromkeys(out) if t.launchable and t != default]
+
+
+LAYOUT: list[str] = ["NCHW"]  # --layout of the conv benchmark
+
+
 def _conv_func(spec):
     from mulayer.schedules.testing import ConvCase, conv2d_module, prim_funcs, standard_pipeline
 
     c, h, w, f, k, s = spec
     case = ConvCase(c, h, w, f, k=k, stride=s, pad=k // 2)
-    mod = conv2d_module(case, "float16", out_dtype="float32", cast_to="float16")
+    mod = conv2d_module(case, "float16", out_dtype="float32", cast_to="float16", layout=LAYOUT[0])
     (func,) = prim_funcs(standard_pipeline(mod)).values()
     return case, func
 
@@ -364,6 +387,11 @@ def _build_conv(job) -> tuple[str, dict[str, str]]:
     return path, errors
 
 
+def _to_nhwc(array: np.ndarray) -> np.ndarray:
+    """NCHW (or OIHW) -> NHWC (or OHWI)."""
+    return np.ascontiguousarray(array.transpose(0, 2, 3, 1))
+
+
 def _symbol(name: str) -> str:
     return "v_" + name.replace("-", "_")
 
@@ -403,7 +431,7 @@ def conv_rows(
         if layers and not any(part in layer_name(spec) for part in layers):
             continue
         _, func = _conv_func(spec)
-        info = find_conv2d(s_tir.Schedule(func))
+        info = find_conv2d(s_tir.Schedule(func), layouts=("NCHW", "NHWC"))
         tiles = [("dlight", "dlight")] if info.f < 64 else []
         tiles.append(("default", choose_tile(info)))
         if sweep:
@@ -436,9 +464,11 @@ def conv_rows(
         wt = (rng.standard_normal((f, c, k, k)) / np.sqrt(c * k * k)).astype("float16")
         b = rng.standard_normal((1, f, 1, 1)).astype("float32")
         ref = np.maximum(conv2d_reference(x, wt, case) + b, 0)
-        info = find_conv2d(s_tir.Schedule(func))
+        info = find_conv2d(s_tir.Schedule(func), layouts=("NCHW", "NHWC"))
+        nhwc = info.layout == "NHWC"
         row = {
             "layer": layer_name(spec),
+            "layout": info.layout,
             "shape": str(case),
             "gflop": case.flops / 1e9,
             "default_tile": choose_tile(info).name(),
@@ -453,7 +483,11 @@ def conv_rows(
                 row["cells"][name] = {"error": errors.get(name, errors.get("*"))}
                 continue
             try:
-                cell = _time_lib(lib[_symbol(name)], [x, wt, b], (1, f, oh, ow), ref, dev)
+                if nhwc:
+                    args = [_to_nhwc(x), _to_nhwc(wt), _to_nhwc(b)]
+                    cell = _time_lib(lib[_symbol(name)], args, (1, oh, ow, f), _to_nhwc(ref), dev)
+                else:
+                    cell = _time_lib(lib[_symbol(name)], [x, wt, b], (1, f, oh, ow), ref, dev)
             except Exception as err:  # noqa: BLE001
                 cell = {"error": f"{type(err).__name__}: {err}"[:300]}
             row["cells"][name] = cell
@@ -680,6 +714,12 @@ def main(argv: list[str] | None = None) -> int:
         "--build-only", action="store_true", help="--conv: build for sm_90 here, time nothing"
     )
     parser.add_argument("--layers", nargs="+", help="--conv: only layers whose name has one")
+    parser.add_argument(
+        "--layout",
+        choices=("NCHW", "NHWC"),
+        default="NCHW",
+        help="--conv: the convs' data layout (NHWC: OHWI weights, as GPU builds run them)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-gpu-rules"))
     args = parser.parse_args(argv)
     try:
@@ -688,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         torch = None
 
     args.out.mkdir(parents=True, exist_ok=True)
+    LAYOUT[:] = [args.layout]
     target = gpu_target()
     doc = {
         "date": date.today().isoformat(),

@@ -59,7 +59,7 @@ def _conv_funcs(mod):
     for gv, func in mod.functions.items():
         if not isinstance(func, tirx.PrimFunc):
             continue
-        info = find_conv2d(s_tir.Schedule(func))
+        info = find_conv2d(s_tir.Schedule(func), layouts=("NCHW", "NHWC"))
         if info is not None:
             yield gv.name_hint, func, info
 

@@ -71,18 +71,28 @@ NARROW_TILES = [
 ]
 
 
-def _residual_module(case: ConvCase) -> relax.Function:
+def _nchw_to(layout: str, shape: tuple) -> tuple:
+    """An NCHW (or OIHW) shape in ``layout`` (NHWC / OHWI)."""
+    return (shape[0], *shape[2:], shape[1]) if layout == "NHWC" else shape
+
+
+def _residual_module(case: ConvCase, layout: str = "NCHW") -> relax.Function:
     """``relu(cast_fp16(conv(x, w) + b) + r)``: a ResNet block's second conv, fused."""
     oh, ow = case.out_hw
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, case.c, case.h, case.w), "float16"))
-    w = relax.Var("w", relax.TensorType((case.f, case.c, case.k, case.k), "float16"))
-    b = relax.Var("b", relax.TensorType((1, case.f, 1, 1), "float32"))
-    r = relax.Var("r", relax.TensorType((1, case.f, oh, ow), "float16"))
+    x = relax.Var("x", relax.TensorType(_nchw_to(layout, (1, case.c, case.h, case.w)), "float16"))
+    w = relax.Var(
+        "w", relax.TensorType(_nchw_to(layout, (case.f, case.c, case.k, case.k)), "float16")
+    )
+    b = relax.Var("b", relax.TensorType(_nchw_to(layout, (1, case.f, 1, 1)), "float32"))
+    r = relax.Var("r", relax.TensorType(_nchw_to(layout, (1, case.f, oh, ow)), "float16"))
+    layouts = {"data_layout": "NHWC", "kernel_layout": "OHWI"} if layout == "NHWC" else {}
     with bb.function("main", [x, w, b, r]):
         with bb.dataflow():
             y = bb.emit(
-                relax.op.nn.conv2d(x, w, strides=case.stride, padding=case.pad, out_dtype="float32")
+                relax.op.nn.conv2d(
+                    x, w, strides=case.stride, padding=case.pad, out_dtype="float32", **layouts
+                )
             )
             y = bb.emit(relax.op.astype(relax.op.add(y, b), "float16"))
             y = bb.emit(relax.op.nn.relu(relax.op.add(y, r)))
@@ -91,12 +101,14 @@ def _residual_module(case: ConvCase) -> relax.Function:
     return bb.get()
 
 
-def _conv_func(case: ConvCase, out_dtype: str = "float32", residual: bool = False):
+def _conv_func(
+    case: ConvCase, out_dtype: str = "float32", residual: bool = False, layout: str = "NCHW"
+):
     if residual:
-        mod = _residual_module(case)
+        mod = _residual_module(case, layout)
     else:
         cast = "float16" if out_dtype == "float32" else None
-        mod = conv2d_module(case, "float16", out_dtype=out_dtype, cast_to=cast)
+        mod = conv2d_module(case, "float16", out_dtype=out_dtype, cast_to=cast, layout=layout)
     (func,) = prim_funcs(standard_pipeline(mod)).values()
     return func
 
@@ -218,6 +230,62 @@ def test_tensor_core_conv_numerics(case, name, tile, epilogue, monkeypatch):
     assert sch is not None, f"the rule does not apply to {case} with {name}"
     lib = build_prim_func(sch.mod["main"], CUDA)
     _check(_run_poisoned_cuda(lib, inputs, (1, case.f, oh, ow)), ref)
+
+
+# Channels-last convs (ChannelsLastGPU): the default tile, split-K and a wide tile.
+NHWC_TILES = [t for t in TILES if t[0] in ("default", "32x64_s2", "128x64_s4", "64x64k32_s3")]
+NHWC_NUMERICS = [(c, *t) for c in CASES for t in NHWC_TILES]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("case", "name", "tile"), NHWC_NUMERICS, ids=[f"{c}-{n}" for c, n, _ in NHWC_NUMERICS]
+)
+@pytest.mark.parametrize("epilogue", ["bias_relu", "residual", "fp16_acc"])
+def test_channels_last_conv_numerics(case, name, tile, epilogue):
+    if not tvm.cuda().exist:
+        pytest.skip("no CUDA device")
+    if not _applies(case, tile):
+        pytest.skip(f"split {tile.split_k} does not divide {case.c} channels")
+    rng = np.random.default_rng()
+    oh, ow = case.out_hw
+    x = rng.standard_normal((1, case.c, case.h, case.w)).astype("float16")
+    w = (
+        rng.standard_normal((case.f, case.c, case.k, case.k)) / np.sqrt(case.c * case.k**2)
+    ).astype("float16")
+    acc = "float16" if epilogue == "fp16_acc" else "float32"
+    b = rng.standard_normal((1, case.f, 1, 1)).astype(acc)
+    conv = conv2d_reference(x, w, case) + b.astype("float64")
+    inputs = [x, w, b]
+    if epilogue == "residual":
+        r = rng.standard_normal((1, case.f, oh, ow)).astype("float16")
+        inputs.append(r)
+        ref = np.maximum(conv.astype("float16").astype("float64") + r, 0)
+    else:
+        ref = np.maximum(conv, 0)
+    func = _conv_func(case, acc, residual=epilogue == "residual", layout="NHWC")
+    sch = _schedule(func, tile)
+    assert sch is not None, f"the rule does not apply to NHWC {case} with {name}"
+    lib = build_prim_func(sch.mod["main"], CUDA)
+    nhwc = [np.ascontiguousarray(a.transpose(0, 2, 3, 1)) for a in inputs]
+    got = _run_poisoned_cuda(lib, nhwc, (1, oh, ow, case.f))
+    _check(got, ref.transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_channels_last_conv_takes_the_rule_with_vector_loads(case):
+    """NHWC convs are recognised (K = row, column, channel) and, where the channels are a
+    multiple of 8, copied into shared memory as 16-byte vectors."""
+    func = _conv_func(case, layout="NHWC")
+    info = find_conv2d(s_tir.Schedule(func), layouts=("NCHW", "NHWC"))
+    assert info is not None and info.layout == "NHWC"
+    assert (info.f, info.cg, info.kh, info.oh) == (case.f, case.c, case.k, case.out_hw[0])
+    assert find_conv2d(s_tir.Schedule(func)) is None  # NCHW-only callers do not see it
+    sch = _schedule(func, None)
+    assert sch is not None
+    src = _cuda_source(build_prim_func(sch.mod["main"], CUDA))
+    assert "wmma::mma_sync" in src
+    assert ("uint4" in src) == (case.c % 8 == 0)
 
 
 def test_conv_without_epilogue_is_not_split():

@@ -16,8 +16,8 @@ For each GPU part:
   (``<layer>_gpu_cast_out``) before the join. Pooling always runs in float16 and is cast back.
 
 A module with no CPU part at all (every layer on the GPU) is converted by TVM's
-``ToMixedPrecision(out_dtype="float32")`` instead, as the GPU-only build is: its fused kernels
-are then the GPU-only module's.
+``ToMixedPrecision(out_dtype="float32")`` and :class:`~.channels_last.ChannelsLastGPU` instead,
+as the GPU-only build is: its fused kernels are then the GPU-only module's.
 
 The casts are helper bindings of the part (role ``"aux"`` of
 :func:`mulayer.passes.common.part_role`): PlaceDevices runs them on the GPU with the part.
@@ -31,6 +31,7 @@ from tvm import relax
 from tvm.ir.expr import Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from .channels_last import ChannelsLastGPU
 from .common import conv2d_like, has_cpu_part, op_name, part_role, var_prefix
 
 ACCUMULATE = ("float32", "float16")
@@ -55,8 +56,10 @@ class CastGPU:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if not has_cpu_part(mod["main"]):
             # Every layer on the GPU: convert exactly as the GPU-only build does (fp16
-            # activations between layers, no per-part casts), so its kernels are the same.
-            return relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+            # activations between layers, no per-part casts, NHWC dense convs), so its
+            # kernels are the same.
+            mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+            return ChannelsLastGPU()(mod)
         caster = _Caster(mod, self.accumulate, mod["main"])
         new_func = caster.visit_expr(mod["main"])
         mod = mod.clone()

@@ -58,8 +58,12 @@ def lower_for_target(
 
 
 def to_fp16(mod: tvm.IRModule) -> tvm.IRModule:
-    """Compute convs and matmuls in fp16 with fp32 accumulation; inputs and outputs stay fp32."""
-    return relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+    """The GPU-only form: convs and matmuls in fp16 with fp32 accumulation (inputs and outputs
+    stay fp32), dense convs in NHWC (:class:`~mulayer.passes.channels_last.ChannelsLastGPU`)."""
+    from mulayer.passes.channels_last import ChannelsLastGPU
+
+    mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+    return ChannelsLastGPU()(mod)
 
 
 def build_single(mod: tvm.IRModule, target: tvm.target.Target, tuning_db: str | Path | None = None):

@@ -1,0 +1,127 @@
+"""ChannelsLastGPU: dense convs in NHWC/OHWI, layout changes only at chain ends, same numbers."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+from mulayer.compiler.build import to_fp16
+from mulayer.errors import MuLayerError
+from mulayer.frontend.onnx_import import import_onnx
+from mulayer.models import zoo
+from mulayer.passes.channels_last import LAYOUT_ENV, ChannelsLastGPU, gpu_layout
+
+from .relax_nets import NETS, input_for, rel_error, run_llvm
+
+
+@I.ir_module
+class Before:
+    @R.function
+    def main(
+        x: R.Tensor((1, 8, 6, 6), "float32"),
+        w1: R.Tensor((8, 8, 3, 3), "float32"),
+        w2: R.Tensor((8, 1, 3, 3), "float32"),
+    ) -> R.Tensor((1, 8, 6, 6), "float32"):
+        with R.dataflow():
+            y = R.nn.conv2d(x, w1, padding=[1, 1, 1, 1])
+            y = R.nn.relu(y)
+            z = R.nn.conv2d(y, w2, padding=[1, 1, 1, 1], groups=8)
+            R.output(z)
+        return z
+
+
+@I.ir_module
+class Expected:
+    @R.function
+    def main(
+        x: R.Tensor((1, 8, 6, 6), "float32"),
+        w1: R.Tensor((8, 8, 3, 3), "float32"),
+        w2: R.Tensor((8, 1, 3, 3), "float32"),
+    ) -> R.Tensor((1, 8, 6, 6), "float32"):
+        with R.dataflow():
+            lv = R.permute_dims(x, axes=[0, 2, 3, 1])
+            lv1 = R.permute_dims(w1, axes=[0, 2, 3, 1])
+            y = R.nn.conv2d(
+                lv,
+                lv1,
+                padding=[1, 1, 1, 1],
+                data_layout="NHWC",
+                kernel_layout="OHWI",
+                out_layout="NHWC",
+            )
+            y1 = R.nn.relu(y)
+            lv2 = R.permute_dims(y1, axes=[0, 3, 1, 2])
+            z = R.nn.conv2d(lv2, w2, padding=[1, 1, 1, 1], groups=8)
+            R.output(z)
+        return z
+
+
+def test_dense_convs_go_channels_last_and_grouped_convs_stay():
+    after = ChannelsLastGPU("NHWC")(Before)
+    tvm.ir.assert_structural_equal(after, Expected)
+
+
+def test_nchw_leaves_the_module_unchanged():
+    tvm.ir.assert_structural_equal(ChannelsLastGPU("NCHW")(Before), Before)
+
+
+def test_layout_switch_names_bad_values(monkeypatch):
+    monkeypatch.setenv(LAYOUT_ENV, "nchw")
+    assert gpu_layout() == "NCHW"
+    monkeypatch.setenv(LAYOUT_ENV, "NCWH")
+    with pytest.raises(MuLayerError, match="NCWH.*NHWC, NCHW"):
+        gpu_layout()
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_numbers_unchanged(net):
+    """The converted module computes what the original does (fp32, llvm, fresh input)."""
+    mod = NETS[net]()
+    x = input_for(mod, seed=int(np.random.default_rng().integers(1 << 30)))
+    expected = run_llvm(mod, x)
+    got = run_llvm(ChannelsLastGPU("NHWC")(mod), x)
+    assert np.isfinite(got).all()
+    assert rel_error(got, expected) < 1e-5
+
+
+def _activation_permutes(mod: tvm.IRModule) -> list[list[int]]:
+    found = []
+
+    def visit(expr):
+        if (
+            isinstance(expr, relax.Call)
+            and isinstance(expr.op, tvm.ir.Op)
+            and expr.op.name == "relax.permute_dims"
+        ):
+            found.append([int(a) for a in expr.attrs.axes])
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return found
+
+
+def _conv_layouts(mod: tvm.IRModule) -> Counter:
+    found = Counter()
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d":
+            found[(int(expr.attrs.groups) > 1, str(expr.attrs.data_layout))] += 1
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return found
+
+
+def test_gpu_only_resnet_changes_layout_only_at_its_ends(tmp_path, monkeypatch):
+    """The GPU-only form of ResNet-18: every conv NHWC, weights transposed when compiling
+    (folded constants), one transform at the input and one before the classifier."""
+    monkeypatch.delenv(LAYOUT_ENV, raising=False)
+    zoo.save_model("resnet18", tmp_path / "r18.onnx")
+    mod, _, _ = import_onnx(tmp_path / "r18.onnx", None)
+    gpu = relax.transform.FoldConstant()(to_fp16(mod))
+    assert _conv_layouts(gpu) == Counter({(False, "NHWC"): 20})
+    assert _activation_permutes(gpu) == [[0, 2, 3, 1], [0, 3, 1, 2]]

@@ -1,0 +1,86 @@
+"""ChannelsLastGPU: run a GPU module's dense convs in NHWC with OHWI weights.
+
+Pipeline position: on a module whose every layer runs on the GPU, after its fp16 conversion
+(``ToMixedPrecision``) and before legalization: the GPU-only build
+(:func:`mulayer.compiler.build.to_fp16`) and a cooperative plan with no CPU part
+(:class:`~mulayer.passes.cast_gpu.CastGPU`), so that both get the same kernels.
+
+Why: the tensor-core conv rule (:mod:`mulayer.schedules.gpu_conv2d`) reads its im2col tile
+along K. In NCHW, K (channel, row, column) is a gather, one 2-byte element per channel and tap;
+in NHWC, K (row, column, channel) is contiguous, so the copies into shared memory are 16-byte
+vectors and the index math is a few adds.
+
+TVM's ``ConvertLayout`` does the rewrite: weights are transposed once (constants, folded when
+compiling), and the layout propagates through elementwise ops, pooling and concatenation, so a
+chain of convs changes layout only at its ends (the graph input, a flatten, a conv that stays
+NCHW). Grouped and depthwise convs stay NCHW (their rule, :mod:`~mulayer.schedules.gpu_depthwise`,
+is NCHW-only).
+
+``MULAYER_GPU_LAYOUT=NCHW`` turns the pass off (to measure against it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import tvm
+from tvm import relax
+
+log = logging.getLogger(__name__)
+
+LAYOUT_ENV = "MULAYER_GPU_LAYOUT"
+LAYOUTS = ("NHWC", "NCHW")
+_NHWC = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
+_NCHW = {"relax.nn.conv2d": ["NCHW", "OIHW"]}
+
+
+def gpu_layout() -> str:
+    """The data layout of GPU dense convs: ``MULAYER_GPU_LAYOUT`` (default ``NHWC``)."""
+    from mulayer.errors import MuLayerError
+
+    layout = os.environ.get(LAYOUT_ENV, "NHWC").upper() or "NHWC"
+    if layout not in LAYOUTS:
+        raise MuLayerError(f"{LAYOUT_ENV}={layout!r}: use one of {', '.join(LAYOUTS)}")
+    return layout
+
+
+def is_dense_nchw_conv(call: relax.Call) -> bool:
+    """A 2-D NCHW/OIHW conv with one group (what the tensor-core rule runs in NHWC)."""
+    if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
+        return False
+    attrs = call.attrs
+    return (
+        int(attrs.groups) == 1
+        and str(attrs.data_layout) == "NCHW"
+        and str(attrs.kernel_layout) == "OIHW"
+        and str(attrs.out_layout) == "NCHW"
+    )
+
+
+def _desired_layouts(call: relax.Call) -> dict:
+    # An empty answer would let a grouped conv take its input's layout (NHWC): name NCHW.
+    return _NHWC if is_dense_nchw_conv(call) else _NCHW
+
+
+@tvm.transform.module_pass(opt_level=0, name="ChannelsLastGPU")
+class ChannelsLastGPU:
+    """Convert the module's dense NCHW convs to NHWC/OHWI (see the module doc).
+
+    Parameters
+    ----------
+    layout : str | None
+        ``"NHWC"`` (convert) or ``"NCHW"`` (leave the module as it is); default
+        :func:`gpu_layout`.
+    """
+
+    def __init__(self, layout: str | None = None):
+        self.layout = layout or gpu_layout()
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout={self.layout!r}: use one of {', '.join(LAYOUTS)}")
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if self.layout == "NCHW":
+            log.debug("ChannelsLastGPU: %s=NCHW, convs keep their layout", LAYOUT_ENV)
+            return mod
+        return relax.transform.ConvertLayout({}, layout_cb=_desired_layouts)(mod)
