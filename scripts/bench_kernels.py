@@ -325,6 +325,9 @@ def _amx_usable(target) -> bool:
 
 
 def _ours_module(layer: Layer, data: LayerData, precision: str):
+    """The Relax module of our column, its inputs, and whether its output is NHWC (a dense
+    fp16 conv runs channels-last, as GPU builds run it: ``MULAYER_GPU_LAYOUT``)."""
+    from mulayer.passes.channels_last import gpu_layout
     from mulayer.schedules import PadConvInputChannels
     from mulayer.schedules.testing import conv2d_module, matmul_module
 
@@ -332,12 +335,14 @@ def _ours_module(layer: Layer, data: LayerData, precision: str):
         k, n = layer.dense
         if precision == "int8":
             params = {"w": data.w8, "b": data.b32}
-            return matmul_module(
-                1, k, n, "uint8", "int8", "int32", transpose_w=True, params=params
-            ), [data.x8]
+            return (
+                matmul_module(1, k, n, "uint8", "int8", "int32", transpose_w=True, params=params),
+                [data.x8],
+                False,
+            )
         if precision == "fp32":
             params = {"w": data.w, "b": data.b}
-            return matmul_module(1, k, n, transpose_w=True, params=params), [data.x]
+            return matmul_module(1, k, n, transpose_w=True, params=params), [data.x], False
         x16, w16 = data.fp16_inputs()
         mod = matmul_module(
             1,
@@ -349,20 +354,30 @@ def _ours_module(layer: Layer, data: LayerData, precision: str):
             params={"w": w16, "b": data.b},
             cast_to="float16",
         )
-        return mod, [x16]
+        return mod, [x16], False
     case = layer.case()
     if precision == "int8":
         mod = conv2d_module(
             case, "uint8", "int8", "int32", epilogue="requant", params={"w": data.w8, "b": data.b32}
         )
-        return PadConvInputChannels()(mod), [data.x8]
+        return PadConvInputChannels()(mod), [data.x8], False
     if precision == "fp32":
-        return conv2d_module(case, params={"w": data.w, "b": data.b}), [data.x]
+        return conv2d_module(case, params={"w": data.w, "b": data.b}), [data.x], False
     x16, w16 = data.fp16_inputs()
+    params = {"w": w16, "b": data.b}
+    nhwc = case.groups == 1 and gpu_layout() == "NHWC"
+    if nhwc:
+        x16 = np.ascontiguousarray(x16.transpose(0, 2, 3, 1))
+        params = {k: np.ascontiguousarray(v.transpose(0, 2, 3, 1)) for k, v in params.items()}
     mod = conv2d_module(
-        case, "float16", out_dtype="float32", params={"w": w16, "b": data.b}, cast_to="float16"
+        case,
+        "float16",
+        out_dtype="float32",
+        params=params,
+        cast_to="float16",
+        layout="NHWC" if nhwc else "NCHW",
     )
-    return mod, [x16]
+    return mod, [x16], nhwc
 
 
 def measure_ours(layer: Layer, column: Column, data: LayerData, ctx: TVMContext, opts: Options):
@@ -385,7 +400,7 @@ def measure_ours(layer: Layer, column: Column, data: LayerData, ctx: TVMContext,
         target, dev = ctx.cpu_vnni, tvm.cpu(0)
     else:
         target, dev = ctx.cpu, tvm.cpu(0)
-    mod, inputs = _ours_module(layer, data, column.precision)
+    mod, inputs, nhwc = _ours_module(layer, data, column.precision)
     start = time.perf_counter()
     mod = apply_schedules(standard_pipeline(mod), target)
     unscheduled = [
@@ -400,6 +415,9 @@ def measure_ours(layer: Layer, column: Column, data: LayerData, ctx: TVMContext,
         cell.extra["unscheduled"] = unscheduled
     args = [tvm.runtime.tensor(a, dev) for a in inputs]
     out = vm["main"](*args).numpy()
+    if nhwc:
+        out = out.transpose(0, 3, 1, 2)
+        cell.extra["layout"] = "NHWC"
     _checked(cell, column.precision, out, data.reference(column.precision))
     first = time.perf_counter()
     vm["main"](*args)
