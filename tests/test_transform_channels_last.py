@@ -71,6 +71,15 @@ def test_nchw_leaves_the_module_unchanged():
     tvm.ir.assert_structural_equal(ChannelsLastGPU("NCHW")(Before), Before)
 
 
+def test_gpu_only_form_keeps_nchw_by_default(tmp_path, monkeypatch):
+    monkeypatch.delenv(LAYOUT_ENV, raising=False)
+    zoo.save_model("resnet18", tmp_path / "r18.onnx")
+    mod, _, _ = import_onnx(tmp_path / "r18.onnx", None)
+    gpu = relax.transform.FoldConstant()(to_fp16(mod))
+    assert _conv_layouts(gpu) == Counter({(False, "NCHW"): 20})
+    assert _activation_permutes(gpu) == []
+
+
 def test_layout_switch_names_bad_values(monkeypatch):
     monkeypatch.setenv(LAYOUT_ENV, "nchw")
     assert gpu_layout() == "NCHW"
@@ -119,7 +128,7 @@ def _conv_layouts(mod: tvm.IRModule) -> Counter:
 def test_gpu_only_resnet_changes_layout_only_at_its_ends(tmp_path, monkeypatch):
     """The GPU-only form of ResNet-18: every conv NHWC, weights transposed when compiling
     (folded constants), one transform at the input and one before the classifier."""
-    monkeypatch.delenv(LAYOUT_ENV, raising=False)
+    monkeypatch.setenv(LAYOUT_ENV, "NHWC")
     zoo.save_model("resnet18", tmp_path / "r18.onnx")
     mod, _, _ = import_onnx(tmp_path / "r18.onnx", None)
     gpu = relax.transform.FoldConstant()(to_fp16(mod))

@@ -16,7 +16,9 @@ chain of convs changes layout only at its ends (the graph input, a flatten, a co
 NCHW). Grouped and depthwise convs stay NCHW (their rule, :mod:`~mulayer.schedules.gpu_depthwise`,
 is NCHW-only).
 
-``MULAYER_GPU_LAYOUT=NCHW`` turns the pass off (to measure against it).
+Off by default until measured on a GPU (the session that wrote it got no GPU time; the NCHW
+kernels are the measured ones): ``MULAYER_GPU_LAYOUT=NHWC`` at compile time turns it on,
+``NCHW`` (the default) leaves the module as it is.
 """
 
 from __future__ import annotations
@@ -35,11 +37,15 @@ _NHWC = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
 _NCHW = {"relax.nn.conv2d": ["NCHW", "OIHW"]}
 
 
+DEFAULT_LAYOUT = "NCHW"
+
+
 def gpu_layout() -> str:
-    """The data layout of GPU dense convs: ``MULAYER_GPU_LAYOUT`` (default ``NHWC``)."""
+    """The data layout of GPU dense convs: ``MULAYER_GPU_LAYOUT`` (default
+    :data:`DEFAULT_LAYOUT`)."""
     from mulayer.errors import MuLayerError
 
-    layout = os.environ.get(LAYOUT_ENV, "NHWC").upper() or "NHWC"
+    layout = os.environ.get(LAYOUT_ENV, DEFAULT_LAYOUT).upper() or DEFAULT_LAYOUT
     if layout not in LAYOUTS:
         raise MuLayerError(f"{LAYOUT_ENV}={layout!r}: use one of {', '.join(LAYOUTS)}")
     return layout
