@@ -193,6 +193,25 @@ def _check(got: np.ndarray, ref: np.ndarray) -> None:
     np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
 
 
+def _fresh_case(case: ConvCase, epilogue: str) -> tuple[list[np.ndarray], np.ndarray, str]:
+    """Fresh NCHW inputs (x, w, b[, residual]), the float64 reference output, the acc type."""
+    rng = np.random.default_rng()
+    oh, ow = case.out_hw
+    x = rng.standard_normal((1, case.c, case.h, case.w)).astype("float16")
+    w = (
+        rng.standard_normal((case.f, case.c, case.k, case.k)) / np.sqrt(case.c * case.k**2)
+    ).astype("float16")
+    acc = "float16" if epilogue == "fp16_acc" else "float32"
+    b = rng.standard_normal((1, case.f, 1, 1)).astype(acc)
+    conv = conv2d_reference(x, w, case) + b.astype("float64")
+    inputs = [x, w, b]
+    if epilogue == "residual":
+        r = rng.standard_normal((1, case.f, oh, ow)).astype("float16")
+        inputs.append(r)
+        return inputs, np.maximum(conv.astype("float16").astype("float64") + r, 0), acc
+    return inputs, np.maximum(conv, 0), acc
+
+
 NUMERICS = [(c, *t) for c in CASES for t in TILES] + [
     (c, *t) for c in NARROW_CASES for t in NARROW_TILES
 ]
@@ -209,27 +228,12 @@ def test_tensor_core_conv_numerics(case, name, tile, epilogue, monkeypatch):
         pytest.skip("no CUDA device")
     if not _applies(case, tile):
         pytest.skip(f"split {tile.split_k} does not divide {case.c} channels")
-    rng = np.random.default_rng()
-    oh, ow = case.out_hw
-    x = rng.standard_normal((1, case.c, case.h, case.w)).astype("float16")
-    w = (
-        rng.standard_normal((case.f, case.c, case.k, case.k)) / np.sqrt(case.c * case.k**2)
-    ).astype("float16")
-    acc = "float16" if epilogue == "fp16_acc" else "float32"
-    b = rng.standard_normal((1, case.f, 1, 1)).astype(acc)
-    conv = conv2d_reference(x, w, case) + b.astype("float64")
-    inputs = [x, w, b]
-    if epilogue == "residual":
-        r = rng.standard_normal((1, case.f, oh, ow)).astype("float16")
-        inputs.append(r)
-        ref = np.maximum(conv.astype("float16").astype("float64") + r, 0)
-    else:
-        ref = np.maximum(conv, 0)
+    inputs, ref, acc = _fresh_case(case, epilogue)
     func = _conv_func(case, acc, residual=epilogue == "residual")
     sch = _schedule(func, tile)
     assert sch is not None, f"the rule does not apply to {case} with {name}"
     lib = build_prim_func(sch.mod["main"], CUDA)
-    _check(_run_poisoned_cuda(lib, inputs, (1, case.f, oh, ow)), ref)
+    _check(_run_poisoned_cuda(lib, inputs, (1, case.f, *case.out_hw)), ref)
 
 
 # Channels-last convs (ChannelsLastGPU): the default tile, split-K and a wide tile.
@@ -247,28 +251,13 @@ def test_channels_last_conv_numerics(case, name, tile, epilogue):
         pytest.skip("no CUDA device")
     if not _applies(case, tile):
         pytest.skip(f"split {tile.split_k} does not divide {case.c} channels")
-    rng = np.random.default_rng()
-    oh, ow = case.out_hw
-    x = rng.standard_normal((1, case.c, case.h, case.w)).astype("float16")
-    w = (
-        rng.standard_normal((case.f, case.c, case.k, case.k)) / np.sqrt(case.c * case.k**2)
-    ).astype("float16")
-    acc = "float16" if epilogue == "fp16_acc" else "float32"
-    b = rng.standard_normal((1, case.f, 1, 1)).astype(acc)
-    conv = conv2d_reference(x, w, case) + b.astype("float64")
-    inputs = [x, w, b]
-    if epilogue == "residual":
-        r = rng.standard_normal((1, case.f, oh, ow)).astype("float16")
-        inputs.append(r)
-        ref = np.maximum(conv.astype("float16").astype("float64") + r, 0)
-    else:
-        ref = np.maximum(conv, 0)
+    inputs, ref, acc = _fresh_case(case, epilogue)
     func = _conv_func(case, acc, residual=epilogue == "residual", layout="NHWC")
     sch = _schedule(func, tile)
     assert sch is not None, f"the rule does not apply to NHWC {case} with {name}"
     lib = build_prim_func(sch.mod["main"], CUDA)
     nhwc = [np.ascontiguousarray(a.transpose(0, 2, 3, 1)) for a in inputs]
-    got = _run_poisoned_cuda(lib, nhwc, (1, oh, ow, case.f))
+    got = _run_poisoned_cuda(lib, nhwc, (1, *case.out_hw, case.f))
     _check(got, ref.transpose(0, 2, 3, 1))
 
 
