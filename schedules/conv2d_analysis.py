@@ -13,8 +13,10 @@ where ``Fg = F / groups`` and ``Cg = C / groups`` (the ``f // Fg * Cg`` term onl
 
 An NHWC/OHWI conv (what :class:`~mulayer.passes.channels_last.ChannelsLastGPU` makes of a GPU
 conv) legalizes to one ``conv2d_nhwc`` block with iter vars ``nn, yy, xx, ff`` and
-``ry, rx, rc``, reading ``pad[n, y*sh + ry, x*sw + rx, rc]`` and ``w[f, ry, rx, rc]``. Only
-rules that ask for it (``layouts=("NCHW", "NHWC")``) see such convs.
+``ry, rx, rc``, reading ``pad[n, y*sh + ry, x*sw + rx, rc]`` and ``w[f, ry, rx, rc]``; a
+depthwise one (one output per channel) to ``group_conv2d_nhwc``, reading
+``pad[n, y*sh + ry, x*sw + rx, f + rc]`` with ``rc`` of extent 1. Other grouped NHWC convs are
+not recognised. Only rules that ask for it (``layouts=("NCHW", "NHWC")``) see such convs.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from tvm.s_tir.schedule import SBlockRV
 from ._util import const_int, is_simple_multiply_add, iter_extents, iter_kinds, leaf_blocks
 
 CONV2D_BLOCK_NAMES = ("conv2d_nchw", "group_conv2d_nchw")
-NHWC_BLOCK_NAMES = ("conv2d_nhwc",)
+NHWC_BLOCK_NAMES = ("conv2d_nhwc", "group_conv2d_nhwc")
 # Positions of (n, f, oh, ow, rc, ry, rx) among the block's iter vars, per data layout.
 _ITER_ORDER = {"NCHW": (0, 1, 2, 3, 4, 5, 6), "NHWC": (0, 3, 1, 2, 6, 4, 5)}
 # Positions of (n, c, h, w) in the data buffer, and of (f, rc, ry, rx) in the weight buffer.
@@ -172,7 +174,10 @@ def find_conv2d(sch: s_tir.Schedule, layouts: tuple[str, ...] = ("NCHW",)) -> Co
         if c_in is None or c_in % cg != 0:
             return None
         groups = c_in // cg
-        if f % groups != 0 or (layout == "NHWC" and groups != 1):
+        if f % groups != 0:
+            return None
+        if layout == "NHWC" and groups != 1 and (cg != 1 or f != groups):
+            # NHWC: dense convs, and depthwise ones with one output per channel.
             return None
         sh = _stride_of(d_idx[h_axis], ivars[order[2]])
         sw = _stride_of(d_idx[w_axis], ivars[order[3]])

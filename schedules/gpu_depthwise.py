@@ -18,6 +18,12 @@ so the schedule is about memory traffic and enough threads:
 
 Applies to fp16 and fp32 NCHW depthwise convs (``C/groups == 1``, any channel multiplier),
 any kernel size, stride, padding and dilation, batch >= 1.
+
+NHWC depthwise convs (one output per channel; what
+:class:`~mulayer.passes.channels_last.ChannelsLastGPU` makes of them) take
+:func:`schedule_depthwise_nhwc` instead: each thread computes :data:`NHWC_LANES` adjacent
+channels of one output pixel, so its loads of the input, the weights and the output are vectors
+along the contiguous channel axis.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from .base import GPUScheduleRule
 from .conv2d_analysis import Conv2dInfo, data_producer, find_conv2d
 
 DTYPES = ("float16", "float32")
+NHWC_LANES = 4  # channels per thread of an NHWC depthwise conv (8-byte fp16 vectors)
+NHWC_THREADS = 128
 
 
 @dataclass(frozen=True)
@@ -78,14 +86,15 @@ class DepthwiseConv2d(GPUScheduleRule):
         if not self.is_target_available(target):
             return None
         sch = new_schedule(func)
-        info = find_conv2d(sch)
+        info = find_conv2d(sch, layouts=("NCHW", "NHWC"))
         if info is None or not info.is_depthwise:
             return None
         if info.in_dtype not in DTYPES or info.w_dtype not in DTYPES:
             return None
-        tile = self.tile or choose_tile(info)
         try:
-            return schedule_depthwise(sch, info, tile)
+            if info.layout == "NHWC":
+                return schedule_depthwise_nhwc(sch, info)
+            return schedule_depthwise(sch, info, self.tile or choose_tile(info))
         except (*SCHEDULE_ERRORS, AssertionError) as err:  # dlight's inliner asserts
             logger.debug("depthwise conv: schedule failed (%s)", err)
             return None
@@ -142,12 +151,53 @@ def schedule_depthwise(
     return sch
 
 
-def _unroll_inner(sch: s_tir.Schedule, block, outer) -> None:
-    """Unroll every loop of ``block`` below the thread loop ``outer``."""
+def schedule_depthwise_nhwc(sch: s_tir.Schedule, info: Conv2dInfo) -> s_tir.Schedule:
+    """NHWC depthwise: one thread per (pixel, :data:`NHWC_LANES` channels), vectors along C."""
+    conv = info.block
+    pad = data_producer(sch, info)
+    lanes = next(n for n in (NHWC_LANES, 2, 1) if info.f % n == 0)  # CUDA: even fp16 vectors
+
+    # Step 1. Accumulate in registers; the epilogue joins the register write-back.
+    acc = sch.cache_write(conv, 0, "local")
+    _inline_consumers(sch, acc)
+    if pad is not None:
+        sch.compute_inline(pad)  # padding becomes a predicate on the load
+
+    # Step 2. (batch, row, column, channel group) -> threads; the lanes innermost.
+    n, y, x, f, ry, rx, rc = sch.get_loops(conv)
+    fo, fv = sch.split(f, [None, lanes])
+    sch.reorder(n, y, x, fo, rc, ry, rx, fv)
+    bx, tx = sch.split(sch.fuse(n, y, x, fo), [None, NHWC_THREADS])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    sch.reverse_compute_at(acc, tx)
+
+    # Step 3. Unroll the window; vectors over the lanes (products, init, write-back).
+    sch.vectorize(fv)  # before the init is split off: vectorize needs a complete reduction
+    init = sch.decompose_reduction(conv, rc)
+    lane_loop = sch.get(fv)
+    for block in (conv, init, acc):
+        inner = _inner_loops(sch, block, tx)  # the lanes last (no loop where one lane)
+        lanes_at = [i for i, lp in enumerate(inner) if sch.get(lp).same_as(lane_loop)]
+        if block != conv and inner and int(sch.get(inner[-1]).extent) == lanes:
+            lanes_at = [len(inner) - 1]
+            sch.vectorize(inner[-1])
+        for i, loop in enumerate(inner):
+            if i not in lanes_at:
+                sch.unroll(loop)
+    return sch
+
+
+def _inner_loops(sch: s_tir.Schedule, block, outer) -> list:
+    """The loops of ``block`` below the thread loop ``outer``."""
     loops = list(sch.get_loops(block))
     outer_stmt = sch.get(outer)
-    inner = loops[[sch.get(lp).same_as(outer_stmt) for lp in loops].index(True) + 1 :]
-    for loop in inner:
+    return loops[[sch.get(lp).same_as(outer_stmt) for lp in loops].index(True) + 1 :]
+
+
+def _unroll_inner(sch: s_tir.Schedule, block, outer) -> None:
+    """Unroll every loop of ``block`` below the thread loop ``outer``."""
+    for loop in _inner_loops(sch, block, outer):
         sch.unroll(loop)
 
 

@@ -45,15 +45,25 @@ TILES = [
 ]
 
 
-def depthwise_module(case: ConvCase, epilogue: str) -> tvm.IRModule:
+def _in_layout(shape: tuple, layout: str) -> tuple:
+    """An NCHW (OIHW) shape in ``layout`` (NHWC: channels last, OHWI weights)."""
+    return (shape[0], *shape[2:], shape[1]) if layout == "NHWC" else shape
+
+
+def depthwise_module(case: ConvCase, epilogue: str, layout: str = "NCHW") -> tvm.IRModule:
     """``main(x, w, b, r)`` as the GPU build fuses it: fp16 conv accumulated in fp32, cast to
     fp16, then bias and relu6 (``clip``), bias and a residual add, or nothing."""
     oh, ow = case.out_hw
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((case.n, case.c, case.h, case.w), "float16"))
-    w = relax.Var("w", relax.TensorType((case.f, 1, case.k, case.k), "float16"))
-    b = relax.Var("b", relax.TensorType((1, case.f, 1, 1), "float16"))
-    r = relax.Var("r", relax.TensorType((case.n, case.f, oh, ow), "float16"))
+
+    def var(name, shape):
+        return relax.Var(name, relax.TensorType(_in_layout(shape, layout), "float16"))
+
+    x = var("x", (case.n, case.c, case.h, case.w))
+    w = var("w", (case.f, 1, case.k, case.k))
+    b = var("b", (1, case.f, 1, 1))
+    r = var("r", (case.n, case.f, oh, ow))
+    layouts = {"data_layout": "NHWC", "kernel_layout": "OHWI"} if layout == "NHWC" else {}
     params = [x, w] if epilogue == "none" else [x, w, b] + ([r] if "residual" in epilogue else [])
     with bb.function("main", params):
         with bb.dataflow():
@@ -66,6 +76,7 @@ def depthwise_module(case: ConvCase, epilogue: str) -> tvm.IRModule:
                     dilation=case.dilation,
                     groups=case.groups,
                     out_dtype="float32",
+                    **layouts,
                 )
             )
             y = bb.emit(relax.op.astype(y, "float16"))
@@ -80,9 +91,15 @@ def depthwise_module(case: ConvCase, epilogue: str) -> tvm.IRModule:
     return bb.get()
 
 
-def depthwise_func(case: ConvCase, epilogue: str = "bias_relu6") -> tvm.tirx.PrimFunc:
-    (func,) = prim_funcs(standard_pipeline(depthwise_module(case, epilogue))).values()
+def depthwise_func(
+    case: ConvCase, epilogue: str = "bias_relu6", layout: str = "NCHW"
+) -> tvm.tirx.PrimFunc:
+    (func,) = prim_funcs(standard_pipeline(depthwise_module(case, epilogue, layout))).values()
     return func
+
+
+# NHWC depthwise (ChannelsLastGPU): one output per channel only.
+NHWC_CASES = [c for c in CASES if c.f == c.c]
 
 
 def test_claims_depthwise_convs_with_their_epilogues():
@@ -157,6 +174,27 @@ def test_cuda_source_compiles_with_nvcc(tile, tmp_path):
         )
 
 
+@pytest.mark.parametrize("case", NHWC_CASES, ids=str)
+def test_nhwc_depthwise_loads_vectors_of_channels(case, tmp_path):
+    """NHWC depthwise convs take the rule; channels divisible by 4 load 4-wide fp16 vectors; the
+    source compiles for sm_90."""
+    func = depthwise_func(case, "bias_residual", layout="NHWC")
+    assert isinstance(claiming_rule(func, CUDA), DepthwiseConv2d)
+    with CUDA:
+        sch = DepthwiseConv2d().apply(func, CUDA, False)
+    src = build_prim_func(sch.mod["main"], CUDA).imports[0].inspect_source()
+    assert ("*(half4*)(x_ptr" in src) == (case.c % 4 == 0)
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if shutil.which(nvcc):
+        path = tmp_path / "k.cu"
+        path.write_text(src)
+        subprocess.run(
+            [nvcc, "-arch=sm_90", "-cubin", "-w", "-o", str(path.with_suffix(".cubin")), str(path)],
+            check=True,
+            capture_output=True,
+        )
+
+
 def test_opencl_source_is_generated():
     opencl = tvm.target.Target({"kind": "opencl"}, host={"kind": "llvm"})
     for tile in TILES:
@@ -209,6 +247,27 @@ def test_cuda_depthwise_numerics(case, epilogue, tile):
     out = run_poisoned_on(lib, inputs, (case.n, case.f, oh, ow), dev)
     assert np.isfinite(out).all(), "some outputs were never written"
     ref = _reference(case, epilogue, data)
+    np.testing.assert_allclose(out.astype("float64"), ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("case", NHWC_CASES, ids=str)
+def test_cuda_nhwc_depthwise_numerics(case, epilogue):
+    if not tvm.cuda().exist:
+        pytest.skip("no CUDA device")
+    func = depthwise_func(case, epilogue, layout="NHWC")
+    with CUDA:
+        sch = DepthwiseConv2d().apply(func, CUDA, False)
+    assert sch is not None
+    lib = build_prim_func(sch.mod["main"], CUDA)
+    data = _inputs(case, epilogue, np.random.default_rng())
+    nhwc = {k: np.ascontiguousarray(v.transpose(0, 2, 3, 1)) for k, v in data.items()}
+    inputs = [nhwc[p.name] for p in func.params[:-1]]
+    oh, ow = case.out_hw
+    out = run_poisoned_on(lib, inputs, (case.n, oh, ow, case.f), tvm.cuda())
+    assert np.isfinite(out).all(), "some outputs were never written"
+    ref = _reference(case, epilogue, data).transpose(0, 2, 3, 1)
     np.testing.assert_allclose(out.astype("float64"), ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
 
 

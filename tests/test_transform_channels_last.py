@@ -27,11 +27,13 @@ class Before:
         x: R.Tensor((1, 8, 6, 6), "float32"),
         w1: R.Tensor((8, 8, 3, 3), "float32"),
         w2: R.Tensor((8, 1, 3, 3), "float32"),
+        w3: R.Tensor((8, 4, 1, 1), "float32"),
     ) -> R.Tensor((1, 8, 6, 6), "float32"):
         with R.dataflow():
             y = R.nn.conv2d(x, w1, padding=[1, 1, 1, 1])
             y = R.nn.relu(y)
             z = R.nn.conv2d(y, w2, padding=[1, 1, 1, 1], groups=8)
+            z = R.nn.conv2d(z, w3, groups=2)
             R.output(z)
         return z
 
@@ -43,26 +45,23 @@ class Expected:
         x: R.Tensor((1, 8, 6, 6), "float32"),
         w1: R.Tensor((8, 8, 3, 3), "float32"),
         w2: R.Tensor((8, 1, 3, 3), "float32"),
+        w3: R.Tensor((8, 4, 1, 1), "float32"),
     ) -> R.Tensor((1, 8, 6, 6), "float32"):
+        nhwc = {"data_layout": "NHWC", "kernel_layout": "OHWI", "out_layout": "NHWC"}
         with R.dataflow():
             lv = R.permute_dims(x, axes=[0, 2, 3, 1])
             lv1 = R.permute_dims(w1, axes=[0, 2, 3, 1])
-            y = R.nn.conv2d(
-                lv,
-                lv1,
-                padding=[1, 1, 1, 1],
-                data_layout="NHWC",
-                kernel_layout="OHWI",
-                out_layout="NHWC",
-            )
+            y = R.nn.conv2d(lv, lv1, padding=[1, 1, 1, 1], **nhwc)
             y1 = R.nn.relu(y)
-            lv2 = R.permute_dims(y1, axes=[0, 3, 1, 2])
-            z = R.nn.conv2d(lv2, w2, padding=[1, 1, 1, 1], groups=8)
-            R.output(z)
-        return z
+            lv2 = R.permute_dims(w2, axes=[0, 2, 3, 1])
+            z = R.nn.conv2d(y1, lv2, padding=[1, 1, 1, 1], groups=8, **nhwc)
+            lv3 = R.permute_dims(z, axes=[0, 3, 1, 2])
+            z1 = R.nn.conv2d(lv3, w3, groups=2)
+            R.output(z1)
+        return z1
 
 
-def test_dense_convs_go_channels_last_and_grouped_convs_stay():
+def test_dense_and_depthwise_convs_go_channels_last_other_grouped_convs_stay():
     after = ChannelsLastGPU("NHWC")(Before)
     tvm.ir.assert_structural_equal(after, Expected)
 
@@ -125,12 +124,20 @@ def _conv_layouts(mod: tvm.IRModule) -> Counter:
     return found
 
 
-def test_gpu_only_resnet_changes_layout_only_at_its_ends(tmp_path, monkeypatch):
-    """The GPU-only form of ResNet-18: every conv NHWC, weights transposed when compiling
-    (folded constants), one transform at the input and one before the classifier."""
+@pytest.mark.parametrize(
+    ("net", "convs"),
+    [
+        ("resnet18", {(False, "NHWC"): 20}),
+        ("mobilenetv2", {(False, "NHWC"): 35, (True, "NHWC"): 17}),
+    ],
+)
+def test_gpu_only_form_changes_layout_only_at_its_ends(net, convs, tmp_path, monkeypatch):
+    """The GPU-only form of ResNet-18 and MobileNetV2: every conv NHWC (depthwise ones too),
+    weights transposed when compiling (folded constants), one transform at the input and one
+    before the classifier."""
     monkeypatch.setenv(LAYOUT_ENV, "NHWC")
-    zoo.save_model("resnet18", tmp_path / "r18.onnx")
-    mod, _, _ = import_onnx(tmp_path / "r18.onnx", None)
+    zoo.save_model(net, tmp_path / "net.onnx")
+    mod, _, _ = import_onnx(tmp_path / "net.onnx", None)
     gpu = relax.transform.FoldConstant()(to_fp16(mod))
-    assert _conv_layouts(gpu) == Counter({(False, "NHWC"): 20})
+    assert _conv_layouts(gpu) == Counter(convs)
     assert _activation_permutes(gpu) == [[0, 2, 3, 1], [0, 3, 1, 2]]

@@ -8,13 +8,14 @@ Pipeline position: on a module whose every layer runs on the GPU, after its fp16
 Why: the tensor-core conv rule (:mod:`mulayer.schedules.gpu_conv2d`) reads its im2col tile
 along K. In NCHW, K (channel, row, column) is a gather, one 2-byte element per channel and tap;
 in NHWC, K (row, column, channel) is contiguous, so the copies into shared memory are 16-byte
-vectors and the index math is a few adds.
+vectors and the index math is a few adds. Depthwise convs go NHWC too: their rule
+(:func:`~mulayer.schedules.gpu_depthwise.schedule_depthwise_nhwc`) then loads vectors of
+channels.
 
 TVM's ``ConvertLayout`` does the rewrite: weights are transposed once (constants, folded when
 compiling), and the layout propagates through elementwise ops, pooling and concatenation, so a
 chain of convs changes layout only at its ends (the graph input, a flatten, a conv that stays
-NCHW). Grouped and depthwise convs stay NCHW (their rule, :mod:`~mulayer.schedules.gpu_depthwise`,
-is NCHW-only).
+NCHW). Grouped convs other than depthwise ones stay NCHW (dlight's rules take them).
 
 Off by default until measured on a GPU (the session that wrote it got no GPU time; the NCHW
 kernels are the measured ones): ``MULAYER_GPU_LAYOUT=NHWC`` at compile time turns it on,
@@ -51,22 +52,32 @@ def gpu_layout() -> str:
     return layout
 
 
-def is_dense_nchw_conv(call: relax.Call) -> bool:
-    """A 2-D NCHW/OIHW conv with one group (what the tensor-core rule runs in NHWC)."""
+def channels_last_kind(call: relax.Call) -> str | None:
+    """``"dense"`` or ``"depthwise"`` for a 2-D NCHW/OIHW conv the GPU rules run in NHWC (one
+    group: the tensor-core rule; one input and one output channel per group: the depthwise
+    rule), else None."""
     if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
-        return False
+        return None
     attrs = call.attrs
-    return (
-        int(attrs.groups) == 1
-        and str(attrs.data_layout) == "NCHW"
-        and str(attrs.kernel_layout) == "OIHW"
-        and str(attrs.out_layout) == "NCHW"
-    )
+    if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != (
+        "NCHW",
+        "OIHW",
+        "NCHW",
+    ):
+        return None
+    groups = int(attrs.groups)
+    if groups == 1:
+        return "dense"
+    shape = getattr(call.args[1].ty, "shape", None)
+    if shape is None:
+        return None
+    weight = [int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in shape.values]
+    return "depthwise" if weight[1] == 1 and weight[0] == groups else None
 
 
 def _desired_layouts(call: relax.Call) -> dict:
     # An empty answer would let a grouped conv take its input's layout (NHWC): name NCHW.
-    return _NHWC if is_dense_nchw_conv(call) else _NCHW
+    return _NHWC if channels_last_kind(call) else _NCHW
 
 
 @tvm.transform.module_pass(opt_level=0, name="ChannelsLastGPU")
