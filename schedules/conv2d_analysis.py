@@ -56,7 +56,7 @@ class Conv2dInfo:
     data : tirx.Buffer
         The buffer the block reads activations from (usually ``pad_temp``).
     weight : tirx.Buffer
-        The OIHW weight buffer.
+        The weight buffer (OIHW; OHWI for NHWC convs).
     weight_read : int
         Index of ``weight`` in the block's read regions.
     data_read : int

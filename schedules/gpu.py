@@ -1,10 +1,10 @@
 """GPU rules (cuda, opencl, and other kinds with the ``gpu`` key).
 
 First :class:`~.gpu_conv2d.Conv2dTensorCore` (fp16 conv as an implicit GEMM on tensor cores,
-cuda sm_70+) and :class:`~.gpu_depthwise.DepthwiseConv2d` (NCHW depthwise convs, which dlight's
-``GeneralReduction`` would otherwise claim at 0.03x cuDNN), then dlight's generic GPU rules in
-the order TVM's own ``default`` pipeline uses, so anything mulayer does not specialise is
-scheduled exactly as stock TVM would:
+cuda sm_70+) and :class:`~.gpu_depthwise.DepthwiseConv2d` (NCHW and NHWC depthwise convs,
+which dlight's ``GeneralReduction`` would otherwise claim at 0.03x cuDNN), then dlight's
+generic GPU rules in the order TVM's own ``default`` pipeline uses, so anything mulayer does not
+specialise is scheduled exactly as stock TVM would:
 
 ``dlight.gpu.Matmul``
     matmul *and* legalized NCHW conv2d (it treats the conv as an implicit GEMM). With

@@ -22,6 +22,9 @@ What differs:
   the chunk index becomes the GEMM's batch axis (``blockIdx.z``), the partial sums (in the
   accumulator type) go to a global buffer, and a second kernel adds them up, one thread per
   output element, with the epilogue (bias, residual add, relu, cast) fused there.
+- NHWC convs (OHWI weights, ``MULAYER_GPU_LAYOUT=NHWC``): K is (kernel row, column, channel),
+  contiguous in memory, so both shared-memory copies are 16-byte vectors where a K step stays
+  inside one tap (:func:`nhwc_k_step`, and split-K chunks of whole steps).
 
 Grouped convs are left to dlight's SIMT rules (their GEMM is block-diagonal), depthwise ones to
 :class:`~.gpu_depthwise.DepthwiseConv2d`.
@@ -56,6 +59,7 @@ NARROW_ENV = "MULAYER_GPU_NARROW_CONV"
 WARP_SIZE = 32
 VECTOR = 4  # halves per thread of a global -> shared copy (8 bytes)
 NHWC_VECTOR = 8  # ... where the channels are contiguous and a multiple of 8 (16-byte loads)
+NHWC_MIN_STEP = 32  # the smallest K step (two fragments: TVM's software pipeline needs two)
 # Shared memory a kernel may use without opting in (static + dynamic).
 SMEM_DEFAULT = 48 * 1024
 
@@ -224,9 +228,34 @@ def choose_tile(info: Conv2dInfo) -> ConvTile:
     for choice in split_k_choices(info, tile.tile_k):
         if base * choice > MAX_SPLIT_BLOCKS:
             break
+        if info.layout == "NHWC" and (info.cg // choice) % _nhwc_chunk_multiple(info):
+            continue  # its K steps would straddle taps or cut a vector: scalar loads
         if base * split < FILL_BLOCKS or gemm_k // choice >= MIN_CHUNK:
             split = choice
-    return replace(tile, split_k=split)
+    tile = replace(tile, split_k=split)
+    return nhwc_k_step(info, tile) if _taps_in_k(info) else tile
+
+
+def _nhwc_chunk_multiple(info: Conv2dInfo) -> int:
+    """What an NHWC split-K chunk's channel count must be a multiple of for 16-byte loads."""
+    return NHWC_MIN_STEP if _taps_in_k(info) else NHWC_VECTOR
+
+
+def _taps_in_k(info: Conv2dInfo) -> bool:
+    """An NHWC conv with several kernel taps: K is (row, column, channel)."""
+    return info.layout == "NHWC" and info.kh * info.kw > 1
+
+
+def nhwc_k_step(info: Conv2dInfo, tile: ConvTile) -> ConvTile:
+    """An NHWC tile whose K steps stay inside one kernel tap (channels of a split-K chunk a
+    multiple of the step): the padding predicate is then the same for a thread's 8 lanes and
+    the im2col copy is one 16-byte load, where a step across taps makes TVM emit 8 scalar ones
+    (seen in the CUDA source: 64 -> 128 channels at 14x14, split 2, K step 64)."""
+    chunk = info.cg // tile.split_k
+    for k_frags in (tile.k_frags, NHWC_MIN_STEP // MICRO):
+        if chunk % (MICRO * k_frags) == 0:
+            return replace(tile, k_frags=k_frags)
+    return tile
 
 
 def split_k_choices(info: Conv2dInfo, tile_k: int) -> list[int]:
@@ -245,7 +274,7 @@ def split_k_choices(info: Conv2dInfo, tile_k: int) -> list[int]:
 
 
 class Conv2dTensorCore(GPUScheduleRule):
-    """fp16 NCHW conv2d (groups=1) on CUDA tensor cores (see module doc).
+    """fp16 conv2d (groups=1, NCHW or NHWC) on CUDA tensor cores (see module doc).
 
     ``tile`` fixes the work split (tests, sweeps); by default :func:`choose_tile` picks it.
     """

@@ -22,8 +22,9 @@ any kernel size, stride, padding and dilation, batch >= 1.
 NHWC depthwise convs (one output per channel; what
 :class:`~mulayer.passes.channels_last.ChannelsLastGPU` makes of them) take
 :func:`schedule_depthwise_nhwc` instead: each thread computes :data:`NHWC_LANES` adjacent
-channels of one output pixel, so its loads of the input, the weights and the output are vectors
-along the contiguous channel axis.
+channels of one output pixel, so its input loads and output stores are vectors along the
+contiguous channel axis (the OHWI weights, ``kh * kw`` elements apart per channel, are gathered;
+the cache serves them).
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def choose_tile(info: Conv2dInfo) -> DepthwiseTile:
 
 
 class DepthwiseConv2d(GPUScheduleRule):
-    """NCHW depthwise conv2d with a fused epilogue, on SIMT cores (see module doc).
+    """Depthwise conv2d (NCHW, or NHWC with one output per channel) with a fused epilogue, on
+    SIMT cores (see module doc).
 
     ``tile``: a fixed :class:`DepthwiseTile` (benchmarks); None picks one per shape.
     """

@@ -718,7 +718,8 @@ def main(argv: list[str] | None = None) -> int:
         "--layout",
         choices=("NCHW", "NHWC"),
         default="NCHW",
-        help="--conv: the convs' data layout (NHWC: OHWI weights, as GPU builds run them)",
+        help="--conv: the convs' data layout (NHWC: OHWI weights, as GPU builds run them with "
+        "MULAYER_GPU_LAYOUT=NHWC)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-gpu-rules"))
     args = parser.parse_args(argv)

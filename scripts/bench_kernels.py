@@ -325,8 +325,9 @@ def _amx_usable(target) -> bool:
 
 
 def _ours_module(layer: Layer, data: LayerData, precision: str):
-    """The Relax module of our column, its inputs, and whether its output is NHWC (a dense
-    fp16 conv runs channels-last, as GPU builds run it: ``MULAYER_GPU_LAYOUT``)."""
+    """The Relax module of our column, its inputs, and whether its output is NHWC (dense and
+    depthwise fp16 convs run channels-last where GPU builds run them so:
+    ``MULAYER_GPU_LAYOUT=NHWC``)."""
     from mulayer.passes.channels_last import gpu_layout
     from mulayer.schedules import PadConvInputChannels
     from mulayer.schedules.testing import conv2d_module, matmul_module
@@ -365,7 +366,8 @@ def _ours_module(layer: Layer, data: LayerData, precision: str):
         return conv2d_module(case, params={"w": data.w, "b": data.b}), [data.x], False
     x16, w16 = data.fp16_inputs()
     params = {"w": w16, "b": data.b}
-    nhwc = case.groups == 1 and gpu_layout() == "NHWC"
+    depthwise = case.groups == case.c == case.f
+    nhwc = (case.groups == 1 or depthwise) and gpu_layout() == "NHWC"
     if nhwc:
         x16 = np.ascontiguousarray(x16.transpose(0, 2, 3, 1))
         params = {k: np.ascontiguousarray(v.transpose(0, 2, 3, 1)) for k, v in params.items()}

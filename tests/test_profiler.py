@@ -362,3 +362,12 @@ def test_profile_through_a_loopback_rpc_tracker(stand_in_profile, tmp_path):
     assert remote[0]["fingerprint"]["cpu_model"] == "rpc:loopback"
     # A remote device is timed by its kernels only: no copy timings of its own.
     assert not [r for r in rows if r["row"] == "transfer" and r["profile_id"] == summary.profile_id]
+
+
+def test_whole_gpu_part_stays_nchw_with_channels_last_on(monkeypatch):
+    """A profiled part is one layer alone: with MULAYER_GPU_LAYOUT=NHWC it would carry a whole
+    chain's layout changes (input, output and per-call weight transposes); it stays NCHW."""
+    monkeypatch.setenv("MULAYER_GPU_LAYOUT", "NHWC")
+    func, _ = part_function(_conv_spec(), "gpu", 32)
+    text = func.script(show_meta=False)
+    assert "permute_dims" not in text and 'data_layout="NHWC"' not in text

@@ -261,10 +261,19 @@ def test_channels_last_conv_numerics(case, name, tile, epilogue):
     _check(got, ref.transpose(0, 2, 3, 1))
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+NHWC_VECTOR_CASES = [
+    *CASES,
+    ConvCase(64, 14, 14, 128),  # split-K into 32-channel chunks: K steps of 32
+    ConvCase(96, 28, 28, 128),
+    ConvCase(480, 14, 14, 192, k=1, pad=0),
+]
+
+
+@pytest.mark.parametrize("case", NHWC_VECTOR_CASES, ids=str)
 def test_channels_last_conv_takes_the_rule_with_vector_loads(case):
-    """NHWC convs are recognised (K = row, column, channel) and, where the channels are a
-    multiple of 8, copied into shared memory as 16-byte vectors."""
+    """NHWC convs are recognised (K = row, column, channel); their activations are copied into
+    shared memory as 16-byte vectors where a K step stays inside one tap (channels a multiple
+    of 32; for 1x1 convs, of 8) and their weights wherever the channels are a multiple of 8."""
     func = _conv_func(case, layout="NHWC")
     info = find_conv2d(s_tir.Schedule(func), layouts=("NCHW", "NHWC"))
     assert info is not None and info.layout == "NHWC"
@@ -274,7 +283,9 @@ def test_channels_last_conv_takes_the_rule_with_vector_loads(case):
     assert sch is not None
     src = _cuda_source(build_prim_func(sch.mod["main"], CUDA))
     assert "wmma::mma_sync" in src
-    assert ("uint4" in src) == (case.c % 8 == 0)
+    vector_x = case.c % (8 if case.k == 1 else 32) == 0
+    assert ("*(uint4*)(x_ptr" in src) == vector_x
+    assert ("*(uint4*)(w_ptr" in src) == (case.c % 8 == 0)
 
 
 def test_conv_without_epilogue_is_not_split():

@@ -15,6 +15,7 @@ from mulayer.compiler.build import to_fp16
 from mulayer.errors import MuLayerError
 from mulayer.frontend.onnx_import import import_onnx
 from mulayer.models import zoo
+from mulayer.passes.cast_gpu import CastGPU
 from mulayer.passes.channels_last import LAYOUT_ENV, ChannelsLastGPU, gpu_layout
 
 from .relax_nets import NETS, input_for, rel_error, run_llvm
@@ -141,3 +142,16 @@ def test_gpu_only_form_changes_layout_only_at_its_ends(net, convs, tmp_path, mon
     gpu = relax.transform.FoldConstant()(to_fp16(mod))
     assert _conv_layouts(gpu) == Counter(convs)
     assert _activation_permutes(gpu) == [[0, 2, 3, 1], [0, 3, 1, 2]]
+
+
+@pytest.mark.parametrize(
+    ("layout", "convs"),
+    [
+        ("NHWC", {(False, "NHWC"): 1, (True, "NHWC"): 1, (True, "NCHW"): 1}),
+        ("NCHW", {(False, "NCHW"): 1, (True, "NCHW"): 2}),
+    ],
+)
+def test_cast_gpu_without_a_cpu_part_follows_the_layout(layout, convs):
+    """A plan with every layer on the GPU is cast as the GPU-only build is: the same layouts
+    (the dense and the depthwise conv NHWC, the two-group conv NCHW)."""
+    assert _conv_layouts(CastGPU(layout=layout)(Before)) == Counter(convs)

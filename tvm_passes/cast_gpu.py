@@ -46,20 +46,24 @@ class CastGPU:
     ----------
     accumulate : str
         ``"float32"`` (default) or ``"float16"``: the output dtype of GPU conv2d/dense.
+    layout : str | None
+        Conv layout of a module with no CPU part (:class:`~.channels_last.ChannelsLastGPU`);
+        None: ``MULAYER_GPU_LAYOUT``. The profiler's single-layer parts pass ``"NCHW"``.
     """
 
-    def __init__(self, accumulate: str = "float32"):
+    def __init__(self, accumulate: str = "float32", layout: str | None = None):
         if accumulate not in ACCUMULATE:
             raise ValueError(f"accumulate={accumulate!r}: use one of {', '.join(ACCUMULATE)}")
         self.accumulate = accumulate
+        self.layout = layout
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if not has_cpu_part(mod["main"]):
             # Every layer on the GPU: convert exactly as the GPU-only build does (fp16
-            # activations between layers, no per-part casts, NHWC dense convs), so its
+            # activations between layers, no per-part casts, the same conv layouts), so its
             # kernels are the same.
             mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
-            return ChannelsLastGPU()(mod)
+            return ChannelsLastGPU(self.layout)(mod)
         caster = _Caster(mod, self.accumulate, mod["main"])
         new_func = caster.visit_expr(mod["main"])
         mod = mod.clone()

@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 LAYOUT_ENV = "MULAYER_GPU_LAYOUT"
 LAYOUTS = ("NHWC", "NCHW")
 _NHWC = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
-_NCHW = {"relax.nn.conv2d": ["NCHW", "OIHW"]}
 
 
 DEFAULT_LAYOUT = "NCHW"
@@ -76,13 +75,18 @@ def channels_last_kind(call: relax.Call) -> str | None:
 
 
 def _desired_layouts(call: relax.Call) -> dict:
-    # An empty answer would let a grouped conv take its input's layout (NHWC): name NCHW.
-    return _NHWC if channels_last_kind(call) else _NCHW
+    if channels_last_kind(call):
+        return _NHWC
+    if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
+        return {}
+    # An empty answer would let the conv take its input's layout (NHWC): name its own.
+    attrs = call.attrs
+    return {"relax.nn.conv2d": [str(attrs.data_layout), str(attrs.kernel_layout)]}
 
 
 @tvm.transform.module_pass(opt_level=0, name="ChannelsLastGPU")
 class ChannelsLastGPU:
-    """Convert the module's dense NCHW convs to NHWC/OHWI (see the module doc).
+    """Convert the module's dense and depthwise NCHW convs to NHWC/OHWI (see the module doc).
 
     Parameters
     ----------

@@ -59,7 +59,8 @@ def lower_for_target(
 
 def to_fp16(mod: tvm.IRModule) -> tvm.IRModule:
     """The GPU-only form: convs and matmuls in fp16 with fp32 accumulation (inputs and outputs
-    stay fp32), dense convs in NHWC (:class:`~mulayer.passes.channels_last.ChannelsLastGPU`)."""
+    stay fp32); with ``MULAYER_GPU_LAYOUT=NHWC``, dense and depthwise convs channels-last
+    (:class:`~mulayer.passes.channels_last.ChannelsLastGPU`)."""
     from mulayer.passes.channels_last import ChannelsLastGPU
 
     mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)

@@ -189,7 +189,9 @@ def part_function(
         if quantize.report.get(layer, {}).get("precision") == "int8":
             precision = "int8"
     else:
-        mod = CastGPU()(mod)
+        # NCHW whatever MULAYER_GPU_LAYOUT says: a part alone would carry the layout
+        # changes of a whole channels-last chain (input, output and weight transposes).
+        mod = CastGPU(layout="NCHW")(mod)
         precision = "float16"
     # Step 3. Keep only this side.
     func = mod["main"]
