@@ -47,9 +47,18 @@ def task_calibrate(model_path: str, samples: str, out: str) -> dict:
     return {"path": out, "seconds": time.perf_counter() - start}
 
 
-def task_build(model_path: str, target: str, calibration: str | None, artifact: str) -> dict:
-    """Compile and export one mulayer variant (``calibration``: a stats file)."""
+def task_build(
+    model_path: str,
+    target: str,
+    calibration: str | None,
+    artifact: str,
+    env: dict[str, str] | None = None,
+) -> dict:
+    """Compile and export one mulayer variant (``calibration``: a stats file; ``env``: the
+    variant's environment, set in this build process only)."""
     import warnings
+
+    os.environ.update(env or {})
 
     import mulayer
     from mulayer.compiler.calibration import CalibrationStats
@@ -217,6 +226,7 @@ def plan_tasks(
                 "target": v.target,
                 "calibration": calibration,
                 "artifact": str(work / f"{entry.name}.{v.key}.mulayer"),
+                "env": dict(v.env),
             }
             needs = (*after, f"calibrate:{entry.name}") if calibration else after
             tasks.append(Task(f"build:{entry.name}:{v.key}", task_build, kwargs, needs))

@@ -9,13 +9,15 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Variant:
-    """A mulayer build: ``target`` may name ``{gpu}``; ``role`` is cpu, gpu or coop."""
+    """A mulayer build: ``target`` may name ``{gpu}``; ``role`` is cpu, gpu or coop; ``env``:
+    environment variables its build sets (``(name, value)`` pairs)."""
 
     key: str
     label: str
     target: str
     role: str
     calibrated: bool = True
+    env: tuple[tuple[str, str], ...] = ()
 
 
 VARIANTS: dict[str, Variant] = {
@@ -23,6 +25,14 @@ VARIANTS: dict[str, Variant] = {
     for v in (
         Variant("cpu_int8", "mulayer CPU-only int8", "mulayer -ratio=0, llvm, llvm", "cpu"),
         Variant("gpu_fp16", "mulayer GPU-only fp16", "{gpu}, llvm", "gpu", calibrated=False),
+        Variant(
+            "gpu_fp16_nhwc",
+            "mulayer GPU-only fp16, NHWC convs",
+            "{gpu}, llvm",
+            "gpu",
+            calibrated=False,
+            env=(("MULAYER_GPU_LAYOUT", "NHWC"),),
+        ),
         Variant(
             "coop_auto", "mulayer cooperative auto", "mulayer -split=auto, {gpu}, llvm", "coop"
         ),
