@@ -177,16 +177,14 @@ def schedule_depthwise_nhwc(sch: s_tir.Schedule, info: Conv2dInfo) -> s_tir.Sche
     # Step 3. Unroll the window; vectors over the lanes (products, init, write-back).
     sch.vectorize(fv)  # before the init is split off: vectorize needs a complete reduction
     init = sch.decompose_reduction(conv, rc)
-    lane_loop = sch.get(fv)
     for block in (conv, init, acc):
-        inner = _inner_loops(sch, block, tx)  # the lanes last (no loop where one lane)
-        lanes_at = [i for i, lp in enumerate(inner) if sch.get(lp).same_as(lane_loop)]
-        if block != conv and inner and int(sch.get(inner[-1]).extent) == lanes:
-            lanes_at = [len(inner) - 1]
-            sch.vectorize(inner[-1])
-        for i, loop in enumerate(inner):
-            if i not in lanes_at:
-                sch.unroll(loop)
+        inner = _inner_loops(sch, block, tx)  # the lanes last (the loop may be gone at 1 lane)
+        if inner and int(sch.get(inner[-1]).extent) == lanes:
+            if block != conv:  # the product's lanes are vectorized already
+                sch.vectorize(inner[-1])
+            inner = inner[:-1]
+        for loop in inner:
+            sch.unroll(loop)
     return sch
 
 
