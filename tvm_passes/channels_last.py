@@ -34,14 +34,13 @@ log = logging.getLogger(__name__)
 
 LAYOUT_ENV = "MULAYER_GPU_LAYOUT"
 LAYOUTS = ("NHWC", "NCHW")
-_NHWC = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
-
-
-DEFAULT_LAYOUT = "NCHW"
+DEFAULT_LAYOUT = "NCHW"  # NHWC once measured on a GPU (see the module doc)
+_CONV2D = "relax.nn.conv2d"
+_NHWC = {_CONV2D: ["NHWC", "OHWI"]}
 
 
 def gpu_layout() -> str:
-    """The data layout of GPU dense convs: ``MULAYER_GPU_LAYOUT`` (default
+    """The data layout of GPU dense and depthwise convs: ``MULAYER_GPU_LAYOUT`` (default
     :data:`DEFAULT_LAYOUT`)."""
     from mulayer.errors import MuLayerError
 
@@ -55,7 +54,7 @@ def channels_last_kind(call: relax.Call) -> str | None:
     """``"dense"`` or ``"depthwise"`` for a 2-D NCHW/OIHW conv the GPU rules run in NHWC (one
     group: the tensor-core rule; one input and one output channel per group: the depthwise
     rule), else None."""
-    if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
+    if not _is_conv2d(call):
         return None
     attrs = call.attrs
     if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != (
@@ -74,14 +73,17 @@ def channels_last_kind(call: relax.Call) -> str | None:
     return "depthwise" if weight[1] == 1 and weight[0] == groups else None
 
 
+def _is_conv2d(call: relax.Call) -> bool:
+    return isinstance(call.op, tvm.ir.Op) and call.op.name == _CONV2D
+
+
 def _desired_layouts(call: relax.Call) -> dict:
+    if not _is_conv2d(call):
+        return {}
     if channels_last_kind(call):
         return _NHWC
-    if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
-        return {}
     # An empty answer would let the conv take its input's layout (NHWC): name its own.
-    attrs = call.attrs
-    return {"relax.nn.conv2d": [str(attrs.data_layout), str(attrs.kernel_layout)]}
+    return {_CONV2D: [str(call.attrs.data_layout), str(call.attrs.kernel_layout)]}
 
 
 @tvm.transform.module_pass(opt_level=0, name="ChannelsLastGPU")
