@@ -360,7 +360,9 @@ def _gpu_conv(s: _Shape, traits: MachineTraits) -> KernelInfo:
     # Step 1. mulayer's implicit-GEMM tensor-core rule (ungrouped), split-K included.
     narrow_ok = s.f >= NARROW_OUT_CHANNELS or traits.gpu_narrow_conv_rule
     if tensor_cores and s.groups == 1 and min(gemm_i, gemm_k) >= MIN_EXTENT and narrow_ok:
-        tile = choose_tile(SimpleNamespace(n=1, oh=s.oh, ow=s.ow, f=s.f, cg=s.cg, kh=s.kh, kw=s.kw))
+        # NCHW: profiled parts keep it whatever MULAYER_GPU_LAYOUT says (profiler/parts.py).
+        shape = dict(n=1, oh=s.oh, ow=s.ow, f=s.f, cg=s.cg, kh=s.kh, kw=s.kw, layout="NCHW")
+        tile = choose_tile(SimpleNamespace(**shape))
         info = _gemm_launch(
             "Conv2dTensorCore", gemm_i, s.f, _ceil(gemm_k, tile.split_k), tile.tile_i,
             tile.tile_j, tile.tile_k, tile.threads, traits, tensor_path=1,
