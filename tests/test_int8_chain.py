@@ -16,9 +16,11 @@ from tvm import relax
 import mulayer
 from mulayer.compiler.build import build_single, legalize_and_fuse
 from mulayer.compiler.calibration import calibrate, quantize_weight
+from mulayer.passes import sink_dequantize as sink_module
 from mulayer.passes.chain_int8 import ChainInt8
 from mulayer.passes.pipeline import cpu_only_passes
 from mulayer.passes.quantize_cpu import QuantizeCPU
+from mulayer.passes.sink_dequantize import SinkDequantize
 from mulayer.passes.split_channels import SplitChannels
 from mulayer.plan import Plan
 from mulayer.schedules import apply_schedules
@@ -113,6 +115,34 @@ def _numpy_chain(x: np.ndarray, weights: dict, stats) -> np.ndarray:
     qp = qy.reshape(1, C, H // 2, 2, H // 2, 2).max(axis=(3, 5))  # max pool on uint8
     acc2 = _conv_int(qp, wq("w2"), e2.input_zero_point)
     return dequant(acc2, weights["w2"][0], e2, weights["w2"][1])
+
+
+def _projection_module(rng) -> tuple[tvm.IRModule, dict]:
+    """fp32 ResNet projection block: ``y0 = relu(conv(x))``; ``main = conv(relu(conv(y0)))``,
+    ``skip = conv(y0)`` (bound after ``main``, as torchvision's ResNets are exported);
+    ``relu(main + skip) -> conv``. Neither addend is quantized by another layer."""
+    weights = {
+        name: (
+            (rng.standard_normal((C, C, 3, 3)) * 0.12).astype("float32"),
+            (rng.standard_normal((1, C, 1, 1)) * 0.1).astype("float32"),
+        )
+        for name in ("w0", "w1", "w2", "ws", "w3")
+    }
+    bb = relax.BlockBuilder()
+    x = relax.Var("input", relax.TensorType((1, C, H, H), "float32"))
+
+    def conv(data, name):
+        return _conv3x3_bias(bb, data, *weights[name])
+
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y0 = bb.emit(relax.op.nn.relu(conv(x, "w0")))
+            main = conv(bb.emit(relax.op.nn.relu(conv(y0, "w1"))), "w2")
+            skip = conv(y0, "ws")
+            y = bb.emit(relax.op.nn.relu(bb.emit(relax.op.add(main, skip))))
+            out = bb.emit_output(conv(y, "w3"))
+        bb.emit_func_output(out)
+    return bb.get(), weights
 
 
 def _inception_module(rng) -> tuple[tvm.IRModule, dict]:
@@ -279,6 +309,7 @@ def _dtype(expr) -> str:
     "builder, method",
     [
         (_chain_module, "percentile"),
+        (_projection_module, "minmax"),
         (_inception_module, "minmax"),
         (_inception_module, "percentile"),
     ],
@@ -333,9 +364,10 @@ def _random_args(func: tvm.tirx.PrimFunc, rng) -> tuple[list[np.ndarray], tuple,
     return args, tuple(int(d) for d in out.shape), str(out.dtype)
 
 
-def test_fused_int8_kernels_match_unscheduled_and_write_every_element():
+@pytest.mark.parametrize("builder, kernels", [(_chain_module, 3), (_projection_module, 5)])
+def test_fused_int8_kernels_match_unscheduled_and_write_every_element(builder, kernels):
     rng = np.random.default_rng()
-    mod, _ = _chain_module(rng)
+    mod, _ = builder(rng)
     samples = rng.standard_normal((2, 1, C, H, H)).astype("float32")
     stats = calibrate(mod, [{"input": s} for s in samples], method="percentile")
     fused = _fused(mod, stats)
@@ -354,7 +386,54 @@ def test_fused_int8_kernels_match_unscheduled_and_write_every_element():
             assert np.isfinite(out).all()
             np.testing.assert_allclose(out, ref, rtol=1e-6)
         checked += 1
-    assert checked == 3
+    assert checked == kernels
+
+
+def test_projection_skip_is_requantized_and_stays_accurate():
+    """With the calibration, ChainInt8 requantizes the projection conv's result with its
+    calibrated output range (one rewrite more, one rounding more than an fp32 skip); the fused
+    module then stores it as uint8 (SinkDequantize moves its dequantize into the add's kernel),
+    and the output stays close to the fp32 model's."""
+    rng = np.random.default_rng()
+    mod, _ = _projection_module(rng)
+    samples = rng.standard_normal((4, 1, C, H, H)).astype("float32")
+    stats = calibrate(mod, [{"input": s} for s in samples], method="minmax")
+    split = QuantizeCPU(stats, guard_db=-100.0)(SplitChannels(Plan.uniform(0.0))(mod))
+    with_stats, without = ChainInt8(stats=stats), ChainInt8()
+    chained, unchained = with_stats(split), without(split)
+    assert with_stats.rewrites == without.rewrites + 1
+    sink = SinkDequantize()
+    fused = tvm.transform.Sequential(
+        [
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            sink,
+        ]
+    )
+    with HOST:
+        fused(chained)
+    assert sink.moves == 1
+    ref = relax.VirtualMachine(tvm.compile(mod, target=HOST), tvm.cpu())["main"]
+    for built in (chained, unchained):
+        vm = relax.VirtualMachine(build_single(built, HOST), tvm.cpu())
+        x = tvm.runtime.tensor(rng.standard_normal((1, C, H, H)).astype("float32"))
+        out, expected = vm["main"](x).numpy(), ref(x).numpy()
+        assert 10 * np.log10((expected**2).sum() / ((out - expected) ** 2).sum()) > 25
+
+
+def test_sinking_the_dequantize_changes_no_output(monkeypatch):
+    """SinkDequantize moves PrimFunc calls between kernels, nothing else: bit-equal outputs."""
+    rng = np.random.default_rng()
+    mod, _ = _projection_module(rng)
+    samples = rng.standard_normal((2, 1, C, H, H)).astype("float32")
+    chained = _cpu_only(mod, calibrate(mod, [{"input": s} for s in samples], method="minmax"))
+    x = tvm.runtime.tensor(rng.standard_normal((1, C, H, H)).astype("float32"))
+    sunk = relax.VirtualMachine(build_single(chained, HOST), tvm.cpu())["main"](x).numpy()
+    monkeypatch.setattr(sink_module, "sink_dequantize", lambda m: (m, 0))
+    kept = relax.VirtualMachine(build_single(chained, HOST), tvm.cpu())["main"](x).numpy()
+    np.testing.assert_array_equal(sunk, kept)
 
 
 def test_guard_kept_layer_ends_the_chain():

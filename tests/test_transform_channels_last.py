@@ -71,13 +71,18 @@ def test_nchw_leaves_the_module_unchanged():
     tvm.ir.assert_structural_equal(ChannelsLastGPU("NCHW")(Before), Before)
 
 
-def test_gpu_only_form_keeps_nchw_by_default(tmp_path, monkeypatch):
-    monkeypatch.delenv(LAYOUT_ENV, raising=False)
+def test_gpu_only_form_keeps_nchw_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv(LAYOUT_ENV, "NCHW")
     zoo.save_model("resnet18", tmp_path / "r18.onnx")
     mod, _, _ = import_onnx(tmp_path / "r18.onnx", None)
     gpu = relax.transform.FoldConstant()(to_fp16(mod))
     assert _conv_layouts(gpu) == Counter({(False, "NCHW"): 20})
     assert _activation_permutes(gpu) == []
+
+
+def test_default_layout_is_channels_last(monkeypatch):
+    monkeypatch.delenv(LAYOUT_ENV, raising=False)
+    assert gpu_layout() == "NHWC"
 
 
 def test_layout_switch_names_bad_values(monkeypatch):

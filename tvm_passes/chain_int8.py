@@ -17,6 +17,10 @@ This pass rewrites those places so that the fp32 tensor is no longer needed:
    int8 layer, becomes ``add(dq(q(x)), y)`` with ``dq(q) = (f32(q) - zp) * s``: the skip input
    is dequantized in registers inside the producer's epilogue (the fp32 add is what
    onnxruntime's QDQ graphs compute too). The skip then carries the quantization error of ``x``.
+   Where both addends are int8 results and nothing quantizes either (a projection skip: the
+   shortcut conv of a ResNet stage), the later-bound one, which FuseOps leaves in a kernel of
+   its own, is quantized with its layer's calibrated output range (``stats``) and dequantized
+   in the other's epilogue: it is stored as uint8, not fp32.
 3. **Max pooling and concatenation run on uint8.** ``q(max_pool2d(x)) = max_pool2d(q(x))`` and
    ``q(concat(x1, x2)) = concat(q(x1), q(x2))`` exactly (``q`` is monotone; uint8 max pooling
    pads with 0 = ``q(-inf)``), so when a pooled/concatenated tensor is only quantized, the
@@ -50,7 +54,9 @@ import tvm
 from tvm import relax
 from tvm.ir.expr import Constant
 
-from .common import conv2d_like, op_name
+from mulayer.compiler.calibration import CalibrationStats, activation_qparams
+
+from .common import conv2d_like, op_name, part_role, substitute, vars_in
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +112,9 @@ class _Graph:
         self.value = {var: value for var, value in self.bindings}
         self.users: dict[relax.Var, list[relax.Var]] = {}
         for var, value in self.bindings:
-            for used in _vars_in(value):
+            for used in vars_in(value):
                 self.users.setdefault(used, []).append(var)
-        for used in _vars_in(self.output):
+        for used in vars_in(self.output):
             self.users.setdefault(used, []).append(None)  # the function's result
 
     def quant(self, var: relax.Var) -> _Quant | None:
@@ -156,45 +162,31 @@ class _Graph:
 
     def int8_result(self, var) -> bool:
         """True when ``var`` is an int8 layer's dequantized result (after its epilogue)."""
+        return self.dequantize_of(var) is not None
+
+    def dequantize_of(self, var) -> relax.Var | None:
+        """The ``astype(int32 accumulator, "float32")`` binding under ``var`` when ``var`` is an
+        int8 layer's dequantized result (after its epilogue), else None."""
         seen = 0
         while isinstance(var, relax.Var) and seen < 16:
             value = self.value.get(var)
             name = op_name(value)
             if name == "relax.astype" and str(value.args[0].ty.dtype) == "int32":
-                return str(value.attrs.dtype) == "float32"
+                return var if str(value.attrs.dtype) == "float32" else None
             if name not in _EPILOGUE_OPS:
-                return False
+                return None
             tensors = [a for a in value.args if isinstance(a, relax.Var)]
             if len(tensors) != 1:
-                return False
+                return None
             var = tensors[0]
             seen += 1
-        return False
+        return None
 
-
-def _vars_in(expr) -> list[relax.Var]:
-    if isinstance(expr, relax.Var):
-        return [expr]
-    if isinstance(expr, relax.Call):
-        return [v for arg in expr.args for v in _vars_in(arg)]
-    if isinstance(expr, relax.Tuple):
-        return [v for item in expr.fields for v in _vars_in(item)]
-    if isinstance(expr, relax.TupleGetItem):
-        return _vars_in(expr.tuple_value)
-    return []
-
-
-def _substitute(expr, remap: dict):
-    if isinstance(expr, relax.Var):
-        return remap.get(expr, expr)
-    if isinstance(expr, relax.Call):
-        args = [_substitute(arg, remap) for arg in expr.args]
-        return relax.Call(expr.op, args, expr.attrs, expr.ty_args)
-    if isinstance(expr, relax.Tuple):
-        return relax.Tuple([_substitute(item, remap) for item in expr.fields])
-    if isinstance(expr, relax.TupleGetItem):
-        return relax.TupleGetItem(_substitute(expr.tuple_value, remap), expr.index)
-    return expr
+    def int8_layer(self, var) -> str | None:
+        """The layer (``conv2d.7``) whose int8 result ``var`` is, else None."""
+        deq = self.dequantize_of(var)
+        role = part_role(deq) if deq is not None else None
+        return role[0] if role is not None else None
 
 
 def _tensor_var(name: str, like: relax.Expr, dtype: str) -> relax.Var:
@@ -230,8 +222,9 @@ def _dequantize_bindings(q: _Quant, name: str, var: relax.Var | None = None) -> 
 
 
 class _Chainer:
-    def __init__(self, graph: _Graph) -> None:
+    def __init__(self, graph: _Graph, output_ranges: dict | None = None) -> None:
         self.g = graph
+        self.output_ranges = output_ranges
         self.changes = 0
 
     # Step 1 -----------------------------------------------------------------------------
@@ -258,11 +251,11 @@ class _Chainer:
         for var, value in g.bindings:
             if var in in_chain:
                 continue
-            bindings.append((var, _substitute(value, remap)))
+            bindings.append((var, substitute(value, remap)))
             for q in by_source.get(var, ()):
                 bindings += [(v, g.value[v]) for v in q.chain]
         g.bindings = bindings
-        g.output = _substitute(g.output, remap)
+        g.output = substitute(g.output, remap)
         g.refresh()
 
     # Step 2 -----------------------------------------------------------------------------
@@ -279,12 +272,44 @@ class _Chainer:
                     if not same or q is None or not g.int8_result(other):
                         continue
                     bindings += _dequantize_bindings(q, f"{var.name}_dq")
-                    value = _substitute(value, {skip: bindings[-1][0]})
+                    value = substitute(value, {skip: bindings[-1][0]})
                     self.changes += 1
                     break
+                else:
+                    if same:
+                        value = self._projection_skip(var, value, bindings)
             bindings.append((var, value))
         g.bindings = bindings
         g.refresh()
+
+    def _projection_skip(self, var: relax.Var, add: relax.Call, bindings: list) -> relax.Call:
+        """``add(a, b)`` of two int8 results that nothing quantizes (a residual block whose skip
+        is a projection conv): requantize the later-bound one with its layer's calibrated output
+        range and add ``dq(q(.))``. FuseOps puts the add into the earlier producer's kernel, so
+        the later one wrote fp32 for the add alone; it now writes uint8, as onnxruntime's QDQ
+        graphs do (one more rounding, on the skip)."""
+        if self.output_ranges is None:
+            return add
+        g = self.g
+        order = {v: i for i, (v, _) in enumerate(g.bindings)}
+        a, b = add.args
+        layers = [g.int8_layer(a), g.int8_layer(b)]
+        if None in layers or len(g.users.get(a, ())) != 1 or len(g.users.get(b, ())) != 1:
+            return add
+        skip, layer = (a, layers[0]) if order.get(a, -1) > order.get(b, -1) else (b, layers[1])
+        bounds = self.output_ranges.get(layer)
+        if bounds is None:
+            return add
+        scale, zero_point = activation_qparams(*bounds)
+        q = _Quant(skip, skip, scale, zero_point, ())
+        chain = _quantize_bindings(skip, q, f"{var.name}_qskip")
+        deq = _dequantize_bindings(q, f"{var.name}_dq", chain[-1][0])
+        # The quantize goes right after the skip's producer; the dequantize before the add.
+        at = next(i for i, (v, _) in enumerate(bindings) if v == skip) + 1
+        bindings[at:at] = chain
+        bindings += deq
+        self.changes += 1
+        return substitute(add, {skip: deq[-1][0]})
 
     # Step 3 -----------------------------------------------------------------------------
     def commute(self) -> None:
@@ -329,9 +354,9 @@ class _Chainer:
                     if var == q.source:
                         bindings += new
                     continue
-                bindings.append((var, _substitute(value, {q.var: pooled})))
+                bindings.append((var, substitute(value, {q.var: pooled})))
             g.bindings = bindings
-            g.output = _substitute(g.output, {q.var: pooled})
+            g.output = substitute(g.output, {q.var: pooled})
             g.refresh()
             self.changes += 1
             return self.commute()  # the graph changed: look again
@@ -401,12 +426,12 @@ def _rebuild(func: relax.Function, graph: _Graph) -> relax.Function:
             for var, value in graph.bindings:
                 if var not in live:
                     continue
-                new = _substitute(value, remap)
+                new = substitute(value, remap)
                 if isinstance(var, relax.DataflowVar):
                     remap[var] = bb.emit(new, var.name)
                 else:
                     remap[var] = bb.emit_output(new, var.name)
-            out = _substitute(graph.output, remap)
+            out = substitute(graph.output, remap)
             if not isinstance(out, relax.Var) or isinstance(out, relax.DataflowVar):
                 out = bb.emit_output(out)
         bb.emit_func_output(out)
@@ -415,15 +440,18 @@ def _rebuild(func: relax.Function, graph: _Graph) -> relax.Function:
 
 
 def _live(graph: _Graph) -> set[relax.Var]:
-    live: set[relax.Var] = set(_vars_in(graph.output))
+    live: set[relax.Var] = set(vars_in(graph.output))
     for var, value in reversed(graph.bindings):
         if var in live:
-            live.update(_vars_in(value))
+            live.update(vars_in(value))
     return live
 
 
-def chain_function(func: relax.Function, int8_skips: bool = True) -> tuple[relax.Function, int]:
-    """``func`` with int8 chains (see the module doc) and the number of rewrites."""
+def chain_function(
+    func: relax.Function, int8_skips: bool = True, stats: CalibrationStats | None = None
+) -> tuple[relax.Function, int]:
+    """``func`` with int8 chains (see the module doc) and the number of rewrites; ``stats``
+    (the calibration) lets projection skips requantize (step 2)."""
     body = func.body
     if (
         not isinstance(body, relax.SeqExpr)
@@ -439,7 +467,10 @@ def chain_function(func: relax.Function, int8_skips: bool = True) -> tuple[relax
             return func, 0
         bindings.append((binding.var, binding.value))
     graph = _Graph(bindings, func.params, body.body)
-    chainer = _Chainer(graph)
+    ranges = None
+    if stats is not None:
+        ranges = {name: (e.output_min, e.output_max) for name, e in stats.layers.items()}
+    chainer = _Chainer(graph, ranges)
     chainer.merge_quantizes()
     if int8_skips:
         chainer.residual_adds()
@@ -454,16 +485,18 @@ def chain_function(func: relax.Function, int8_skips: bool = True) -> tuple[relax
 @tvm.transform.module_pass(opt_level=0, name="ChainInt8")
 class ChainInt8:
     """Chain consecutive CPU int8 layers in uint8 (see the module doc); ``rewrites`` counts the
-    rewrites of the last run."""
+    rewrites of the last run. ``stats`` (the calibration QuantizeCPU used) gives projection
+    skips their output range; without it they stay fp32."""
 
-    def __init__(self, int8_skips: bool = True) -> None:
+    def __init__(self, int8_skips: bool = True, stats: CalibrationStats | None = None) -> None:
         self.int8_skips = int8_skips
+        self.stats = stats
         self.rewrites = 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
             return mod
-        func, self.rewrites = chain_function(mod["main"], self.int8_skips)
+        func, self.rewrites = chain_function(mod["main"], self.int8_skips, self.stats)
         if not self.rewrites:
             return mod
         mod = mod.clone()

@@ -206,3 +206,30 @@ def has_cpu_part(func: relax.Function) -> bool:
             if role is not None and role[1] == "cpu":
                 return True
     return False
+
+
+def vars_in(expr) -> list[relax.Var]:
+    """The variables ``expr`` reads (through calls, tuples and tuple items)."""
+    if isinstance(expr, relax.Var):
+        return [expr]
+    if isinstance(expr, relax.Call):
+        return [v for arg in expr.args for v in vars_in(arg)]
+    if isinstance(expr, relax.Tuple):
+        return [v for item in expr.fields for v in vars_in(item)]
+    if isinstance(expr, relax.TupleGetItem):
+        return vars_in(expr.tuple_value)
+    return []
+
+
+def substitute(expr, remap: dict):
+    """``expr`` with the variables in ``remap`` replaced (calls, tuples, tuple items)."""
+    if isinstance(expr, relax.Var):
+        return remap.get(expr, expr)
+    if isinstance(expr, relax.Call):
+        args = [substitute(arg, remap) for arg in expr.args]
+        return relax.Call(expr.op, args, expr.attrs, expr.ty_args)
+    if isinstance(expr, relax.Tuple):
+        return relax.Tuple([substitute(item, remap) for item in expr.fields])
+    if isinstance(expr, relax.TupleGetItem):
+        return relax.TupleGetItem(substitute(expr.tuple_value, remap), expr.index)
+    return expr

@@ -63,7 +63,11 @@ def cpu_only_passes(plan, calibration=None, guard_db: float = 30.0) -> tvm.trans
 
     passes = [SplitChannels(plan)]
     if calibration is not None:
-        passes += [QuantizeCPU(calibration, guard_db=guard_db), ChainInt8(), PadConvInputChannels()]
+        passes += [
+            QuantizeCPU(calibration, guard_db=guard_db),
+            ChainInt8(stats=calibration),
+            PadConvInputChannels(),
+        ]
     return tvm.transform.Sequential(passes, name="mulayer.CPUOnlyPasses")
 
 

@@ -34,6 +34,14 @@ VARIANTS: dict[str, Variant] = {
             env=(("MULAYER_GPU_LAYOUT", "NHWC"),),
         ),
         Variant(
+            "gpu_fp16_nchw",
+            "mulayer GPU-only fp16, NCHW convs",
+            "{gpu}, llvm",
+            "gpu",
+            calibrated=False,
+            env=(("MULAYER_GPU_LAYOUT", "NCHW"),),
+        ),
+        Variant(
             "coop_auto", "mulayer cooperative auto", "mulayer -split=auto, {gpu}, llvm", "coop"
         ),
     )

@@ -13,6 +13,7 @@ import tvm
 from tvm import relax
 
 from ..errors import MuLayerError
+from ..passes.sink_dequantize import SinkDequantize
 from ..target import TargetSpec
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ def legalize_and_fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMod
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
+            SinkDequantize(),  # int8 kernels hand uint8 to their readers, not fp32
             relax.transform.FuseTIR(),
             relax.transform.DeadCodeElimination(),
         ]
