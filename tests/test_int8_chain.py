@@ -41,15 +41,20 @@ def _conv3x3_bias(bb: relax.BlockBuilder, data, w: np.ndarray, b: np.ndarray):
     return bb.emit(relax.op.add(y, relax.const(b)))
 
 
-def _chain_module(rng) -> tuple[tvm.IRModule, dict]:
-    """fp32 ``conv -> relu -> conv -> add(skip) -> relu -> max pool -> conv`` (canonical form)."""
-    weights = {
+def _square_weights(rng, names) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Random ``C -> C`` 3x3 conv weights and biases by name."""
+    return {
         name: (
             (rng.standard_normal((C, C, 3, 3)) * 0.12).astype("float32"),
             (rng.standard_normal((1, C, 1, 1)) * 0.1).astype("float32"),
         )
-        for name in ("w0", "w1", "w2")
+        for name in names
     }
+
+
+def _chain_module(rng) -> tuple[tvm.IRModule, dict]:
+    """fp32 ``conv -> relu -> conv -> add(skip) -> relu -> max pool -> conv`` (canonical form)."""
+    weights = _square_weights(rng, ("w0", "w1", "w2"))
     bb = relax.BlockBuilder()
     x = relax.Var("input", relax.TensorType((1, C, H, H), "float32"))
 
@@ -121,13 +126,7 @@ def _projection_module(rng) -> tuple[tvm.IRModule, dict]:
     """fp32 ResNet projection block: ``y0 = relu(conv(x))``; ``main = conv(relu(conv(y0)))``,
     ``skip = conv(y0)`` (bound after ``main``, as torchvision's ResNets are exported);
     ``relu(main + skip) -> conv``. Neither addend is quantized by another layer."""
-    weights = {
-        name: (
-            (rng.standard_normal((C, C, 3, 3)) * 0.12).astype("float32"),
-            (rng.standard_normal((1, C, 1, 1)) * 0.1).astype("float32"),
-        )
-        for name in ("w0", "w1", "w2", "ws", "w3")
-    }
+    weights = _square_weights(rng, ("w0", "w1", "w2", "ws", "w3"))
     bb = relax.BlockBuilder()
     x = relax.Var("input", relax.TensorType((1, C, H, H), "float32"))
 
