@@ -193,6 +193,12 @@ NARROW_TILE = (2, 2)
 FILL_BLOCKS = 96  # split K while the grid has fewer blocks than this
 MIN_CHUNK = 576  # ... or while each chunk keeps at least this much K
 MAX_SPLIT_BLOCKS = 512  # never split a grid beyond this many blocks
+# NHWC convs of at least this many FLOPs take 4 warps along I (128x64 blocks, same split-K):
+# H100 sweep, 2026-12-07 (docs/results.md, "Channels-last GPU convs"): VGG-16's 3.7-GFLOP
+# 3x3 layers 26.9 -> 19.5 us (224x224), 26.7 -> 22.6 (56x56), 33.6 -> 27.0 (28x28, split 2),
+# 128 channels at 112x112 25.6 -> 23.0; 512 at 14x14 (0.9 GFLOP, split 8) 11.7 -> 10.3. At
+# 0.23 GFLOP and below (ResNet's layers) the 32x64 default stays faster (4.9 against 7.4 us).
+LARGE_NHWC_FLOPS = 5e8
 
 
 def narrow_convs_enabled() -> bool:
@@ -233,6 +239,9 @@ def choose_tile(info: Conv2dInfo) -> ConvTile:
         if base * split < FILL_BLOCKS or gemm_k // choice >= MIN_CHUNK:
             split = choice
     tile = replace(tile, split_k=split)
+    flops = 2 * info.n * info.oh * info.ow * info.f * gemm_k
+    if info.layout == "NHWC" and tile.j_frags == DEFAULT_TILE[3] and flops >= LARGE_NHWC_FLOPS:
+        tile = replace(tile, i_warps=4)
     return nhwc_k_step(info, tile) if _taps_in_k(info) else tile
 
 

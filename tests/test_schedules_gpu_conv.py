@@ -12,6 +12,8 @@ from tvm import relax, s_tir
 
 from mulayer.schedules.conv2d_analysis import find_conv2d
 from mulayer.schedules.gpu_conv2d import (
+    DEFAULT_TILE,
+    LARGE_NHWC_FLOPS,
     NARROW_ENV,
     Conv2dTensorCore,
     ConvTile,
@@ -163,6 +165,22 @@ def test_default_tiles_split_small_spatial_layers_only():
     assert wide.split_k == 1
     for case in CASES:
         assert tile(case).launchable
+
+
+def test_large_channels_last_convs_take_four_warps_along_i():
+    """NHWC convs of at least LARGE_NHWC_FLOPS get the 128x64 block the H100 sweep measured
+    faster on them; smaller ones and NCHW keep the 32x64 default, with the same split-K."""
+
+    def tile(case, layout):
+        sch = s_tir.Schedule(_conv_func(case, layout=layout))
+        return choose_tile(find_conv2d(sch, layouts=("NCHW", "NHWC")))
+
+    for case in (ConvCase(256, 56, 56, 256), ConvCase(512, 28, 28, 512)):
+        assert case.flops >= LARGE_NHWC_FLOPS
+        big, nchw = tile(case, "NHWC"), tile(case, "NCHW")
+        assert (big.i_warps, nchw.i_warps) == (4, DEFAULT_TILE[0]) and big.launchable
+    small = ConvCase(64, 56, 56, 64)
+    assert small.flops < LARGE_NHWC_FLOPS and tile(small, "NHWC").i_warps == DEFAULT_TILE[0]
 
 
 def test_unlaunchable_tile_is_refused():
