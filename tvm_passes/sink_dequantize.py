@@ -71,23 +71,28 @@ def _dequantize_tail(func: relax.Function) -> tuple[relax.Var, list] | None:
 def _emit_function(
     name: str, func: relax.Function, params: list, bindings: list, output, remap: dict
 ) -> relax.Function:
-    """``func`` rebuilt with ``params`` and ``bindings`` (substituted through ``remap``)."""
+    """``func`` rebuilt with ``params`` and ``(var, value)`` ``bindings`` (substituted through
+    ``remap``), returning the value bound to ``output``."""
     bb = relax.BlockBuilder()
     with bb.function(name, params, attrs=dict(func.attrs), private=True):
         with bb.dataflow():
-            for binding in bindings:
-                value = substitute(binding.value, remap)
-                if binding.var.same_as(output):
-                    out = bb.emit_output(value, binding.var.name)
+            for var, value in bindings:
+                value = substitute(value, remap)
+                if var.same_as(output):
+                    out = bb.emit_output(value, var.name)
                 else:
-                    remap[binding.var] = bb.emit(value, binding.var.name)
+                    remap[var] = bb.emit(value, var.name)
         bb.emit_func_output(out)
     return bb.get()[name]
 
 
 def _producer_without_tail(name: str, func: relax.Function, source: relax.Var, tail: list):
     """``func`` returning the uint8 ``source`` (the tail dropped)."""
-    kept = [b for b in func.body.blocks[0].bindings if not any(b.same_as(t) for t in tail)]
+    kept = [
+        (b.var, b.value)
+        for b in func.body.blocks[0].bindings
+        if not any(b.same_as(t) for t in tail)
+    ]
     return _emit_function(name, func, list(func.params), kept, source, {})
 
 
@@ -97,22 +102,11 @@ def _consumer_with_tail(name: str, func: relax.Function, index: int, source, tai
     new_param = relax.Var(old.name, relax.TensorType(source.ty.shape, "uint8"))
     params = list(func.params)
     params[index] = new_param
-    bb = relax.BlockBuilder()
-    with bb.function(name, params, attrs=dict(func.attrs), private=True):
-        with bb.dataflow():
-            remap = {source: new_param}
-            for binding in tail:
-                remap[binding.var] = bb.emit(substitute(binding.value, remap), "dq")
-            remap[old] = remap[tail[-1].var]
-            bindings = list(func.body.blocks[0].bindings)
-            for binding in bindings:
-                value = substitute(binding.value, remap)
-                if binding.var.same_as(func.body.body):
-                    out = bb.emit_output(value, binding.var.name)
-                else:
-                    remap[binding.var] = bb.emit(value, binding.var.name)
-        bb.emit_func_output(out)
-    return bb.get()[name]
+    dequantized = {old: tail[-1].var}
+    bindings = [(b.var, b.value) for b in tail] + [
+        (b.var, substitute(b.value, dequantized)) for b in func.body.blocks[0].bindings
+    ]
+    return _emit_function(name, func, params, bindings, func.body.body, {source: new_param})
 
 
 def sink_dequantize(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
@@ -138,7 +132,7 @@ def sink_dequantize(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
                 return func
         return None
 
-    new_funcs: dict = {}  # GlobalVar name -> replacement function
+    new_funcs: dict = {}  # main's var -> (name, function) of its call's new callee
     moves = 0
     for binding in bindings:
         func = callee(binding.value)
