@@ -180,7 +180,7 @@ def test_crossing_copy_waits_on_the_gpu_and_pins_the_host_side(monkeypatch):
 
     class Fake:
         def __init__(self, kind: int, name: str, ptr: int = 1 << 20) -> None:
-            self.name, self.ptr, self.shape, self.dtype = name, ptr, (4, 8), "float32"
+            self.name, self.ptr, self.shape, self.dtype = name, ptr, (4, 1024), "float32"
             self.device = type("D", (), {"dlpack_device_type": lambda _self: kind})()
 
         def data_ptr(self) -> int:
@@ -195,22 +195,24 @@ def test_crossing_copy_waits_on_the_gpu_and_pins_the_host_side(monkeypatch):
     gpu, host = Fake(2, "gpu"), Fake(1, "host")
     crossing.copy(gpu, 1, host)  # device to host
     crossing.copy(host, 1, gpu)  # host to device
-    # Locked before the copy (so it cannot straddle a neighbour) and after (a first copy makes
+    # Locked before the copy (so it runs pinned the first time) and after (a first copy makes
     # the thread's context current).
     assert [c[0] for c in calls] == ["pin", "copy", "wait", "pin"] * 2
     assert calls[2][1] is gpu.device and calls[6][1] is gpu.device  # the GPU's stream
-    assert calls[0][1:] == calls[4][1:] == (host.ptr, 4 * 8 * 4)  # the host side
+    assert calls[0][1:] == calls[4][1:] == (host.ptr, 4 * 1024 * 4)  # the host side
     calls.clear()
     crossing.copy(host, 0, gpu)  # the caller's buffer: never page-locked
     crossing.copy(gpu, host)  # the flag missing (older artifacts): never page-locked
     assert [c[0] for c in calls] == ["copy", "wait", "copy", "wait"]
-    # A caller's buffer that straddles a page-locked range goes through a staging buffer.
-    monkeypatch.setattr(crossing.PINNER, "ranges", [(host.ptr + 64, host.ptr + 8192)])
-    staged = []
-    monkeypatch.setattr(crossing, "_copy_through_staging", lambda *a: staged.append(a))
+    # A host buffer that meets a page-locked range without lying inside it is copied in
+    # pieces cut at the range's edges.
+    monkeypatch.setattr(crossing.PINNER, "ranges", [(host.ptr + 4096, host.ptr + 8192)])
+    pieced = []
+    monkeypatch.setattr(crossing, "_copy_in_pieces", lambda *a: pieced.append(a))
     calls.clear()
     crossing.copy(host, 0, gpu)
-    assert staged and staged[0][:3] == (host, gpu, True) and calls == []
+    assert pieced == [(host, gpu, [(0, 4096), (4096, 4096), (8192, 8192)])]
+    assert [c[0] for c in calls] == ["wait"]
 
 
 class _FakeDriver:
@@ -232,8 +234,11 @@ class _FakeDriver:
         return 0 if self.locked.pop(start, None) is not None else 713
 
 
-def test_pinned_ranges_merge_so_that_no_copy_straddles_two(monkeypatch):
-    """Aliasing and page-sharing buffers end up in one registration each copy lies inside."""
+def test_pinned_ranges_hold_only_whole_pages_of_the_buffers(monkeypatch):
+    """Aliasing and page-sharing buffers: registrations are disjoint, page-aligned, merged where
+    they meet, and hold only pages lying wholly inside the buffers (a page shared with memory
+    the model does not own stays pageable); every copy is cut into pieces each inside one
+    registration or outside all of them."""
     from mulayer.runtime.crossing import _PAGE, _Pinner
 
     pinner, driver = _Pinner(), _FakeDriver()
@@ -246,34 +251,45 @@ def test_pinned_ranges_merge_so_that_no_copy_straddles_two(monkeypatch):
         ptr = base + int(rng.integers(0, 64)) * 64 * int(rng.integers(1, 300))
         buffers.append((ptr, int(rng.integers(1, 5 * _PAGE))))
     for ptr, size in buffers:
-        assert pinner.pin_range(ptr, size)
-        assert pinner.covers(ptr, size)
+        whole_pages = (ptr + size) // _PAGE > -(-ptr // _PAGE)
+        assert pinner.pin_range(ptr, size) == whole_pages
     assert sorted(driver.locked.items()) == pinner.ranges  # the driver holds what we think
     for (s0, e0), (s1, _) in zip(pinner.ranges, pinner.ranges[1:], strict=False):
-        assert e0 <= s1 and s0 % _PAGE == 0  # disjoint, page-aligned
-    for ptr, size in buffers:  # every buffer's copy lies inside one registration
-        assert pinner.covers(ptr, size) and not pinner.straddles(ptr, size)
-    # A caller's buffer starting inside a range and running past it straddles; one apart does not.
-    last_start, last_end = pinner.ranges[-1]
-    assert pinner.straddles(last_end - 64, 4096)
-    assert not pinner.straddles(last_end, 4096) and not pinner.covers(last_end, 4096)
+        assert e0 <= s1 and s0 % _PAGE == 0 and e0 % _PAGE == 0  # disjoint, page-aligned
+    owned = np.zeros(max(p + n for p, n in buffers) - base, bool)
+    for ptr, size in buffers:
+        owned[ptr - base : ptr + size - base] = True
+    for start, end in pinner.ranges:
+        assert owned[start - base : end - base].all()  # nothing outside the buffers
+    for ptr, size in buffers + [(base + 100, 20 * _PAGE), (pinner.ranges[-1][1] - 64, 4096)]:
+        pieces = pinner.pieces(ptr, size)
+        assert [o for o, _ in pieces] == [0] + list(np.cumsum([n for _, n in pieces[:-1]]))
+        assert sum(n for _, n in pieces) == size
+        for offset, n in pieces:
+            inside = pinner.covers(ptr + offset, n)
+            meets = any(s < ptr + offset + n and ptr + offset < e for s, e in pinner.ranges)
+            assert inside or not meets
     # Where the driver refuses, the earlier ranges are put back as they were.
+    last_start, last_end = pinner.ranges[-1]
     before = list(pinner.ranges)
     driver.refuse = True
-    assert not pinner.pin_range(last_start - 64, last_end - last_start + 128)
+    assert not pinner.pin_range(last_start - _PAGE, last_end - last_start + 2 * _PAGE)
     driver.refuse = False
     assert pinner.ranges == before
     monkeypatch.setattr(pinner, "enabled", False)
-    assert not pinner.pin_range(last_end + 10 * _PAGE, 100)  # MULAYER_PIN_CROSSINGS=0
+    assert not pinner.pin_range(last_end + 10 * _PAGE, 3 * _PAGE)  # MULAYER_PIN_CROSSINGS=0
 
 
-def test_crossing_copy_through_staging_keeps_every_element():
+def test_crossing_copy_in_pieces_keeps_every_element():
     from mulayer.runtime import crossing
 
     for dtype in ("float32", "float16", "uint8"):
         data = np.random.default_rng().standard_normal((3, 5, 7)) * 50
         src = tvm.runtime.tensor(data.astype(dtype))
-        for src_host in (True, False):
-            dst = tvm.runtime.tensor(np.full((3, 5, 7), 7, dtype))
-            crossing._copy_through_staging(src, dst, src_host, tvm.cpu(0))
-            assert np.array_equal(dst.numpy(), src.numpy())
+        nbytes = src.numpy().nbytes
+        dst = tvm.runtime.tensor(np.full((3, 5, 7), 7, dtype))
+        cuts = sorted({0, nbytes, *np.random.default_rng().integers(1, nbytes, 3).tolist()})
+        crossing._copy_in_pieces(
+            src, dst, [(a, b - a) for a, b in zip(cuts, cuts[1:], strict=False)]
+        )
+        assert np.array_equal(dst.numpy(), src.numpy())

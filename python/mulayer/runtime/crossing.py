@@ -9,14 +9,17 @@ that function:
 - where ``pin`` is set (the pass sets it when the host side is a planned buffer, not the caller's
   input or a returned tensor) the host side of a GPU copy is page-locked (``cuMemHostRegister``
   through the CUDA driver), so its copies run at pinned speed (DMA straight from or to the
-  buffer) although the tensor's device stays ``cpu`` for the CPU kernels. Memory freed while
+  buffer) although the tensor's device stays ``cpu`` for the CPU kernels. Only the pages lying
+  wholly inside the buffer are locked: a page it shares with a neighbour (a small allocation
+  next to it on the heap, a numpy array made later) stays pageable, so no copy of memory the
+  model does not own (TVM's own copies of inputs and outputs) can start in a locked page and
+  run past it, which the driver refuses (``cudaErrorInvalidValue``). Memory freed while
   page-locked would leave its registration behind, so nothing the caller owns is ever pinned;
-- registrations never overlap and a copy never straddles two of them: the driver refuses a copy
-  that starts in a page-locked range and runs past its end (``cudaErrorInvalidValue``), and the
-  memory plan's buffers alias (tensors of different sizes share storage) and share pages. So a
-  buffer whose pages meet earlier registrations is page-locked together with them as one range
-  (theirs are released first), and a copy through a caller's buffer that straddles one goes
-  through a page-aligned staging buffer of its own;
+- registrations never overlap: the memory plan's buffers alias (tensors of different sizes
+  share storage), so a buffer whose pages meet earlier registrations is page-locked together
+  with them as one range (theirs are released first). A copy whose bytes meet a registration
+  without lying inside it runs in pieces, each inside one registration or outside all of them
+  (a buffer's partial first and last pages, a caller's tensor next to a planned buffer);
 - the copy is issued on the GPU's current stream, in order with the kernels, and the function
   returns once it is complete (the CPU reads the result next, or may reuse the source buffer);
 - host to host (the llvm + llvm stand-in) is a ``memcpy``.
@@ -35,7 +38,6 @@ import ctypes
 import os
 import threading
 
-import numpy as np
 import tvm
 
 COPY_FUNC = "mulayer.crossing.copy"  # also in mulayer.passes.stage_crossings
@@ -75,12 +77,6 @@ class _Pinner:
         """Whether ``[ptr, ptr + size)`` lies inside one page-locked range."""
         return any(start <= ptr and ptr + size <= end for start, end in self.ranges)
 
-    def straddles(self, ptr: int, size: int) -> bool:
-        """Whether ``[ptr, ptr + size)`` meets a page-locked range without lying inside it
-        (the driver refuses such a copy)."""
-        meets = any(start < ptr + size and ptr < end for start, end in self.ranges)
-        return meets and not self.covers(ptr, size)
-
     def pin(self, tensor) -> bool:
         """Page-lock ``tensor``'s pages, merged with the ranges they meet; True when locked.
 
@@ -90,13 +86,17 @@ class _Pinner:
         return self.pin_range(tensor.data_ptr(), _nbytes(tensor))
 
     def pin_range(self, ptr: int, size: int) -> bool:
-        if self.covers(ptr, size):  # the common case: a buffer seen before
+        """Page-lock the pages lying wholly inside ``[ptr, ptr + size)`` (merged with the ranges
+        they meet); True when locked, False where there are none or the driver refuses."""
+        start, end = -(-ptr // _PAGE) * _PAGE, (ptr + size) // _PAGE * _PAGE
+        if end <= start:
+            return False
+        if self.covers(start, end - start):  # the common case: a buffer seen before
             return True
         with self.lock:
             driver = self._load() if self.enabled else None
             if driver is None:
                 return False
-            start, end = ptr // _PAGE * _PAGE, -(-(ptr + size) // _PAGE) * _PAGE
             met = [(s, e) for s, e in self.ranges if s < end and start < e]
             merged = (min([start, *(s for s, _ in met)]), max([end, *(e for _, e in met)]))
             for s, _ in met:
@@ -108,6 +108,17 @@ class _Pinner:
             self.ranges = sorted([r for r in self.ranges if r not in met] + [merged])
             self.pinned_bytes = sum(e - s for s, e in self.ranges)
             return True
+
+    def pieces(self, ptr: int, size: int) -> list[tuple[int, int]]:
+        """``[ptr, ptr + size)`` cut at the edges of the ranges it meets, as ``(offset, size)``
+        pieces each inside one page-locked range or outside all of them."""
+        cuts = {0, size}
+        for start, end in self.ranges:
+            for edge in (start, end):
+                if ptr < edge < ptr + size:
+                    cuts.add(edge - ptr)
+        edges = sorted(cuts)
+        return [(a, b - a) for a, b in zip(edges, edges[1:], strict=False)]
 
 
 def _nbytes(tensor) -> int:
@@ -142,34 +153,25 @@ def copy(src, *pin_and_dst) -> None:
     host, gpu = (src, dst) if src_host else (dst, src)
     ptr, size = host.data_ptr(), _nbytes(host)
     with PINNER.lock:
-        if pin:  # before the copy: an unlocked buffer may straddle a neighbour's range
+        if pin:  # before the copy, so that it runs at pinned speed the first time too
             PINNER.pin_range(ptr, size)
-        if PINNER.straddles(ptr, size):
-            _copy_through_staging(src, dst, src_host, gpu.device)
-        else:
+        pieces = PINNER.pieces(ptr, size)
+        if len(pieces) == 1:
             _copy_from_to(src, dst)
-            wait(gpu.device)
+        else:
+            _copy_in_pieces(src, dst, pieces)
+        wait(gpu.device)
         if pin:  # a first copy on this thread made the context current: lock it for next time
             PINNER.pin_range(ptr, size)
 
 
-def _copy_through_staging(src, dst, src_host: bool, gpu_device) -> None:
-    """The copy through a page-aligned host buffer whose pages no registration meets."""
-    host = src if src_host else dst
-    size = _nbytes(host)
-    raw = np.empty(size + 2 * _PAGE, dtype=np.uint8)
-    skip = -raw.ctypes.data % _PAGE
-    pages = -(-size // _PAGE) * _PAGE
-    flat = raw[skip : skip + pages][:size].view(np.dtype(str(host.dtype)))
-    staging = tvm.runtime.from_dlpack(flat.reshape([int(d) for d in host.shape]))
-    if src_host:
-        _copy_from_to(src, staging)
-        _copy_from_to(staging, dst)
-        wait(gpu_device)
-    else:
-        _copy_from_to(src, staging)
-        wait(gpu_device)
-        _copy_from_to(staging, dst)
+def _copy_in_pieces(src, dst, pieces: list[tuple[int, int]]) -> None:
+    """Copy ``src`` into ``dst`` as byte ranges ``(offset, size)`` (views of both, in order)."""
+    for offset, size in pieces:
+        _copy_from_to(
+            src._create_view((size,), "uint8", relative_byte_offset=offset),
+            dst._create_view((size,), "uint8", relative_byte_offset=offset),
+        )
 
 
 def register() -> None:
