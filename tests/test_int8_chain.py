@@ -41,26 +41,28 @@ def _conv3x3_bias(bb: relax.BlockBuilder, data, w: np.ndarray, b: np.ndarray):
     return bb.emit(relax.op.add(y, relax.const(b)))
 
 
-def _square_weights(rng, names) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Random ``C -> C`` 3x3 conv weights and biases by name."""
-    return {
+def _square_net(rng, names):
+    """Random ``C -> C`` 3x3 conv weights and biases by name, a block builder, the model input
+    and ``conv(data, name)`` emitting that conv plus bias."""
+    weights = {
         name: (
             (rng.standard_normal((C, C, 3, 3)) * 0.12).astype("float32"),
             (rng.standard_normal((1, C, 1, 1)) * 0.1).astype("float32"),
         )
         for name in names
     }
-
-
-def _chain_module(rng) -> tuple[tvm.IRModule, dict]:
-    """fp32 ``conv -> relu -> conv -> add(skip) -> relu -> max pool -> conv`` (canonical form)."""
-    weights = _square_weights(rng, ("w0", "w1", "w2"))
     bb = relax.BlockBuilder()
     x = relax.Var("input", relax.TensorType((1, C, H, H), "float32"))
 
     def conv(data, name):
         return _conv3x3_bias(bb, data, *weights[name])
 
+    return weights, bb, x, conv
+
+
+def _chain_module(rng) -> tuple[tvm.IRModule, dict]:
+    """fp32 ``conv -> relu -> conv -> add(skip) -> relu -> max pool -> conv`` (canonical form)."""
+    weights, bb, x, conv = _square_net(rng, ("w0", "w1", "w2"))
     with bb.function("main", [x]):
         with bb.dataflow():
             y0 = bb.emit(relax.op.nn.relu(conv(x, "w0")))
@@ -126,13 +128,7 @@ def _projection_module(rng) -> tuple[tvm.IRModule, dict]:
     """fp32 ResNet projection block: ``y0 = relu(conv(x))``; ``main = conv(relu(conv(y0)))``,
     ``skip = conv(y0)`` (bound after ``main``, as torchvision's ResNets are exported);
     ``relu(main + skip) -> conv``. Neither addend is quantized by another layer."""
-    weights = _square_weights(rng, ("w0", "w1", "w2", "ws", "w3"))
-    bb = relax.BlockBuilder()
-    x = relax.Var("input", relax.TensorType((1, C, H, H), "float32"))
-
-    def conv(data, name):
-        return _conv3x3_bias(bb, data, *weights[name])
-
+    weights, bb, x, conv = _square_net(rng, ("w0", "w1", "w2", "ws", "w3"))
     with bb.function("main", [x]):
         with bb.dataflow():
             y0 = bb.emit(relax.op.nn.relu(conv(x, "w0")))
