@@ -78,7 +78,7 @@ class _Pinner:
         return any(start <= ptr and ptr + size <= end for start, end in self.ranges)
 
     def pin(self, tensor) -> bool:
-        """Page-lock ``tensor``'s pages, merged with the ranges they meet; True when locked.
+        """Page-lock the pages lying wholly inside ``tensor`` (see :meth:`pin_range`).
 
         Call after a CUDA runtime call on this thread (the driver needs a current context);
         where the driver refuses, the ranges stay as they were and the next call tries again.
