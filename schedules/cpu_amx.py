@@ -53,6 +53,7 @@ from .conv2d_analysis import Conv2dInfo, find_conv2d
 from .cpu_int8_pointwise import fits_pixel_lanes
 from .cpu_tiling import (
     blocked_accumulator,
+    pack_in_destination_order,
     pack_input_channels,
     pack_weight,
     parallel_conv_tiles,
@@ -363,6 +364,8 @@ def schedule_conv2d_amx(
     )
     if rows_outer:  # pack just the rows a task reads (see cpu_conv2d)
         sch.compute_at(pad, outer, preserve_unit_loops=True)
+    else:  # one shared pack at the root, each task writing whole pixels
+        pack_in_destination_order(sch, pad, kt)
     # The tile store: tmm0 -> a local copy that the epilogue reads.
     acc_buffer = sch.get(conv).writes[0].source
     reads = [r.source for r in sch.get(acc_out).reads]

@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import UTC, datetime
@@ -373,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                     record = measure(record, paths[name], args.repeat, args.warmup, traces, cache)
                 except Exception as err:  # report and go on
                     record["error"] = f"{type(err).__name__}: {err}"[:300]
+                    traceback.print_exc()
             record.pop("artifact", None)
             rows.append(record)
             print(json.dumps({k: v for k, v in record.items() if k != "trace"}), flush=True)

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Kernel benchmark: mulayer's schedule rules against PyTorch, onnxruntime and cuDNN, per layer.
 
-Representative CNN layers (ResNet 3x3 at 56/28/14/7, VGG 3x3 at 224 and 56, a pointwise 1x1,
-MobileNetV2 depthwise 3x3, a 4096x1000 dense), batch 1, each measured as:
+Representative CNN layers (ResNet 3x3 at 56/28/14/7, ResNet's stride-2 256 -> 512 3x3 and 1x1
+at 14x14, VGG 3x3 at 224, 56 and 28 (256 -> 512), a pointwise 1x1, MobileNetV2 depthwise 3x3, a
+4096x1000 dense), batch 1, each measured as:
 
 - ours CPU int8: u8 x s8 -> s32 conv/dense with the requantize epilogue fused (u8 out; the dense
   returns s32 + bias), ``mulayer.schedules.apply_schedules`` on ``llvm -mcpu=<detected>``,
@@ -108,6 +109,9 @@ LAYERS = (
     Layer("resnet_3x3_28", conv=(128, 28, 28, 128, 3, 1, 1, 1)),
     Layer("resnet_3x3_14", conv=(256, 14, 14, 256, 3, 1, 1, 1)),
     Layer("resnet_3x3_7", conv=(512, 7, 7, 512, 3, 1, 1, 1)),
+    Layer("resnet_3x3s2_14", conv=(256, 14, 14, 512, 3, 2, 1, 1)),
+    Layer("resnet_1x1s2_14", conv=(256, 14, 14, 512, 1, 2, 0, 1)),
+    Layer("vgg_3x3_28", conv=(256, 28, 28, 512, 3, 1, 1, 1)),
     Layer("vgg_3x3_224", conv=(64, 224, 224, 64, 3, 1, 1, 1)),
     Layer("vgg_3x3_56", conv=(256, 56, 56, 256, 3, 1, 1, 1)),
     Layer("pointwise_1x1_56", conv=(64, 56, 56, 256, 1, 1, 0, 1)),

@@ -616,6 +616,26 @@ def test_vectorized_nearbyint_is_widened():
     assert "T.nearbyint(a[c, T.Ramp(0, 1, 14)])" in text
 
 
+@pytest.mark.parametrize(
+    "case, tasks",
+    [
+        (ConvCase(256, 14, 14, 512, stride=2), 4 * 16),  # weights > 1 MB: channel tiles outer
+        (ConvCase(256, 14, 14, 512, k=1, pad=0, stride=2), 4 * 14),  # 7 rows + channel halves
+    ],
+    ids=["3x3-channel-tiles-outer", "1x1-rows-and-channel-tiles"],
+)
+def test_amx_shared_pack_writes_whole_pixels(case: ConvCase, tasks: int):
+    """Where channel tiles share one input pack (ResNet's 256 -> 512 stride-2 convs), the pack
+    is parallel over channel groups x rows and writes each pixel's 64 channels in one task
+    (innermost, unrolled), so no two threads write one cache line of it."""
+    text = str(_schedule_amx(case, AMX, "requant", emulate=False))
+    pack = text.index('T.sblock("pad_temp")')
+    loops = text[text.rfind("T.parallel(", 0, pack) : pack]
+    assert re.match(rf"T\.parallel\(T\.int64\({tasks}\)\)", loops)
+    assert "T.unroll(T.int64(64))" in loops
+    assert text.index("llvm.x86.tilezero") > pack  # packed before any tile is computed
+
+
 @pytest.mark.parametrize("case", AMX_CASES, ids=str)
 def test_amx_tiles_configured_once_per_task(case: ConvCase):
     """Compile-side: one ``ldtilecfg``, at the top of the parallel task that uses the tiles
