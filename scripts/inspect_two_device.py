@@ -66,7 +66,7 @@ def main(names: list[str]) -> None:
         save_model(name, path)
         mod, _, _ = import_onnx(str(path))
         samples = {"input": rng.standard_normal((4, 3, 224, 224)).astype("f4")}
-        stats = calibrate(mod, samples, method="percentile")
+        stats = calibrate(mod, samples, method="search")
         gpu_only = kernels(legalize_and_fuse(to_fp16(mod), target))
         for ratio in (1.0, 0.5):
             with warnings.catch_warnings():

@@ -79,6 +79,64 @@ def test_percentile_clips_the_tail():
     assert pct["conv2d.0"].input_max < 5.0
 
 
+def test_search_picks_the_range_with_the_least_layer_error():
+    """The "search" method's pick for each layer equals a brute-force numpy search over the
+    same candidate ranges (min/max and SEARCH_PERCENTILES) of the layer's input-only error."""
+    from mulayer.compiler.calibration import SEARCH_PERCENTILES, conv2d_nchw
+
+    rng = np.random.default_rng(5)
+    mod, weights = _module(rng)
+    samples = rng.standard_normal((4, *SHAPE)).astype("float32")
+    samples[1, 0, 1, 2, 3], samples[2, 0, 2, 5, 1] = 9.0, -7.0  # a tail to clip, or not
+    stats = calibrate(mod, samples, method="search")
+    refs = [_reference(s, *weights) for s in samples]
+    attrs = {
+        "conv2d.0": (0, weights[0], ((1, 1), (1, 1, 1, 1), (1, 1), 1)),
+        "conv2d.1": (2, weights[2], ((1, 1), (0, 0, 0, 0), (1, 1), 1)),
+    }
+    for name, (slot, w, conv) in attrs.items():
+        xs = [r[slot] for r in refs]
+        values = np.concatenate([x.ravel() for x in xs])
+        ranges = {"min/max": (values.min(), values.max())}
+        for p in SEARCH_PERCENTILES:
+            ranges[f"p{p:g}"] = (np.percentile(values, 100 - p), np.percentile(values, p))
+        error = {}
+        for label, (lo, hi) in ranges.items():
+            scale, zp = activation_qparams(lo, hi)
+            total = 0.0
+            for x in xs:
+                xq = (quantize_activation(x, scale, zp).astype(np.float32) - zp) * scale
+                ref = conv2d_nchw(x, w, *conv).astype(np.float64)
+                got = conv2d_nchw(xq, w, *conv).astype(np.float64)
+                total += ((got - ref) ** 2).sum() / (ref**2).sum()
+            error[label] = total
+        best = min(error, key=error.get)
+        assert stats[name].input_range == best, (name, error)
+        assert stats[name].input_scale == pytest.approx(activation_qparams(*ranges[best])[0])
+    assert stats.method == "search" and stats["conv2d.0"].sqnr_db() > 25.0
+
+
+def test_conv_at_sampled_positions_matches_the_full_conv():
+    from mulayer.compiler.calibration import _conv_at, _conv_out_hw, conv2d_nchw
+
+    rng = np.random.default_rng()
+    cases = [(8, 16, 1, 3, 1, 1, 1, 9), (8, 8, 8, 3, 2, 1, 1, 10), (4, 6, 2, 3, 2, 2, 2, 11)]
+    for c, o, groups, k, stride, pad, dil, hw in cases:
+        x = rng.standard_normal((3, c, hw, hw)).astype("float32")
+        w = rng.standard_normal((o, c // groups, k, k)).astype("float32")
+        attrs = {
+            "strides": [stride] * 2,
+            "padding": [pad] * 4,
+            "dilation": [dil] * 2,
+            "groups": groups,
+        }
+        full = conv2d_nchw(x, w, **attrs)
+        assert full.shape[2:] == _conv_out_hw(x.shape, w.shape, **attrs)
+        positions = rng.choice(full.shape[2] * full.shape[3], 7, replace=False)
+        got = _conv_at(x, w, positions=positions, **attrs)
+        np.testing.assert_allclose(got, full.reshape(3, o, -1)[:, :, positions], rtol=1e-5)
+
+
 def test_qparams_cover_zero_exactly():
     scale, zp = activation_qparams(-1.0, 3.0)
     assert zp == 64 and scale == pytest.approx(4.0 / 255, rel=1e-6)

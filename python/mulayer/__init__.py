@@ -25,7 +25,7 @@ def compile(model, target: str = "llvm", **kwargs) -> CompiledModel:  # noqa: A0
     return compile_model(model, target=target, **kwargs)
 
 
-def calibrate(model, samples, method: str = "percentile", input_shapes=None):
+def calibrate(model, samples, method: str = "search", input_shapes=None):
     """Calibrate the int8 CPU parts of an ONNX model on ``samples``; pass the result to
     ``mulayer.compile(..., calibration=stats)``. See
     :func:`mulayer.compiler.calibration.calibrate`."""

@@ -43,7 +43,7 @@ def task_calibrate(model_path: str, samples: str, out: str) -> dict:
     import mulayer
 
     start = time.perf_counter()
-    mulayer.calibrate(model_path, {INPUT_NAME: np.load(samples)}, method="percentile").save(out)
+    mulayer.calibrate(model_path, {INPUT_NAME: np.load(samples)}).save(out)
     return {"path": out, "seconds": time.perf_counter() - start}
 
 

@@ -5,7 +5,10 @@ over a few sample inputs. For every splittable layer (named as in
 :func:`mulayer.frontend.layers.splittable_layers`) it records
 
 - the range of the layer's input activation and from it an asymmetric per-tensor uint8
-  scale / zero point (what :class:`mulayer.passes.QuantizeCPU` quantizes the CPU part's input with);
+  scale / zero point (what :class:`mulayer.passes.QuantizeCPU` quantizes the CPU part's input with).
+  ``method="search"`` picks that range per tensor among the observed extremes and a few
+  percentiles (:data:`SEARCH_PERCENTILES`): the one whose quantization error, carried through the
+  conv/dense layers that read the tensor, is smallest relative to their result;
 - the range of the layer's output after its channel-wise epilogue (bias add, per-channel multiply,
   relu, clip): what the join of the two parts sees;
 - for conv2d and dense layers, per output channel, the energy of the fp32 result (``signal``) and
@@ -39,9 +42,15 @@ from ..fileio import atomic_write_text
 log = logging.getLogger(__name__)
 
 CALIBRATION_SCHEMA_VERSION = 1
-METHODS = ("minmax", "percentile")
-# Values kept per layer and sample for the percentile method (a random subsample beyond that).
+METHODS = ("minmax", "percentile", "search")
+# The candidate ranges of the "search" method: these percentiles, beside the observed extremes.
+SEARCH_PERCENTILES = (99.999, 99.99, 99.9)
+# Values kept per layer and sample for the percentile methods (a random subsample beyond that).
 _PERCENTILE_KEEP = 1 << 16
+# "search": multiply-adds per layer, sample and candidate; output positions are subsampled
+# beyond it (never fewer than _SEARCH_MIN_POSITIONS).
+_SEARCH_MACS = 1 << 20
+_SEARCH_MIN_POSITIONS = 64
 # Ops that are channel-wise epilogues of a layer: they follow it into its parts.
 _EPILOGUE_BINARY = ("relax.add", "relax.multiply")
 _EPILOGUE_UNARY = ("relax.nn.relu", "relax.clip")
@@ -107,6 +116,8 @@ class LayerStats:
     # each sample scaled by 1 / (its total fp32 energy in this layer) so samples weigh the same.
     signal: list[float] | None = None
     noise: list[float] | None = None
+    # Which range the input's scale covers: "min/max", "p99.99", ... ("" in older stats).
+    input_range: str = ""
 
     def sqnr_db(self, start: int = 0, stop: int | None = None) -> float | None:
         """SQNR (dB) of the int8 result over output channels ``[start, stop)``; ``None`` when
@@ -410,23 +421,119 @@ class _Range:
         self.method, self.percentile, self.rng = method, percentile, rng
         self.lo, self.hi = math.inf, -math.inf
         self.kept: list[np.ndarray] = []
+        self.chosen: tuple[str, float, float] | None = None  # set by the "search" method
 
     def add(self, x: np.ndarray) -> None:
         flat = x.ravel().astype(np.float32)
         self.lo = min(self.lo, float(flat.min()))
         self.hi = max(self.hi, float(flat.max()))
-        if self.method == "percentile":
+        if self.method != "minmax":
             if flat.size > _PERCENTILE_KEEP:
                 flat = self.rng.choice(flat, _PERCENTILE_KEEP, replace=False)
             self.kept.append(flat)
 
-    def bounds(self) -> tuple[float, float]:
+    def _percentiles(self, ps) -> list[tuple[float, float]]:
+        """``(lo, hi)`` per percentile ``p`` of the kept values (one sort for all)."""
+        qs = np.percentile(np.concatenate(self.kept), [q for p in ps for q in (100.0 - p, p)])
+        return [(float(qs[2 * i]), float(qs[2 * i + 1])) for i in range(len(ps))]
+
+    def candidates(self) -> list[tuple[str, float, float]]:
+        """``(label, lo, hi)`` ranges the "search" method chooses among (distinct ones)."""
+        found = [("min/max", self.lo, self.hi)]
+        if self.kept:
+            for p, (lo, hi) in zip(
+                SEARCH_PERCENTILES, self._percentiles(SEARCH_PERCENTILES), strict=True
+            ):
+                if all(activation_qparams(lo, hi) != activation_qparams(a, b) for _, a, b in found):
+                    found.append((f"p{p:g}", lo, hi))
+        return found
+
+    def bounds(self) -> tuple[str, float, float]:
+        """``(label, lo, hi)``: the range the input's scale covers."""
+        if self.chosen is not None:
+            return self.chosen
         if self.method == "minmax" or not self.kept:
-            return self.lo, self.hi
-        values = np.concatenate(self.kept)
-        lo = float(np.percentile(values, 100.0 - self.percentile))
-        hi = float(np.percentile(values, self.percentile))
-        return lo, hi
+            return "min/max", self.lo, self.hi
+        p = self.percentile if self.method == "percentile" else SEARCH_PERCENTILES[1]
+        return (f"p{p:g}", *self._percentiles([p])[0])
+
+
+def _conv_out_hw(x_shape, w_shape, strides, padding, dilation, groups: int) -> tuple[int, int]:
+    """The output height and width of an NCHW/OIHW conv2d."""
+    extent = [(k - 1) * d + 1 for k, d in zip(w_shape[2:], dilation, strict=True)]
+    return tuple(
+        (x_shape[2 + i] + padding[i] + padding[i + 2] - extent[i]) // strides[i] + 1
+        for i in range(2)
+    )
+
+
+def _conv_at(x: np.ndarray, w: np.ndarray, strides, padding, dilation, groups: int, positions):
+    """conv2d_nchw's result at the flat output ``positions`` only: ``[n, o, len(positions)]``."""
+    n, c = x.shape[:2]
+    o, cg, kh, kw = w.shape
+    pt, pl, pb, pr = padding
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    oh, ow = _conv_out_hw(x.shape, w.shape, strides, padding, dilation, groups)
+    rows, cols = np.unravel_index(positions, (oh, ow))
+    rows, cols = rows * strides[0], cols * strides[1]
+    taps = [
+        xp[:, :, rows + i * dilation[0], cols + j * dilation[1]]
+        for i in range(kh)
+        for j in range(kw)
+    ]  # each [n, c, p]
+    patches = np.stack(taps, axis=-1).reshape(n, groups, cg, len(positions), kh * kw)
+    wg = w.reshape(groups, o // groups, cg, kh * kw)
+    out = np.einsum("ngcpk,gock->ngop", patches, wg, optimize=True)
+    return out.reshape(n, o, len(positions))
+
+
+class _RangeSearch:
+    """The "search" method: per observed tensor, the candidate range with the least relative
+    error in the conv/dense results that read it (input quantization only: the weight error
+    does not depend on the range)."""
+
+    def __init__(self, observers, readers: dict, rng: np.random.Generator):
+        self.observers = observers  # {id: _Range}
+        self.readers = readers  # {id: [(kind, call, weight)]}
+        self.candidates = {key: obs.candidates() for key, obs in observers.items()}
+        self.error = {key: np.zeros(len(c)) for key, c in self.candidates.items()}
+        self.signal = {key: 0.0 for key in observers}
+        self.rng = rng
+
+    def _results(self, kind: str, call, w: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """The layer's result on each of ``xs`` (stacked on axis 0); for a conv, at the same
+        random subset of output positions for all of them when the layer is large."""
+        if kind != "conv2d":
+            return xs.reshape(xs.shape[0], -1) @ w
+        attrs = _conv_attrs(call)
+        oh, ow = _conv_out_hw(xs.shape, w.shape, **attrs)
+        o, cg, kh, kw = w.shape
+        count = max(_SEARCH_MIN_POSITIONS, _SEARCH_MACS // (o * cg * kh * kw))
+        if count >= oh * ow:
+            return conv2d_nchw(xs, w, **attrs)
+        positions = self.rng.choice(oh * ow, count, replace=False)
+        return _conv_at(xs, w, positions=positions, **attrs)
+
+    def add(self, key, x: np.ndarray) -> None:
+        """Score every candidate range of tensor ``key`` on one sample's value ``x``."""
+        x = x.astype(np.float32)
+        stacked = [x]
+        for _, lo, hi in self.candidates[key]:
+            scale, zp = activation_qparams(lo, hi)
+            xq = (quantize_activation(x, scale, zp).astype(np.float32) - zp) * np.float32(scale)
+            stacked.append(xq - x)
+        # The error of a linear layer's result is the layer applied to the input's error.
+        xs = np.concatenate(stacked)
+        for kind, call, w in self.readers[key]:
+            results = self._results(kind, call, w, xs).reshape(len(stacked), -1).astype(np.float64)
+            energy = np.square(results, dtype=np.float64).sum(axis=1)
+            # Each reader and sample weighs the same: the error relative to its result.
+            self.error[key] += energy[1:] / max(float(energy[0]), 1e-30)
+
+    def choose(self) -> None:
+        for key, observer in self.observers.items():
+            if key in self.readers:
+                observer.chosen = self.candidates[key][int(np.argmin(self.error[key]))]
 
 
 # ------------------------------------------------------------------------------ calibrate
@@ -475,13 +582,15 @@ def calibrate(
     samples : list of dicts, dict or array
         ``[{input name: array}, ...]``; or ``{input name: [N, *shape]}``; or, for a single-input
         model, one ``[N, *shape]`` array (``[N, *shape[1:]]`` when the batch is 1).
-    method : "minmax" or "percentile"
-        How the input range of each layer is chosen: the observed extremes, or the
-        ``100 - percentile`` and ``percentile`` percentiles (clips a long tail).
+    method : "minmax", "percentile" or "search"
+        How the input range of each layer is chosen: the observed extremes; the
+        ``100 - percentile`` and ``percentile`` percentiles (clips a long tail); or, per
+        tensor, whichever of the extremes and :data:`SEARCH_PERCENTILES` gives the layers that
+        read it the least quantization error on the samples (one more pass over them).
     percentile : float
         Used by the "percentile" method.
     seed : int
-        Seeds the subsampling of the percentile method.
+        Seeds the subsampling of the percentile and search methods.
 
     Returns
     -------
@@ -531,10 +640,15 @@ def calibrate(
                 in_ranges[name].add(outs[2 * i])
             out_ranges[name].add(outs[2 * i + 1])
 
+    quant = [n for n in order if kinds[n] in ("conv2d", "dense")]
+    weights = {name: tensors[name][0].args[1].value.numpy().astype(np.float32) for name in quant}
+    if method == "search":
+        _search_ranges(run, batches, order, in_ranges, kinds, tensors, weights, rng)
+
     stats = CalibrationStats(method=method, percentile=float(percentile), num_samples=len(batches))
     for name in order:
-        lo, hi = in_ranges[name].bounds()
-        out_lo, out_hi = out_ranges[name].bounds()
+        label, lo, hi = in_ranges[name].bounds()
+        _, out_lo, out_hi = out_ranges[name].bounds()
         scale, zp = activation_qparams(lo, hi)
         stats.layers[name] = LayerStats(
             name=name,
@@ -545,14 +659,12 @@ def calibrate(
             input_zero_point=zp,
             output_min=out_lo,
             output_max=out_hi,
+            input_range=label,
         )
 
-    # Pass 2: per-channel signal and int8 error of every conv/dense layer.
-    quant = [n for n in order if kinds[n] in ("conv2d", "dense")]
-    weights = {}
+    # Last pass: per-channel signal and int8 error of every conv/dense layer.
     for name in quant:
-        call = tensors[name][0]
-        w = call.args[1].value.numpy().astype(np.float32)
+        w = weights[name]
         axis = 0 if kinds[name] == "conv2d" else 1
         wq, ws = quantize_weight(w, axis)
         shape = [1] * w.ndim
@@ -582,3 +694,21 @@ def calibrate(
                 entry.noise = [a + float(b) for a, b in zip(entry.noise, err, strict=True)]
     log.info("calibrated %d layers on %d samples", len(order), len(batches))
     return stats
+
+
+def _search_ranges(run, batches, order, in_ranges, kinds, tensors, weights, rng) -> None:
+    """The "search" method's extra pass: score each tensor's candidate ranges on the samples
+    and keep the best (see :class:`_RangeSearch`)."""
+    observers, readers, slot = {}, {}, {}
+    for i, name in enumerate(order):
+        key = id(in_ranges[name])
+        observers[key] = in_ranges[name]
+        slot.setdefault(key, i)
+        if name in weights:
+            readers.setdefault(key, []).append((kinds[name], tensors[name][0], weights[name]))
+    search = _RangeSearch(observers, readers, rng)
+    for sample in batches:
+        outs = run(sample)
+        for key in readers:
+            search.add(key, outs[2 * slot[key]])
+    search.choose()

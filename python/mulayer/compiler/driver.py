@@ -333,7 +333,7 @@ def _calibration_stats(mod, calibration, inputs):
         return calibration
     if isinstance(calibration, (str, Path)):
         calibration = load_calibration_npz(calibration, inputs)
-    return calibrate(mod, calibration, method="percentile")
+    return calibrate(mod, calibration, method="search")
 
 
 def build_cooperative(
