@@ -293,3 +293,64 @@ def test_crossing_copy_in_pieces_keeps_every_element():
             src, dst, [(a, b - a) for a, b in zip(cuts, cuts[1:], strict=False)]
         )
         assert np.array_equal(dst.numpy(), src.numpy())
+
+
+def test_crossing_copy_goes_straight_to_the_driver_and_caches_its_plan(monkeypatch):
+    """With a CUDA driver, a crossing is one async copy per piece and one stream sync (no TVM
+    copy, no second wait); its pieces are worked out once until the registrations change; a
+    refusing driver (no current context) falls back to TVM's copy."""
+    from mulayer.runtime import crossing
+
+    class Fake:
+        def __init__(self, kind: int, ptr: int) -> None:
+            self.ptr, self.shape, self.dtype = ptr, (4, 2048), "float32"
+            self.device = type("D", (), {"dlpack_device_type": lambda _self: kind})()
+
+        def data_ptr(self) -> int:
+            return self.ptr
+
+    class Driver:
+        def __init__(self) -> None:
+            self.calls, self.status = [], 0
+
+        def cuMemcpyDtoHAsync_v2(self, host, dev, size, stream):
+            self.calls.append(("d2h", host, dev, size, stream))
+            return self.status
+
+        def cuMemcpyHtoDAsync_v2(self, dev, host, size, stream):
+            self.calls.append(("h2d", host, dev, size, stream))
+            return self.status
+
+        def cuStreamSynchronize(self, stream):
+            self.calls.append(("sync", stream))
+            return 0
+
+    driver, tvm_calls = Driver(), []
+    monkeypatch.setattr(crossing.PINNER, "driver", lambda: driver)
+    monkeypatch.setattr(crossing.PINNER, "ranges", [])
+    monkeypatch.setattr(crossing, "_PLANS", {})
+    monkeypatch.setattr(crossing, "_copy_from_to", lambda s, d: tvm_calls.append("copy"))
+    monkeypatch.setattr(crossing, "wait", lambda dev: tvm_calls.append("wait"))
+    host, gpu = Fake(1, 1 << 20), Fake(2, 1 << 40)
+    nbytes = 4 * 2048 * 4
+    crossing.copy(gpu, 0, host)
+    crossing.copy(host, 0, gpu)
+    assert driver.calls == [
+        ("d2h", host.ptr, gpu.ptr, nbytes, None),
+        ("sync", None),
+        ("h2d", host.ptr, gpu.ptr, nbytes, None),
+        ("sync", None),
+    ]
+    assert tvm_calls == [] and list(crossing._PLANS) == [(host.ptr, nbytes, False)]
+    # A registration that cuts the buffer: new pieces, each its own async copy, one sync.
+    monkeypatch.setattr(crossing.PINNER, "ranges", [(host.ptr + 4096, host.ptr + 12288)])
+    driver.calls.clear()
+    crossing.copy(gpu, 0, host)
+    offsets = [(c[1] - host.ptr, c[2] - gpu.ptr, c[3]) for c in driver.calls[:-1]]
+    assert offsets == [(0, 0, 4096), (4096, 4096, 8192), (12288, 12288, nbytes - 12288)]
+    assert driver.calls[-1] == ("sync", None)
+    # The driver refuses: TVM's copy and a wait instead.
+    driver.status = 201  # CUDA_ERROR_INVALID_CONTEXT
+    monkeypatch.setattr(crossing, "_copy_in_pieces", lambda *a: tvm_calls.append("pieces"))
+    crossing.copy(gpu, 0, host)
+    assert tvm_calls == ["pieces", "wait"]

@@ -20,8 +20,12 @@ that function:
   with them as one range (theirs are released first). A copy whose bytes meet a registration
   without lying inside it runs in pieces, each inside one registration or outside all of them
   (a buffer's partial first and last pages, a caller's tensor next to a planned buffer);
-- the copy is issued on the GPU's current stream, in order with the kernels, and the function
-  returns once it is complete (the CPU reads the result next, or may reuse the source buffer);
+- the copy is issued on the GPU's default stream, in order with the kernels, and the function
+  returns once it is complete (the CPU reads the result next, or may reuse the source buffer).
+  Each buffer's pieces are worked out once (cached until the registrations change) and issued
+  straight to the CUDA driver (``cuMemcpy*Async`` per piece, one ``cuStreamSynchronize``): a
+  crossing costs its DMA plus a few microseconds. Where the driver call fails (no current
+  context on this thread yet) the copy goes through TVM (``TVMTensorCopyFromTo``) instead;
 - host to host (the llvm + llvm stand-in) is a ``memcpy``.
 
 Page-locked ranges are never unregistered except to merge them: the VM takes its buffers from
@@ -68,10 +72,27 @@ class _Pinner:
                     ctypes.c_uint,
                 ]
                 driver.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
+                driver.cuMemcpyDtoHAsync_v2.argtypes = [
+                    ctypes.c_void_p,
+                    ctypes.c_uint64,
+                    ctypes.c_size_t,
+                    ctypes.c_void_p,
+                ]
+                driver.cuMemcpyHtoDAsync_v2.argtypes = [
+                    ctypes.c_uint64,
+                    ctypes.c_void_p,
+                    ctypes.c_size_t,
+                    ctypes.c_void_p,
+                ]
+                driver.cuStreamSynchronize.argtypes = [ctypes.c_void_p]
                 self._driver = driver
             except OSError:
                 self._driver = None
         return self._driver
+
+    def driver(self):
+        """The CUDA driver library (``None`` without CUDA)."""
+        return self._load()
 
     def covers(self, ptr: int, size: int) -> bool:
         """Whether ``[ptr, ptr + size)`` lies inside one page-locked range."""
@@ -121,11 +142,17 @@ class _Pinner:
         return [(a, b - a) for a, b in zip(edges, edges[1:], strict=False)]
 
 
+_ITEMSIZE: dict[str, int] = {}
+
+
 def _nbytes(tensor) -> int:
     count = 1
     for dim in tensor.shape:
         count *= int(dim)
-    return count * tvm.runtime.DataType(str(tensor.dtype)).itemsize
+    dtype = str(tensor.dtype)
+    if dtype not in _ITEMSIZE:
+        _ITEMSIZE[dtype] = tvm.runtime.DataType(dtype).itemsize
+    return count * _ITEMSIZE[dtype]
 
 
 PINNER = _Pinner()
@@ -136,6 +163,43 @@ _stream_sync = tvm.get_global_func("runtime.Device_StreamSync")
 def wait(device) -> None:
     """Block until the work queued on ``device``'s default stream (the copy included) is done."""
     _stream_sync(device, 0)  # stream handle 0: the default stream, which TVM launches on
+
+
+# (host pointer, size, pin) -> (the registrations it was worked out against, its pieces).
+_PLANS: dict[tuple[int, int, bool], tuple[list, list[tuple[int, int]]]] = {}
+
+
+def _plan(ptr: int, size: int, pin: bool) -> tuple[list[tuple[int, int]], bool]:
+    """The pieces of a host buffer's copy (page-locking it first if ``pin``), and whether they
+    are settled: cached until the registrations change. A lock the driver refused (no current
+    context on this thread yet) is not settled: the next call tries again."""
+    key = (ptr, size, pin)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0] is PINNER.ranges:
+        return hit[1], True
+    locked = PINNER.pin_range(ptr, size) if pin else False
+    pieces = PINNER.pieces(ptr, size)
+    whole_pages = (ptr + size) // _PAGE > -(-ptr // _PAGE)
+    settled = bool(locked) or not pin or not whole_pages or not PINNER.enabled
+    if settled:
+        _PLANS[key] = (PINNER.ranges, pieces)
+    return pieces, settled
+
+
+def _driver_copy(host_ptr: int, gpu_ptr: int, pieces, to_host: bool) -> bool:
+    """Issue the pieces on the default stream through the CUDA driver and wait for them; False
+    (nothing to rely on) where the driver is missing or refuses."""
+    driver = PINNER.driver()
+    if driver is None:
+        return False
+    for offset, size in pieces:
+        if to_host:
+            status = driver.cuMemcpyDtoHAsync_v2(host_ptr + offset, gpu_ptr + offset, size, None)
+        else:
+            status = driver.cuMemcpyHtoDAsync_v2(gpu_ptr + offset, host_ptr + offset, size, None)
+        if status != 0:
+            return False
+    return driver.cuStreamSynchronize(None) == 0
 
 
 def copy(src, *pin_and_dst) -> None:
@@ -153,15 +217,14 @@ def copy(src, *pin_and_dst) -> None:
     host, gpu = (src, dst) if src_host else (dst, src)
     ptr, size = host.data_ptr(), _nbytes(host)
     with PINNER.lock:
-        if pin:  # before the copy, so that it runs at pinned speed the first time too
-            PINNER.pin_range(ptr, size)
-        pieces = PINNER.pieces(ptr, size)
-        if len(pieces) == 1:
-            _copy_from_to(src, dst)
-        else:
-            _copy_in_pieces(src, dst, pieces)
-        wait(gpu.device)
-        if pin:  # a first copy on this thread made the context current: lock it for next time
+        pieces, settled = _plan(ptr, size, pin)
+        if not _driver_copy(ptr, gpu.data_ptr(), pieces, to_host=dst_host):
+            if len(pieces) == 1:
+                _copy_from_to(src, dst)
+            else:
+                _copy_in_pieces(src, dst, pieces)
+            wait(gpu.device)
+        if not settled:  # a first copy on this thread made the context current: lock it now
             PINNER.pin_range(ptr, size)
 
 
