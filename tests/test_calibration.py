@@ -134,7 +134,9 @@ def test_conv_at_sampled_positions_matches_the_full_conv():
         assert full.shape[2:] == _conv_out_hw(x.shape, w.shape, **attrs)
         positions = rng.choice(full.shape[2] * full.shape[3], 7, replace=False)
         got = _conv_at(x, w, positions=positions, **attrs)
-        np.testing.assert_allclose(got, full.reshape(3, o, -1)[:, :, positions], rtol=1e-5)
+        np.testing.assert_allclose(
+            got, full.reshape(3, o, -1)[:, :, positions], rtol=1e-5, atol=1e-5
+        )
 
 
 def test_qparams_cover_zero_exactly():

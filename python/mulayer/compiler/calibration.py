@@ -467,13 +467,14 @@ def _conv_out_hw(x_shape, w_shape, strides, padding, dilation, groups: int) -> t
     )
 
 
-def _conv_at(x: np.ndarray, w: np.ndarray, strides, padding, dilation, groups: int, positions):
-    """conv2d_nchw's result at the flat output ``positions`` only: ``[n, o, len(positions)]``."""
+def _patches(x: np.ndarray, w_shape, strides, padding, dilation, groups: int, positions):
+    """The receptive fields of a conv's flat output ``positions`` in ``x`` (NCHW), zero padded:
+    ``[n, groups, c / groups * kh * kw, len(positions)]``."""
     n, c = x.shape[:2]
-    o, cg, kh, kw = w.shape
+    _, cg, kh, kw = w_shape
     pt, pl, pb, pr = padding
     xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    oh, ow = _conv_out_hw(x.shape, w.shape, strides, padding, dilation, groups)
+    oh, ow = _conv_out_hw(x.shape, w_shape, strides, padding, dilation, groups)
     rows, cols = np.unravel_index(positions, (oh, ow))
     rows, cols = rows * strides[0], cols * strides[1]
     taps = [
@@ -481,54 +482,66 @@ def _conv_at(x: np.ndarray, w: np.ndarray, strides, padding, dilation, groups: i
         for i in range(kh)
         for j in range(kw)
     ]  # each [n, c, p]
-    patches = np.stack(taps, axis=-1).reshape(n, groups, cg, len(positions), kh * kw)
-    wg = w.reshape(groups, o // groups, cg, kh * kw)
-    out = np.einsum("ngcpk,gock->ngop", patches, wg, optimize=True)
-    return out.reshape(n, o, len(positions))
+    patches = np.stack(taps, axis=2)  # [n, c, kh * kw, p]
+    return patches.reshape(n, groups, cg * kh * kw, len(positions))
+
+
+def _conv_at(x: np.ndarray, w: np.ndarray, strides, padding, dilation, groups: int, positions):
+    """conv2d_nchw's result at the flat output ``positions`` only: ``[n, o, len(positions)]``."""
+    cols = _patches(x, w.shape, strides, padding, dilation, groups, positions)
+    wg = w.reshape(groups, w.shape[0] // groups, -1)
+    out = wg[None] @ cols
+    return out.reshape(x.shape[0], w.shape[0], len(positions))
 
 
 class _RangeSearch:
     """The "search" method: per observed tensor, the candidate range with the least relative
     error in the conv/dense results that read it (input quantization only: the weight error
-    does not depend on the range)."""
+    does not depend on the range). A conv is evaluated on its receptive fields at a random
+    subset of its output positions when it is large (:data:`_SEARCH_MACS`)."""
 
     def __init__(self, observers, readers: dict, rng: np.random.Generator):
         self.observers = observers  # {id: _Range}
         self.readers = readers  # {id: [(kind, call, weight)]}
         self.candidates = {key: obs.candidates() for key, obs in observers.items()}
+        self.qparams = {
+            key: [activation_qparams(lo, hi) for _, lo, hi in c]
+            for key, c in self.candidates.items()
+        }
         self.error = {key: np.zeros(len(c)) for key, c in self.candidates.items()}
-        self.signal = {key: 0.0 for key in observers}
         self.rng = rng
 
-    def _results(self, kind: str, call, w: np.ndarray, xs: np.ndarray) -> np.ndarray:
-        """The layer's result on each of ``xs`` (stacked on axis 0); for a conv, at the same
-        random subset of output positions for all of them when the layer is large."""
+    def _operands(self, kind: str, call, w: np.ndarray, x: np.ndarray):
+        """``(inputs [g, k, p], weights [g, o/g, k])``: the layer's result is their product."""
         if kind != "conv2d":
-            return xs.reshape(xs.shape[0], -1) @ w
+            return x.reshape(1, -1, 1), w.T[None]
         attrs = _conv_attrs(call)
-        oh, ow = _conv_out_hw(xs.shape, w.shape, **attrs)
-        o, cg, kh, kw = w.shape
-        count = max(_SEARCH_MIN_POSITIONS, _SEARCH_MACS // (o * cg * kh * kw))
-        if count >= oh * ow:
-            return conv2d_nchw(xs, w, **attrs)
-        positions = self.rng.choice(oh * ow, count, replace=False)
-        return _conv_at(xs, w, positions=positions, **attrs)
+        oh, ow = _conv_out_hw(x.shape, w.shape, **attrs)
+        count = max(_SEARCH_MIN_POSITIONS, _SEARCH_MACS // int(np.prod(w.shape)))
+        positions = (
+            np.arange(oh * ow)
+            if count >= oh * ow
+            else self.rng.choice(oh * ow, count, replace=False)
+        )
+        cols = _patches(x, w.shape, positions=positions, **attrs)[0]
+        return cols, w.reshape(attrs["groups"], w.shape[0] // attrs["groups"], -1)
 
     def add(self, key, x: np.ndarray) -> None:
         """Score every candidate range of tensor ``key`` on one sample's value ``x``."""
         x = x.astype(np.float32)
-        stacked = [x]
-        for _, lo, hi in self.candidates[key]:
-            scale, zp = activation_qparams(lo, hi)
-            xq = (quantize_activation(x, scale, zp).astype(np.float32) - zp) * np.float32(scale)
-            stacked.append(xq - x)
-        # The error of a linear layer's result is the layer applied to the input's error.
-        xs = np.concatenate(stacked)
         for kind, call, w in self.readers[key]:
-            results = self._results(kind, call, w, xs).reshape(len(stacked), -1).astype(np.float64)
-            energy = np.square(results, dtype=np.float64).sum(axis=1)
-            # Each reader and sample weighs the same: the error relative to its result.
-            self.error[key] += energy[1:] / max(float(energy[0]), 1e-30)
+            cols, wg = self._operands(kind, call, w, x)
+            energy = float(np.square(wg @ cols, dtype=np.float64).sum())
+            for index, (scale, zp) in enumerate(self.qparams[key]):
+                # Padding quantizes to the zero point: exact, as in the module.
+                q = quantize_activation(cols, scale, zp).astype(np.float32)
+                err = (q - np.float32(zp)) * np.float32(scale) - cols
+                # A linear layer's error is the layer applied to its input's error.
+                out = wg @ err
+                # Each reader and sample weighs the same: the error relative to its result.
+                self.error[key][index] += float(np.square(out, dtype=np.float64).sum()) / max(
+                    energy, 1e-30
+                )
 
     def choose(self) -> None:
         for key, observer in self.observers.items():
