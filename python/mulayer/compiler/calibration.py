@@ -578,6 +578,15 @@ def _instrumented(mod, tensors: dict[str, tuple]):
     return tvm.IRModule({"main": new}), order
 
 
+def _compile_for_host(mod):
+    """The instrumented module built like a CPU fp32 model (fused, scheduled by the rules,
+    parallel over the host's cores): the calibration runs it three times per sample."""
+    from ..target import parse_target
+    from .build import build_single
+
+    return build_single(mod, parse_target("llvm").host_target())
+
+
 def calibrate(
     mod,
     samples: list[dict[str, np.ndarray]] | dict[str, np.ndarray] | np.ndarray,
@@ -626,7 +635,7 @@ def calibrate(
     inst, order = _instrumented(mod, tensors)
 
     start = time.perf_counter()
-    exe = tvm.compile(inst, target="llvm")
+    exe = _compile_for_host(inst)
     vm = relax.VirtualMachine(exe, tvm.cpu())
     log.info("calibration module compiled in %.1f s", time.perf_counter() - start)
 
