@@ -116,8 +116,8 @@ def test_search_picks_the_range_with_the_least_layer_error():
     assert stats.method == "search" and stats["conv2d.0"].sqnr_db() > 25.0
 
 
-def test_conv_at_sampled_positions_matches_the_full_conv():
-    from mulayer.compiler.calibration import _conv_at, _conv_out_hw, conv2d_nchw
+def test_receptive_fields_give_the_conv_at_sampled_positions():
+    from mulayer.compiler.calibration import _conv_out_hw, _patches, conv2d_nchw
 
     rng = np.random.default_rng()
     cases = [(8, 16, 1, 3, 1, 1, 1, 9), (8, 8, 8, 3, 2, 1, 1, 10), (4, 6, 2, 3, 2, 2, 2, 11)]
@@ -133,7 +133,8 @@ def test_conv_at_sampled_positions_matches_the_full_conv():
         full = conv2d_nchw(x, w, **attrs)
         assert full.shape[2:] == _conv_out_hw(x.shape, w.shape, **attrs)
         positions = rng.choice(full.shape[2] * full.shape[3], 7, replace=False)
-        got = _conv_at(x, w, positions=positions, **attrs)
+        cols = _patches(x, w.shape, positions=positions, **attrs)  # [n, g, k, p]
+        got = (w.reshape(groups, o // groups, -1)[None] @ cols).reshape(3, o, -1)
         np.testing.assert_allclose(
             got, full.reshape(3, o, -1)[:, :, positions], rtol=1e-5, atol=1e-5
         )

@@ -486,14 +486,6 @@ def _patches(x: np.ndarray, w_shape, strides, padding, dilation, groups: int, po
     return patches.reshape(n, groups, cg * kh * kw, len(positions))
 
 
-def _conv_at(x: np.ndarray, w: np.ndarray, strides, padding, dilation, groups: int, positions):
-    """conv2d_nchw's result at the flat output ``positions`` only: ``[n, o, len(positions)]``."""
-    cols = _patches(x, w.shape, strides, padding, dilation, groups, positions)
-    wg = w.reshape(groups, w.shape[0] // groups, -1)
-    out = wg[None] @ cols
-    return out.reshape(x.shape[0], w.shape[0], len(positions))
-
-
 class _RangeSearch:
     """The "search" method: per observed tensor, the candidate range with the least relative
     error in the conv/dense results that read it (input quantization only: the weight error
