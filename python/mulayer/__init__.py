@@ -29,11 +29,12 @@ def calibrate(model, samples, method: str = "search", input_shapes=None):
     """Calibrate the int8 CPU parts of an ONNX model on ``samples``; pass the result to
     ``mulayer.compile(..., calibration=stats)``. See
     :func:`mulayer.compiler.calibration.calibrate`."""
+    from .compiler.build import build_for_this_cpu
     from .compiler.calibration import calibrate as _calibrate
     from .frontend.onnx_import import import_onnx
 
     mod, _, _ = import_onnx(model, input_shapes)
-    return _calibrate(mod, samples, method=method)
+    return _calibrate(mod, samples, method=method, build=build_for_this_cpu)
 
 
 def load(path, fallback: str | None = None) -> LoadedModel:

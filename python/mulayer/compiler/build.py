@@ -84,6 +84,14 @@ def build_single(mod: tvm.IRModule, target: tvm.target.Target, tuning_db: str | 
     return ex
 
 
+def build_for_this_cpu(mod: tvm.IRModule):
+    """``mod`` built for this machine's CPU as a CPU fp32 model is (fused, scheduled by the
+    rules, parallel over all cores); e.g. the instrumented module calibration runs."""
+    from ..target import parse_target
+
+    return build_single(mod, parse_target("llvm").host_target())
+
+
 def export_options(spec: TargetSpec) -> dict:
     """Cross-compile the library when the host target is not this machine (e.g. aarch64)."""
     compiler = check_cross_compiler(spec)

@@ -570,21 +570,13 @@ def _instrumented(mod, tensors: dict[str, tuple]):
     return tvm.IRModule({"main": new}), order
 
 
-def _compile_for_host(mod):
-    """The instrumented module built like a CPU fp32 model (fused, scheduled by the rules,
-    parallel over the host's cores): the calibration runs it three times per sample."""
-    from ..target import parse_target
-    from .build import build_single
-
-    return build_single(mod, parse_target("llvm").host_target())
-
-
 def calibrate(
     mod,
     samples: list[dict[str, np.ndarray]] | dict[str, np.ndarray] | np.ndarray,
     method: str = "minmax",
     percentile: float = 99.99,
     seed: int = 0,
+    build=None,
 ) -> CalibrationStats:
     """Calibrate the int8 CPU slices of the canonical module ``mod`` on ``samples``.
 
@@ -605,6 +597,11 @@ def calibrate(
         Used by the "percentile" method.
     seed : int
         Seeds the subsampling of the percentile and search methods.
+    build : callable, optional
+        Builds the instrumented fp32 module (run three times per sample) into an executable;
+        :func:`mulayer.compiler.build.build_for_this_cpu` (scheduled, all cores) is what
+        ``mulayer.calibrate`` and ``mulayer.compile`` pass. Default: ``tvm.compile`` for
+        plain ``llvm`` (unscheduled, one core; fine for small modules).
 
     Returns
     -------
@@ -627,7 +624,7 @@ def calibrate(
     inst, order = _instrumented(mod, tensors)
 
     start = time.perf_counter()
-    exe = _compile_for_host(inst)
+    exe = build(inst) if build is not None else tvm.compile(inst, target="llvm")
     vm = relax.VirtualMachine(exe, tvm.cpu())
     log.info("calibration module compiled in %.1f s", time.perf_counter() - start)
 

@@ -22,7 +22,7 @@ from ..runtime.artifact import write_artifact
 from ..target import TargetSpec, parse_target
 from ..tensor_spec import TensorSpec
 from ..version import __version__
-from .build import build_single, export_options, to_fp16
+from .build import build_for_this_cpu, build_single, export_options, to_fp16
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ def _calibration_stats(mod, calibration, inputs):
         return calibration
     if isinstance(calibration, (str, Path)):
         calibration = load_calibration_npz(calibration, inputs)
-    return calibrate(mod, calibration, method="search")
+    return calibrate(mod, calibration, method="search", build=build_for_this_cpu)
 
 
 def build_cooperative(
