@@ -493,7 +493,7 @@ class _RangeSearch:
     subset of its output positions when it is large (:data:`_SEARCH_MACS`)."""
 
     def __init__(self, observers, readers: dict, rng: np.random.Generator):
-        self.observers = observers  # {id: _Range}
+        self.observers = observers  # {id: _Range} of the tensors conv/dense layers read
         self.readers = readers  # {id: [(kind, call, weight)]}
         self.candidates = {key: obs.candidates() for key, obs in observers.items()}
         self.qparams = {
@@ -537,8 +537,7 @@ class _RangeSearch:
 
     def choose(self) -> None:
         for key, observer in self.observers.items():
-            if key in self.readers:
-                observer.chosen = self.candidates[key][int(np.argmin(self.error[key]))]
+            observer.chosen = self.candidates[key][int(np.argmin(self.error[key]))]
 
 
 # ------------------------------------------------------------------------------ calibrate
@@ -713,9 +712,9 @@ def _search_ranges(run, batches, order, in_ranges, kinds, tensors, weights, rng)
     observers, readers, slot = {}, {}, {}
     for i, name in enumerate(order):
         key = id(in_ranges[name])
-        observers[key] = in_ranges[name]
         slot.setdefault(key, i)
-        if name in weights:
+        if name in weights:  # tensors only pooling reads keep the default range
+            observers[key] = in_ranges[name]
             readers.setdefault(key, []).append((kinds[name], tensors[name][0], weights[name]))
     search = _RangeSearch(observers, readers, rng)
     for sample in batches:
