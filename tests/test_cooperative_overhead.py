@@ -2,6 +2,7 @@
 crossings staged into planned buffers. Structure is checked on CUDA modules compiled here
 (no GPU needed); numerics on the llvm + llvm stand-in (and ``gpu``-marked on a real GPU)."""
 
+import ctypes
 import re
 import warnings
 
@@ -16,9 +17,10 @@ from mulayer.frontend.onnx_import import import_onnx
 from mulayer.passes.build_helpers import legalize_keeping_vdevices
 from mulayer.passes.fuse_per_device import FusePerDevice
 from mulayer.passes.pipeline import cooperative_passes, lower_two_device, vm_lowering
-from mulayer.passes.stage_crossings import COPY_FUNC
+from mulayer.passes.stage_crossings import COPY_FUNC, PIN_WHOLE_PAGES
 
 from .conftest import max_rel_error, onnxruntime_reference, outputs_from_threads
+from .test_cooperative import FP16_TOLERANCE
 
 CUDA = {"kind": "cuda", "arch": "sm_90"}
 LLVM = {"kind": "llvm"}
@@ -102,7 +104,7 @@ def test_only_planned_host_buffers_are_pinned(tiny_onnx):
     owned = [pin for dst, src, pin in crossings if src in params or dst in returned]
     planned = [pin for dst, src, pin in crossings if src not in params and dst not in returned]
     assert owned and planned  # tiny at 0.5: its input and its output cross, and inner tensors
-    assert set(owned) == {0} and set(planned) == {1}
+    assert set(owned) == {0} and set(planned) == {PIN_WHOLE_PAGES}
 
 
 def test_cuda_graphs_capture_gpu_segments_only(tiny_onnx):
@@ -321,12 +323,22 @@ def test_crossing_copy_goes_straight_to_the_driver_and_caches_its_plan(monkeypat
             self.calls.append(("h2d", host, dev, size, stream))
             return self.status
 
+        def cuMemcpyDtoH_v2(self, host, dev, size):
+            self.calls.append(("d2h sync", host, dev, size))
+            return self.status
+
+        def cuMemcpyHtoD_v2(self, dev, host, size):
+            self.calls.append(("h2d sync", host, dev, size))
+            return self.status
+
         def cuStreamSynchronize(self, stream):
             self.calls.append(("sync", stream))
             return 0
 
     driver, tvm_calls = Driver(), []
     monkeypatch.setattr(crossing.PINNER, "driver", lambda: driver)
+    monkeypatch.setattr(crossing.BOUNCE, "enabled", False)  # pieces straight to the driver
+    monkeypatch.setattr(crossing, "SYNC_LAST", True)  # MULAYER_CROSSING_SYNC_COPY=1
     monkeypatch.setattr(crossing.PINNER, "ranges", [])
     monkeypatch.setattr(crossing, "_PLANS", {})
     monkeypatch.setattr(crossing, "_copy_from_to", lambda s, d: tvm_calls.append("copy"))
@@ -335,22 +347,204 @@ def test_crossing_copy_goes_straight_to_the_driver_and_caches_its_plan(monkeypat
     nbytes = 4 * 2048 * 4
     crossing.copy(gpu, 0, host)
     crossing.copy(host, 0, gpu)
+    # One piece: one synchronous copy each way (it returns when done: no stream sync).
     assert driver.calls == [
-        ("d2h", host.ptr, gpu.ptr, nbytes, None),
-        ("sync", None),
-        ("h2d", host.ptr, gpu.ptr, nbytes, None),
-        ("sync", None),
+        ("d2h sync", host.ptr, gpu.ptr, nbytes),
+        ("h2d sync", host.ptr, gpu.ptr, nbytes),
     ]
-    assert tvm_calls == [] and list(crossing._PLANS) == [(host.ptr, nbytes, False)]
-    # A registration that cuts the buffer: new pieces, each its own async copy, one sync.
+    assert tvm_calls == [] and list(crossing._PLANS) == [(host.ptr, nbytes, 0)]
+    # A registration that cuts the buffer: new pieces, async copies, the last one synchronous.
     monkeypatch.setattr(crossing.PINNER, "ranges", [(host.ptr + 4096, host.ptr + 12288)])
     driver.calls.clear()
     crossing.copy(gpu, 0, host)
-    offsets = [(c[1] - host.ptr, c[2] - gpu.ptr, c[3]) for c in driver.calls[:-1]]
+    offsets = [(c[1] - host.ptr, c[2] - gpu.ptr, c[3]) for c in driver.calls]
     assert offsets == [(0, 0, 4096), (4096, 4096, 8192), (12288, 12288, nbytes - 12288)]
-    assert driver.calls[-1] == ("sync", None)
+    assert [c[0] for c in driver.calls] == ["d2h", "d2h", "d2h sync"]
+    # The default (MULAYER_CROSSING_SYNC_COPY unset): all asynchronous, then one stream sync.
+    monkeypatch.setattr(crossing, "SYNC_LAST", False)
+    driver.calls.clear()
+    crossing.copy(host, 0, gpu)
+    assert [c[0] for c in driver.calls] == ["h2d", "h2d", "h2d", "sync"]
     # The driver refuses: TVM's copy and a wait instead.
     driver.status = 201  # CUDA_ERROR_INVALID_CONTEXT
     monkeypatch.setattr(crossing, "_copy_in_pieces", lambda *a: tvm_calls.append("pieces"))
     crossing.copy(gpu, 0, host)
     assert tvm_calls == ["pieces", "wait"]
+
+
+class _MemoryDriver(_FakeDriver):
+    """A CUDA driver on host memory: "device" pointers are host addresses too; async copies run
+    at the stream sync (so a bounce page read before the sync holds stale bytes), and a copy
+    whose host bytes meet a registration without lying inside it is refused, as CUDA does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue: list[tuple[int, int, int]] = []
+        self.copies: list[tuple[int, int]] = []  # host side of every async copy
+
+    def _inside_or_outside(self, host: int, size: int) -> bool:
+        meets = [(s, e) for s, e in self.locked.items() if s < host + size and host < e]
+        return not meets or any(s <= host and host + size <= e for s, e in meets)
+
+    def _enqueue(self, dst: int, src: int, host: int, size: int) -> int:
+        if not self._inside_or_outside(host, size):
+            return 1  # CUDA_ERROR_INVALID_VALUE
+        self.copies.append((host, size))
+        self.queue.append((dst, src, size))
+        return 0
+
+    def cuMemcpyDtoHAsync_v2(self, host, dev, size, _stream):
+        return self._enqueue(host, dev, host, size)
+
+    def cuMemcpyHtoDAsync_v2(self, dev, host, size, _stream):
+        return self._enqueue(dev, host, host, size)
+
+    def cuStreamSynchronize(self, _stream):
+        for dst, src, size in self.queue:
+            ctypes.memmove(dst, src, size)
+        self.queue.clear()
+        return 0
+
+    def _synchronous(self, dst: int, src: int, host: int, size: int) -> int:
+        status = self._enqueue(dst, src, host, size)  # after the queued copies, then waits
+        return status or self.cuStreamSynchronize(None)
+
+    def cuMemcpyDtoH_v2(self, host, dev, size):
+        return self._synchronous(host, dev, host, size)
+
+    def cuMemcpyHtoD_v2(self, dev, host, size):
+        return self._synchronous(dev, host, host, size)
+
+
+def test_crossing_pieces_of_partial_pages_go_through_bounce_pages(monkeypatch):
+    """A planned buffer that starts and ends inside pages: its whole pages are DMA'd in place,
+    its partial first and last pages through the page-locked bounce pages, one sync per copy;
+    every byte arrives, both ways."""
+    from mulayer.runtime import crossing
+
+    driver = _MemoryDriver()
+    pinner = crossing._Pinner()
+    monkeypatch.setattr(pinner, "_load", lambda: driver)
+    monkeypatch.setattr(pinner, "enabled", True)
+    monkeypatch.setattr(crossing, "PINNER", pinner)
+    monkeypatch.setattr(crossing, "BOUNCE", crossing._Bounce())
+    monkeypatch.setattr(crossing.BOUNCE, "enabled", True)
+    monkeypatch.setattr(crossing, "_PLANS", {})
+    rng = np.random.default_rng()
+
+    class Buffer:  # a tensor's face on a numpy array (the device type decides the direction)
+        def __init__(self, array: np.ndarray, kind: int) -> None:
+            self.array, self.shape, self.dtype = array, array.shape, "uint8"
+            self.device = type("D", (), {"dlpack_device_type": lambda _self: kind})()
+
+        def data_ptr(self) -> int:
+            return self.array.ctypes.data
+
+    arena = np.zeros(16 * crossing._PAGE, np.uint8)
+    first_page = -arena.ctypes.data % crossing._PAGE
+    offset = first_page + 64 * int(rng.integers(1, 60))
+    size = 5 * crossing._PAGE + int(rng.integers(1, crossing._PAGE))
+    host = Buffer(arena[offset : offset + size], 1)
+    gpu = Buffer(rng.integers(0, 256, size, dtype=np.uint8), 2)
+    for _ in range(2):  # the second time from the cached plan
+        driver.copies.clear()
+        host.array[:] = 0
+        crossing.copy(gpu, 1, host)
+        assert np.array_equal(host.array, gpu.array)
+        upload = rng.integers(0, 256, size, dtype=np.uint8)
+        host.array[:] = upload
+        crossing.copy(host, 1, gpu)
+        assert np.array_equal(gpu.array, upload)
+        assert not driver.queue
+        slots = crossing.BOUNCE.slots()
+        bounced = [c for c in driver.copies if c[0] in slots]
+        in_place = [c for c in driver.copies if c[0] not in slots]
+        assert len(bounced) == 4 and all(n < crossing._PAGE for _, n in bounced)  # 2 per copy
+        assert all(pinner.covers(ptr, n) for ptr, n in in_place)  # never a pageable piece
+    # Bouncing off (MULAYER_CROSSING_BOUNCE=0): the partial pages go to the driver pageable.
+    monkeypatch.setattr(crossing.BOUNCE, "enabled", False)
+    monkeypatch.setattr(crossing, "_PLANS", {})
+    driver.copies.clear()
+    crossing.copy(gpu, 1, host)
+    assert np.array_equal(host.array, gpu.array)
+    assert sum(not pinner.covers(ptr, n) for ptr, n in driver.copies) == 2
+    # A buffer at the start of a whole-page storage (pin 2, PageAlignHostStorage): the page of
+    # its last byte is locked too, and each copy is one DMA, no bounce.
+    monkeypatch.setattr(crossing.BOUNCE, "enabled", True)
+    start = first_page + 8 * crossing._PAGE  # past the first buffer
+    paged = Buffer(arena[start : start + size], 1)
+    driver.copies.clear()
+    crossing.copy(gpu, PIN_WHOLE_PAGES, paged)
+    assert np.array_equal(paged.array, gpu.array)
+    assert driver.copies == [(paged.data_ptr(), size)]
+    assert pinner.covers(paged.data_ptr(), -(-size // crossing._PAGE) * crossing._PAGE)
+
+
+def test_host_storages_are_whole_pages(tiny_onnx):
+    """PageAlignHostStorage: every host storage of a two-device module is asked for in whole,
+    page-aligned pages (dtype uint8x4096, size in pages); GPU storages are left as they are."""
+    from mulayer.passes.page_align_host_storage import PAGE_DTYPE
+
+    mod, _, _ = import_onnx(str(tiny_onnx))
+    lowered = lower_two_device(_coop(mod, 0.5), tvm.target.Target(CUDA, host=LLVM))
+    storages = re.findall(
+        r"R\.vm\.alloc_storage\(R\.shape\(\[(\d+)\]\), (\d+), R\.dtype\(\"([\w]+)\"\)",
+        vm_lowering()(lowered)["main"].script(),
+    )
+    kinds = [vd.target.kind.name for vd in lowered.global_infos["vdevice"]]
+    host = [(int(n), dtype) for n, dev, dtype in storages if kinds[int(dev)] == "llvm"]
+    gpu = [dtype for _, dev, dtype in storages if kinds[int(dev)] == "cuda"]
+    assert host and gpu
+    assert all(dtype == PAGE_DTYPE for _, dtype in host) and set(gpu) == {"uint8"}
+
+
+_RUN_RECORDING_CROSSINGS = """
+import json, sys
+import numpy as np, tvm, mulayer
+from mulayer.runtime import crossing
+seen = []
+def recording_copy(src, pin, dst):
+    seen.append((src.data_ptr(), int(pin), dst.data_ptr()))
+    crossing.copy(src, pin, dst)
+tvm.register_global_func(crossing.COPY_FUNC, recording_copy, override=True)
+model = mulayer.load(sys.argv[1])  # the VM resolves the copy function now
+x = model.random_inputs(seed=int(sys.argv[2]))
+out = list(model(x).values())[0]
+np.save(sys.argv[3], out)
+np.save(sys.argv[4], x["input"])
+print(json.dumps(seen))
+"""
+
+
+def test_planned_host_buffers_start_on_pages(tiny_onnx, tmp_path):
+    """In a fresh process (TVM's pooled allocator holds no buffer of an earlier model, which
+    it may hand back at any alignment), every planned host buffer a crossing reads or writes
+    starts on a page and is flagged pin 2; the caller's tensors are flagged 0; the split result
+    still matches fp32 (llvm + llvm stand-in: both sides are host storages)."""
+    import json
+    import subprocess
+    import sys
+
+    from mulayer.runtime import crossing
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no calibration: fp32 CPU parts
+        compiled = mulayer.compile(str(tiny_onnx), target="mulayer -ratio=0.5, llvm, llvm")
+    compiled.export(tmp_path / "t.mulayer")
+    seed = int(np.random.default_rng().integers(1 << 30))
+    out_file, in_file = tmp_path / "out.npy", tmp_path / "in.npy"
+    args = [str(tmp_path / "t.mulayer"), str(seed), str(out_file), str(in_file)]
+    done = subprocess.run(
+        [sys.executable, "-c", _RUN_RECORDING_CROSSINGS, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    inputs = {"input": np.load(in_file)}
+    ref = onnxruntime_reference(tiny_onnx, inputs)[0]
+    assert max_rel_error(np.load(out_file), ref) < FP16_TOLERANCE
+    planned = [(s, d) for s, pin, d in seen if pin == PIN_WHOLE_PAGES]
+    assert planned and {pin for _, pin, _ in seen} == {0, PIN_WHOLE_PAGES}
+    assert all(s % crossing._PAGE == 0 and d % crossing._PAGE == 0 for s, d in planned)

@@ -7,7 +7,8 @@ Three stages, each usable on its own:
 - :func:`lower_two_device`: legalize keeping each call's VDevice and schedule every PrimFunc for
   its own side;
 - :func:`vm_lowering`: TVM's ``default_build`` VM lowering with
-  :class:`~mulayer.passes.separate_device_storage.SeparateDeviceStorage` after the memory planner.
+  :class:`~mulayer.passes.separate_device_storage.SeparateDeviceStorage` and
+  :class:`~mulayer.passes.page_align_host_storage.PageAlignHostStorage` after the memory planner.
 
 :func:`build_two_device` runs the last two on a placed module (:func:`compile_lowered` the last).
 
@@ -33,6 +34,7 @@ from .cast_gpu import CastGPU
 from .chain_int8 import ChainInt8
 from .fuse_per_device import FusePerDevice
 from .lift_cpu_weights import LiftCPUWeights
+from .page_align_host_storage import PageAlignHostStorage
 from .place_devices import PlaceDevices, make_vdevices
 from .quantize_cpu import QuantizeCPU
 from .rewrite_cuda_graph_per_device import RewriteCUDAGraphPerDevice
@@ -106,6 +108,7 @@ def vm_lowering() -> tvm.transform.Pass:
             t.LowerAllocTensor(),
             t.KillAfterLastUse(),
             t.LowerRuntimeBuiltin(),
+            PageAlignHostStorage(),  # crossings' host buffers in whole pages: one DMA each
             t.ComputePrimValue(),
             t.VMShapeLower(),
             t.AttachGlobalSymbol(),

@@ -18,7 +18,10 @@ destination-passing call ``R.call_dps_packed("mulayer.crossing.copy", (x, pin), 
   page-locked: only planned buffers, which live as long as the loaded model, may. A parameter of
   ``main`` (the caller's input, a weight) or a tensor ``main`` returns is freed by its owner, and
   memory freed while page-locked leaves a registration behind that makes later copies through
-  that address fail (``cudaErrorInvalidValue``).
+  that address fail (``cudaErrorInvalidValue``). The flag is 2 (``PIN_WHOLE_PAGES``): the VM
+  lowering that follows allocates host storages in whole pages
+  (:class:`~mulayer.passes.page_align_host_storage.PageAlignHostStorage`), so the runtime may lock
+  a page-aligned buffer through the end of its last page (artifacts built before say 1).
 
 It also moves every device-to-host copy right after the binding that produces its source: the
 CPU part of a split layer then reads its input as soon as the GPU has produced it, and the GPU
@@ -32,6 +35,9 @@ import tvm
 from tvm import relax
 
 COPY_FUNC = "mulayer.crossing.copy"  # registered by mulayer.runtime.crossing
+# The pin flag of a planned host buffer: its storage is whole pages (PageAlignHostStorage), so
+# where it starts on a page the page of its last byte is the model's too (1: older artifacts).
+PIN_WHOLE_PAGES = 2
 _TO_VDEVICE = tvm.ir.Op.get("relax.to_vdevice")
 
 
@@ -52,7 +58,7 @@ def _crossing(binding: relax.Binding) -> relax.Call | None:
 
 def _staged(call: relax.Call, ty: relax.TensorType, pin: bool) -> relax.Call:
     out = relax.TensorType(ty.shape, ty.dtype, vdevice=call.attrs.dst_vdevice)
-    args = relax.Tuple([call.args[0], relax.prim_value(int(pin))])
+    args = relax.Tuple([call.args[0], relax.prim_value(PIN_WHOLE_PAGES if pin else 0)])
     staged = relax.call_dps_packed(COPY_FUNC, args, out_ty=out)
     return relax.BlockBuilder().normalize(staged)
 

@@ -13,7 +13,9 @@ that function:
   wholly inside the buffer are locked: a page it shares with a neighbour (a small allocation
   next to it on the heap, a numpy array made later) stays pageable, so no copy of memory the
   model does not own (TVM's own copies of inputs and outputs) can start in a locked page and
-  run past it, which the driver refuses (``cudaErrorInvalidValue``). Memory freed while
+  run past it, which the driver refuses (``cudaErrorInvalidValue``). Pin flag 2 says the
+  buffer's storage is whole pages (``PageAlignHostStorage``): where the buffer starts on a page,
+  the page of its last byte is locked too, and the copy is one DMA. Memory freed while
   page-locked would leave its registration behind, so nothing the caller owns is ever pinned;
 - registrations never overlap: the memory plan's buffers alias (tensors of different sizes
   share storage), so a buffer whose pages meet earlier registrations is page-locked together
@@ -23,28 +25,38 @@ that function:
 - the copy is issued on the GPU's default stream, in order with the kernels, and the function
   returns once it is complete (the CPU reads the result next, or may reuse the source buffer).
   Each buffer's pieces are worked out once (cached until the registrations change) and issued
-  straight to the CUDA driver (``cuMemcpy*Async`` per piece, one ``cuStreamSynchronize``): a
-  crossing costs its DMA plus a few microseconds. Where the driver call fails (no current
-  context on this thread yet) the copy goes through TVM (``TVMTensorCopyFromTo``) instead;
+  straight to the CUDA driver (``cuMemcpy*Async`` per piece, one ``cuStreamSynchronize``; with
+  ``MULAYER_CROSSING_SYNC_COPY=1`` the last piece is a synchronous ``cuMemcpy*`` instead, which
+  returns when all of them are done): a crossing costs its DMA plus a few microseconds. A small
+  pageable piece (a buffer's partial first or last page) would make the driver stage it and
+  wait for it on its own, so it goes through a page-locked page of our own instead (``BOUNCE``:
+  a ``memmove`` on the host before an upload, after a download's sync): every piece of a
+  crossing is then an asynchronous DMA. Buffers of models built with ``PageAlignHostStorage``
+  (pin flag 2) are one piece: they start on a page and own the page of their last byte.
+  Where the driver call fails (no current context on this thread yet) the copy goes through TVM
+  (``TVMTensorCopyFromTo``) instead;
 - host to host (the llvm + llvm stand-in) is a ``memcpy``.
 
 Page-locked ranges are never unregistered except to merge them: the VM takes its buffers from
 TVM's global pooled allocator, which keeps memory for the life of the process
 (``vm.builtin.memory_manager.clear`` would free it and leave stale registrations behind: do not
 call it while cooperative models are loaded). ``MULAYER_PIN_CROSSINGS=0`` turns page-locking off
-(every crossing is a pageable copy). Importing :mod:`mulayer.runtime` registers the function;
-``register()`` is idempotent.
+(every crossing is a pageable copy); ``MULAYER_CROSSING_BOUNCE=0`` sends small pageable pieces
+straight to the driver (pageable) instead of through the bounce pages. Importing
+:mod:`mulayer.runtime` registers the function; ``register()`` is idempotent.
 """
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import threading
 
 import tvm
 
 COPY_FUNC = "mulayer.crossing.copy"  # also in mulayer.passes.stage_crossings
+PIN_WHOLE_PAGES = 2  # the pin flag of a buffer whose storage is whole pages (stage_crossings)
 _PAGE = 4096
 _HOST_TYPES = (1, 3)  # kDLCPU, kDLCUDAHost
 _ALREADY_REGISTERED = 712  # CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED
@@ -85,6 +97,18 @@ class _Pinner:
                     ctypes.c_void_p,
                 ]
                 driver.cuStreamSynchronize.argtypes = [ctypes.c_void_p]
+                # Synchronous copies (on the legacy default stream, after the work before them):
+                # a crossing's last piece, so that no separate stream sync is needed.
+                driver.cuMemcpyDtoH_v2.argtypes = [
+                    ctypes.c_void_p,
+                    ctypes.c_uint64,
+                    ctypes.c_size_t,
+                ]
+                driver.cuMemcpyHtoD_v2.argtypes = [
+                    ctypes.c_uint64,
+                    ctypes.c_void_p,
+                    ctypes.c_size_t,
+                ]
                 self._driver = driver
             except OSError:
                 self._driver = None
@@ -165,50 +189,108 @@ def wait(device) -> None:
     _stream_sync(device, 0)  # stream handle 0: the default stream, which TVM launches on
 
 
-# (host pointer, size, pin) -> (the registrations it was worked out against, its pieces).
-_PLANS: dict[tuple[int, int, bool], tuple[list, list[tuple[int, int]]]] = {}
+class _Bounce:
+    """``SLOTS`` page-locked pages of our own (anonymous memory, page-aligned, never freed) that
+    a crossing's small pageable pieces go through, one piece per page."""
+
+    SLOTS = 4
+
+    def __init__(self) -> None:
+        self.enabled = os.environ.get("MULAYER_CROSSING_BOUNCE", "1") != "0"
+        self._memory = None
+        self._base = 0
+
+    def slots(self) -> list[int] | None:
+        """The pages' addresses; ``None`` where they cannot be page-locked (yet: the driver
+        needs a current context) or bouncing is off."""
+        if not (self.enabled and PINNER.enabled) or PINNER.driver() is None:
+            return None
+        if not self._base:
+            memory = mmap.mmap(-1, self.SLOTS * _PAGE)
+            base = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+            if not PINNER.pin_range(base, self.SLOTS * _PAGE):
+                return None
+            self._memory, self._base = memory, base
+        return [self._base + i * _PAGE for i in range(self.SLOTS)]
 
 
-def _plan(ptr: int, size: int, pin: bool) -> tuple[list[tuple[int, int]], bool]:
-    """The pieces of a host buffer's copy (page-locking it first if ``pin``), and whether they
+BOUNCE = _Bounce()
+# Off by default until measured on a GPU (scripts/bench_crossing.py times both ways).
+SYNC_LAST = os.environ.get("MULAYER_CROSSING_SYNC_COPY", "0") == "1"
+
+# A crossing's steps: (offset, size, bounce page or 0 for a DMA straight from/to the buffer).
+Steps = list[tuple[int, int, int]]
+# (host pointer, size, pin) -> (the registrations it was worked out against, its steps).
+_PLANS: dict[tuple[int, int, int], tuple[list, Steps]] = {}
+
+
+def _plan(ptr: int, size: int, pin: int) -> tuple[Steps, bool]:
+    """The steps of a host buffer's copy (page-locking it first if ``pin``), and whether they
     are settled: cached until the registrations change. A lock the driver refused (no current
-    context on this thread yet) is not settled: the next call tries again."""
+    context on this thread yet) is not settled: the next call tries again. ``pin`` 2
+    (``PIN_WHOLE_PAGES``) on a page-aligned buffer locks through the end of its last page: its
+    storage is whole pages, so the buffer is one locked range and one DMA."""
     key = (ptr, size, pin)
     hit = _PLANS.get(key)
     if hit is not None and hit[0] is PINNER.ranges:
         return hit[1], True
-    locked = PINNER.pin_range(ptr, size) if pin else False
-    pieces = PINNER.pieces(ptr, size)
-    whole_pages = (ptr + size) // _PAGE > -(-ptr // _PAGE)
-    settled = bool(locked) or not pin or not whole_pages or not PINNER.enabled
+    lock_size = -(-size // _PAGE) * _PAGE if pin == PIN_WHOLE_PAGES and ptr % _PAGE == 0 else size
+    locked = PINNER.pin_range(ptr, lock_size) if pin else False
+    slots = BOUNCE.slots()
+    steps = []
+    for offset, piece in PINNER.pieces(ptr, size):
+        bounce = piece <= _PAGE and slots and not PINNER.covers(ptr + offset, piece)
+        steps.append((offset, piece, slots.pop(0) if bounce else 0))
+    whole_pages = (ptr + lock_size) // _PAGE > -(-ptr // _PAGE)
+    lock_settled = bool(locked) or not pin or not whole_pages or not PINNER.enabled
+    bounce_settled = slots is not None or not BOUNCE.enabled or PINNER.driver() is None
+    settled = lock_settled and bounce_settled
     if settled:
-        _PLANS[key] = (PINNER.ranges, pieces)
-    return pieces, settled
+        _PLANS[key] = (PINNER.ranges, steps)
+    return steps, settled
 
 
-def _driver_copy(host_ptr: int, gpu_ptr: int, pieces, to_host: bool) -> bool:
-    """Issue the pieces on the default stream through the CUDA driver and wait for them; False
-    (nothing to rely on) where the driver is missing or refuses."""
+def _driver_copy(host_ptr: int, gpu_ptr: int, steps: Steps, to_host: bool) -> bool:
+    """Issue the steps on the default stream through the CUDA driver and return once they are
+    done: all pieces asynchronous, then ``cuStreamSynchronize``; with ``SYNC_LAST``
+    (``MULAYER_CROSSING_SYNC_COPY=1``; meant to be cheaper, not yet measured on a GPU, so off
+    by default) the last piece is a synchronous copy instead, which runs after the others and
+    returns when all are complete. Bounce pages are filled before an upload and emptied after a
+    download. False (nothing to rely on) where the driver is missing or refuses."""
     driver = PINNER.driver()
     if driver is None:
         return False
-    for offset, size in pieces:
+    last = len(steps) - 1 if SYNC_LAST else -1
+    for index, (offset, size, page) in enumerate(steps):
+        host = page or host_ptr + offset
         if to_host:
-            status = driver.cuMemcpyDtoHAsync_v2(host_ptr + offset, gpu_ptr + offset, size, None)
+            if index == last:
+                status = driver.cuMemcpyDtoH_v2(host, gpu_ptr + offset, size)
+            else:
+                status = driver.cuMemcpyDtoHAsync_v2(host, gpu_ptr + offset, size, None)
         else:
-            status = driver.cuMemcpyHtoDAsync_v2(gpu_ptr + offset, host_ptr + offset, size, None)
+            if page:
+                ctypes.memmove(page, host_ptr + offset, size)
+            if index == last:
+                status = driver.cuMemcpyHtoD_v2(gpu_ptr + offset, host, size)
+            else:
+                status = driver.cuMemcpyHtoDAsync_v2(gpu_ptr + offset, host, size, None)
         if status != 0:
             return False
-    return driver.cuStreamSynchronize(None) == 0
+    if last < 0 and driver.cuStreamSynchronize(None) != 0:
+        return False
+    if to_host:
+        for offset, size, page in steps:
+            if page:
+                ctypes.memmove(host_ptr + offset, page, size)
+    return True
 
 
 def copy(src, *pin_and_dst) -> None:
     """``copy(src, pin, dst)``: copy ``src`` into ``dst`` (same shape and dtype, any two
     devices) and return when done; page-lock the host side first if ``pin``.
     ``copy(src, dst)`` (artifacts built before the flag) never pins."""
-    pin, dst = (
-        (bool(pin_and_dst[0]), pin_and_dst[1]) if len(pin_and_dst) == 2 else (False, *pin_and_dst)
-    )
+    pin, dst = (int(pin_and_dst[0]), pin_and_dst[1]) if len(pin_and_dst) == 2 else (0, *pin_and_dst)
     src_host = src.device.dlpack_device_type() in _HOST_TYPES
     dst_host = dst.device.dlpack_device_type() in _HOST_TYPES
     if src_host and dst_host:
@@ -217,12 +299,12 @@ def copy(src, *pin_and_dst) -> None:
     host, gpu = (src, dst) if src_host else (dst, src)
     ptr, size = host.data_ptr(), _nbytes(host)
     with PINNER.lock:
-        pieces, settled = _plan(ptr, size, pin)
-        if not _driver_copy(ptr, gpu.data_ptr(), pieces, to_host=dst_host):
-            if len(pieces) == 1:
+        steps, settled = _plan(ptr, size, pin)
+        if not _driver_copy(ptr, gpu.data_ptr(), steps, to_host=dst_host):
+            if len(steps) == 1:
                 _copy_from_to(src, dst)
             else:
-                _copy_in_pieces(src, dst, pieces)
+                _copy_in_pieces(src, dst, [(offset, piece) for offset, piece, _ in steps])
             wait(gpu.device)
         if not settled:  # a first copy on this thread made the context current: lock it now
             PINNER.pin_range(ptr, size)
