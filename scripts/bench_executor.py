@@ -15,8 +15,9 @@ then measured one at a time in this process:
   before it, a host-to-device copy for the CPU kernels before it. That is what an executor with
   no overhead of its own would take;
 - crossing cost: the fenced copies' time against plain pinned copies of the same sizes measured
-  in the same run (``runtime.TVMTensorCopyFromTo`` between a GPU tensor and page-locked host
-  memory), and a 4 MiB pinned / pageable reference;
+  in the same run (``runtime.TVMTensorCopyFromTo`` between a GPU tensor and a page-aligned host
+  buffer locked over every page it touches), also net of the empty fence
+  (``crossing_net_over_pinned``), and a 4 MiB pinned / pageable reference;
 - a Chrome trace of one call per cooperative variant (``--out``/traces).
 
     TVM_NUM_THREADS=16 python scripts/bench_executor.py --models resnet18 googlenet \\
@@ -194,25 +195,17 @@ def ideal(model, inputs, rounds: int = 3) -> dict:
     return {"fence_us": fence, "items": items, "ideal_us": critical_path_us(items)}
 
 
-# Page-locked test buffers stay alive to the end: freeing registered memory would leave a stale
-# registration behind, and a later allocation at the same address would fail to copy.
-_KEEP: list = []
-
-
 def pinned_copy_us(nbytes: int, to_host: bool, cache: dict, repeat: int = 20) -> float:
-    """Median of plain copies of ``nbytes`` between the GPU and page-locked host memory."""
+    """Median of plain copies of ``nbytes`` between the GPU and page-locked host memory (every
+    byte copied lies in locked pages: see ``benchlib.host_buffers``)."""
     import tvm
-
-    from mulayer.runtime import crossing
+    from benchlib.host_buffers import page_locked
 
     key = (nbytes, to_host)
     if key not in cache:
-        host = tvm.runtime.empty((max(nbytes, 1),), "uint8", tvm.cpu(0))
-        dev = tvm.runtime.empty((max(nbytes, 1),), "uint8", tvm.cuda(0))
         copy = tvm.get_global_func("runtime.TVMTensorCopyFromTo")
-        copy(dev, host)  # a CUDA runtime call on this thread first (a current context)
-        crossing.PINNER.pin(host)
-        _KEEP.append(host)
+        dev = tvm.runtime.empty((max(nbytes, 1),), "uint8", tvm.cuda(0))  # context current
+        host = page_locked(max(nbytes, 1))
         src, dst = (dev, host) if to_host else (host, dev)
         samples = []
         for _ in range(repeat + 3):
@@ -226,33 +219,74 @@ def pinned_copy_us(nbytes: int, to_host: bool, cache: dict, repeat: int = 20) ->
 
 
 def reference_copies() -> dict:
-    """4 MiB copies, pinned and pageable, each direction, µs per MiB."""
+    """4 MiB copies, pinned (page-locked, page-aligned) and pageable, each direction, µs/MiB."""
     import tvm
-
-    from mulayer.runtime import crossing
+    from benchlib.host_buffers import page_locked, ragged
 
     size = 4 << 20
-    dev = tvm.runtime.empty((size,), "uint8", tvm.cuda(0))
+    dev = tvm.runtime.empty((size,), "uint8", tvm.cuda(0))  # the context current
+    copy = tvm.get_global_func("runtime.TVMTensorCopyFromTo")
     out = {}
-    for label, pin in (("pinned", True), ("pageable", False)):
-        host = tvm.runtime.empty((size,), "uint8", tvm.cpu(0))
-        _KEEP.append(host)
-        if pin:
-            tvm.get_global_func("runtime.TVMTensorCopyFromTo")(dev, host)
-            crossing.PINNER.pin(host)
+    for label, host in (("pinned", page_locked(size)), ("pageable", ragged(size))):
         for direction, (src, dst) in (("d2h", (dev, host)), ("h2d", (host, dev))):
             samples = []
             for _ in range(23):
                 tvm.cuda(0).sync()
                 start = time.perf_counter()
-                tvm.get_global_func("runtime.TVMTensorCopyFromTo")(src, dst)
+                copy(src, dst)
                 tvm.cuda(0).sync()
                 samples.append((time.perf_counter() - start) * 1e6 / 4)
             out[f"{label}_{direction}_us_per_mib"] = statistics.median(samples[3:])
     return out
 
 
-def measure(record: dict, model_path: Path, repeat: int, warmup: int, traces: Path, cache) -> dict:
+def crossing_cost(items: list[dict], cache: dict) -> dict:
+    """The fenced crossings' time per MiB against plain pinned copies of the same sizes (also
+    net of the empty fence, as the ideal counts them)."""
+    copies = [i for i in items if i["kind"] in ("d2h", "h2d")]
+    if not copies:
+        return {}
+    mib = sum(i["bytes"] for i in copies) / (1 << 20)
+    pinned = sum(pinned_copy_us(i["bytes"], i["kind"] == "d2h", cache) for i in copies)
+    return {
+        "crossing_mib": mib,
+        "crossing_calls": len(copies),
+        "crossing_us_per_mib": sum(i["us"] for i in copies) / mib,
+        "pinned_same_sizes_us_per_mib": pinned / mib,
+        "crossing_over_pinned": sum(i["us"] for i in copies) / pinned,
+        "crossing_net_over_pinned": sum(i["net_us"] for i in copies) / pinned,
+    }
+
+
+def without_bounce(model, x, repeat: int, warmup: int, cache: dict) -> dict:
+    """Median and crossing cost again with the partial pages sent to the driver pageable
+    (``MULAYER_CROSSING_BOUNCE=0``), in the same process: the A/B of the bounce pages."""
+    from mulayer.runtime import crossing
+
+    crossing.BOUNCE.enabled = False
+    crossing._PLANS.clear()
+    try:
+        timing = model.benchmark(x, repeat=repeat, warmup=warmup)
+        measured = ideal(model, x)
+        return {
+            "median_ms": timing.median_ms,
+            "ideal_ms": measured["ideal_us"] / 1e3,
+            **crossing_cost(measured["items"], cache),
+        }
+    finally:
+        crossing.BOUNCE.enabled = True
+        crossing._PLANS.clear()
+
+
+def measure(
+    record: dict,
+    model_path: Path,
+    repeat: int,
+    warmup: int,
+    traces: Path,
+    cache,
+    bounce_ab: bool = False,
+) -> dict:
     import mulayer
     from mulayer.models.reference import max_rel_error, onnxruntime_outputs
 
@@ -280,14 +314,9 @@ def measure(record: dict, model_path: Path, repeat: int, warmup: int, traces: Pa
     for kind in ("gpu", "cpu", "d2h", "h2d"):
         row[f"{kind}_us"] = sum(i["net_us"] for i in items if i["kind"] == kind)
         row[f"{kind}_calls"] = sum(1 for i in items if i["kind"] == kind)
-    copies = [i for i in items if i["kind"] in ("d2h", "h2d")]
-    if copies:
-        mib = sum(i["bytes"] for i in copies) / (1 << 20)
-        pinned = sum(pinned_copy_us(i["bytes"], i["kind"] == "d2h", cache) for i in copies)
-        row["crossing_mib"] = mib
-        row["crossing_us_per_mib"] = sum(i["us"] for i in copies) / mib
-        row["pinned_same_sizes_us_per_mib"] = pinned / mib
-        row["crossing_over_pinned"] = sum(i["us"] for i in copies) / pinned
+    row.update(crossing_cost(items, cache))
+    if bounce_ab:
+        row["no_bounce"] = without_bounce(model, x, repeat, warmup, cache)
     trace, summary = model.trace(x, warmup=2)
     name = f"{Path(model_path).stem}_{record['variant']}.json"
     (traces / name).write_text(json.dumps(trace))
@@ -309,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--calibration-samples", type=int, default=4)
+    parser.add_argument(
+        "--bounce-ab",
+        action="store_true",
+        help="measure each split plan again with MULAYER_CROSSING_BOUNCE=0 (row key no_bounce)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-executor"))
     args = parser.parse_args(argv)
 
@@ -371,9 +405,18 @@ def main(argv: list[str] | None = None) -> int:
             record = {"model": name, **builds[(name, tag)]}
             if "error" not in record:
                 try:
-                    record = measure(record, paths[name], args.repeat, args.warmup, traces, cache)
+                    record = measure(
+                        record,
+                        paths[name],
+                        args.repeat,
+                        args.warmup,
+                        traces,
+                        cache,
+                        args.bounce_ab,
+                    )
                 except Exception as err:  # report and go on
                     record["error"] = f"{type(err).__name__}: {err}"[:300]
+                    record["traceback"] = traceback.format_exc()[-3000:]
                     traceback.print_exc()
             record.pop("artifact", None)
             rows.append(record)
@@ -388,19 +431,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(result: dict) -> str:
     lines = [
-        "| model | variant | median ms | ideal ms | ideal/median | crossing / pinned | rel err |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| model | variant | median ms | ideal ms | ideal/median | crossing / pinned "
+        "| no bounce: median ms, crossing / pinned | rel err |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in result["rows"]:
         if "median_ms" not in r:
-            lines.append(f"| {r['model']} | {r['variant']} | failed: {r.get('error', '?')} ||||")
+            lines.append(f"| {r['model']} | {r['variant']} | failed: {r.get('error', '?')} |||||")
             continue
         ideal_ms = f"{r['ideal_ms']:.3f}" if "ideal_ms" in r else ""
         ratio = f"{r['ideal_over_median']:.2f}" if "ideal_over_median" in r else ""
         cross = f"{r['crossing_over_pinned']:.2f}" if "crossing_over_pinned" in r else ""
+        plain = r.get("no_bounce", {})
+        ab = (
+            f"{plain['median_ms']:.3f}, {plain['crossing_over_pinned']:.2f}"
+            if "crossing_over_pinned" in plain
+            else ""
+        )
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['median_ms']:.3f} | {ideal_ms} | {ratio} | "
-            f"{cross} | {r['rel_error']:.2e} |"
+            f"{cross} | {ab} | {r['rel_error']:.2e} |"
         )
     return "\n".join(lines) + "\n"
 
