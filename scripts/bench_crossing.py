@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tvm_copy = tvm.get_global_func("runtime.TVMTensorCopyFromTo")
     ffi_copy = tvm.get_global_func(crossing.COPY_FUNC)
+    default_sync_last = crossing.SYNC_LAST
     rows = []
     for size in args.sizes:
         gpu = tvm.runtime.empty((size,), "uint8", gpu_dev)  # the context current on this thread
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 row[label] = _timed(
                     lambda s=src, d=dst: ffi_copy(s, 1, d), gpu_dev.sync, args.repeat
                 )
-            crossing.SYNC_LAST = True
+            crossing.SYNC_LAST = default_sync_last
             src, dst = pairs["ragged"]
             for label, bounce in (("crossing_bounce_us", True), ("crossing_no_bounce_us", False)):
                 crossing.BOUNCE.enabled = bounce

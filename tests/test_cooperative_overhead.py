@@ -444,6 +444,8 @@ def test_crossing_pieces_of_partial_pages_go_through_bounce_pages(monkeypatch):
     first_page = -arena.ctypes.data % crossing._PAGE
     offset = first_page + 64 * int(rng.integers(1, 60))
     size = 5 * crossing._PAGE + int(rng.integers(1, crossing._PAGE))
+    while (offset + size) % crossing._PAGE == 0:  # two partial pages: it must end mid-page
+        size -= 1
     host = Buffer(arena[offset : offset + size], 1)
     gpu = Buffer(rng.integers(0, 256, size, dtype=np.uint8), 2)
     for _ in range(2):  # the second time from the cached plan
@@ -548,3 +550,64 @@ def test_planned_host_buffers_start_on_pages(tiny_onnx, tmp_path):
     planned = [(s, d) for s, pin, d in seen if pin == PIN_WHOLE_PAGES]
     assert planned and {pin for _, pin, _ in seen} == {0, PIN_WHOLE_PAGES}
     assert all(s % crossing._PAGE == 0 and d % crossing._PAGE == 0 for s, d in planned)
+
+
+def test_views_of_the_callers_tensors_are_never_pinned():
+    """A reshape of a parameter becomes a view of the caller's memory in the VM (reshape-pattern
+    PrimFuncs are rewritten to views): StageCrossings counts it as the caller's, so a crossing
+    of it is never page-locked; a computed tensor and its reshapes are planned buffers."""
+    from mulayer.passes.stage_crossings import _with_views
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 3, 4), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            view = bb.emit(relax.op.reshape(x, (6, 4)))
+            computed = bb.emit(relax.op.add(view, view))
+            view_of_computed = bb.emit(relax.op.reshape(computed, (24,)))
+            out = bb.emit_output(view_of_computed)
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    main = mod["main"]
+    reshaped, added, reshaped_again = [b.var for blk in main.body.blocks for b in blk.bindings][:3]
+    shared = _with_views(mod, main, set(main.params))
+    assert main.params[0] in shared and reshaped in shared  # the reshape of x: a view of it
+    assert added not in shared and reshaped_again not in shared  # computed, and a view of it
+
+
+def test_a_refused_lock_never_pins_the_callers_tensor(monkeypatch):
+    """Where the driver refuses to lock (no current context yet), a copy is not settled and is
+    retried; the retry locks only what the copy may lock: never a caller's tensor (pin 0)."""
+    from mulayer.runtime import crossing
+
+    class FirstCopyMakesContextCurrent(_MemoryDriver):
+        def _enqueue(self, dst: int, src: int, host: int, size: int) -> int:
+            self.refuse = False  # from now on the driver locks
+            return super()._enqueue(dst, src, host, size)
+
+    driver = FirstCopyMakesContextCurrent()
+    driver.refuse = True
+    pinner = crossing._Pinner()
+    monkeypatch.setattr(pinner, "_load", lambda: driver)
+    monkeypatch.setattr(pinner, "enabled", True)
+    monkeypatch.setattr(crossing, "PINNER", pinner)
+    monkeypatch.setattr(crossing, "BOUNCE", crossing._Bounce())
+    monkeypatch.setattr(crossing.BOUNCE, "enabled", True)
+    monkeypatch.setattr(crossing, "_PLANS", {})
+
+    class Buffer:
+        def __init__(self, array: np.ndarray, kind: int) -> None:
+            self.array, self.shape, self.dtype = array, array.shape, "uint8"
+            self.device = type("D", (), {"dlpack_device_type": lambda _self: kind})()
+
+        def data_ptr(self) -> int:
+            return self.array.ctypes.data
+
+    data = np.random.default_rng().integers(0, 256, 5 * crossing._PAGE, dtype=np.uint8)
+    host, gpu = Buffer(data, 1), Buffer(np.zeros_like(data), 2)
+    crossing.copy(host, 0, gpu)  # refused at first: not settled, retried after the copy
+    assert np.array_equal(gpu.array, data)
+    crossing.copy(host, 0, gpu)  # the bounce pages lock now; the input never
+    assert np.array_equal(gpu.array, data)
+    slots = crossing.BOUNCE.slots()
+    assert list(driver.locked.items()) == [(slots[0], slots[0] + len(slots) * crossing._PAGE)]

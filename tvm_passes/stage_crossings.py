@@ -85,6 +85,36 @@ def _escaping(main: relax.Function) -> set[relax.Var]:
     return escaping
 
 
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+_VIEW_OPS = tuple(tvm.ir.Op.get(name) for name in ("relax.reshape", "relax.memory.view"))
+
+
+def _with_views(mod: tvm.IRModule, main: relax.Function, roots: set[relax.Var]) -> set[relax.Var]:
+    """``roots`` and every variable that may share their memory: aliases, reshapes (a
+    reshape-pattern PrimFunc becomes a view in the VM lowering: RewriteDataflowReshape)."""
+    shared = set(roots)
+    for block in main.body.blocks:
+        for binding in block.bindings:
+            value = getattr(binding, "value", None)
+            if isinstance(value, relax.Var) and value in shared:
+                shared.add(binding.var)
+            elif isinstance(value, relax.Call) and value.args:
+                source = value.args[0]
+                if value.op.same_as(_CALL_TIR):
+                    callee = value.args[0]
+                    func = mod[callee] if isinstance(callee, tvm.ir.GlobalVar) else None
+                    inputs = value.args[1].fields if len(value.args) > 1 else []
+                    is_view = isinstance(func, tvm.tirx.PrimFunc) and (
+                        relax.analysis.has_reshape_pattern(func)
+                    )
+                    source = inputs[0] if is_view and inputs else None
+                elif not any(value.op.same_as(op) for op in _VIEW_OPS):
+                    source = None
+                if source is not None and source in shared:
+                    shared.add(binding.var)
+    return shared
+
+
 def _pinnable(binding: relax.VarBinding, call: relax.Call, is_host, owned) -> bool:
     """Whether the host side of a crossing is a planned buffer (see the module docstring)."""
     host_side = binding.var if is_host(call.attrs.dst_vdevice) else call.args[0]
@@ -117,7 +147,9 @@ class StageCrossings:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         main = mod["main"]
         is_host = _host_test(mod)
-        owned = set(main.params) | _escaping(main)  # freed by their owners, not planned
+        # Freed by their owners, not planned: the caller's tensors (and views of them) and
+        # what main returns.
+        owned = _with_views(mod, main, set(main.params)) | _escaping(main)
         blocks = []
         changed = False
         for block in main.body.blocks:

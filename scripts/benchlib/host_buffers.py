@@ -30,7 +30,11 @@ def page_locked(nbytes: int):
     from mulayer.runtime import crossing
 
     view = _view(nbytes, 0)
-    crossing.PINNER.pin_range(view.data_ptr(), -(-nbytes // PAGE) * PAGE)
+    if not crossing.PINNER.pin_range(view.data_ptr(), -(-nbytes // PAGE) * PAGE):
+        raise RuntimeError(
+            "could not page-lock the reference buffer (no CUDA driver or context, or "
+            "MULAYER_PIN_CROSSINGS=0): a pinned reference would be pageable"
+        )
     return view
 
 

@@ -205,12 +205,13 @@ class _Bounce:
         needs a current context) or bouncing is off."""
         if not (self.enabled and PINNER.enabled) or PINNER.driver() is None:
             return None
+        if self._memory is None:  # mapped once, kept whether or not the lock takes
+            self._memory = mmap.mmap(-1, self.SLOTS * _PAGE)
         if not self._base:
-            memory = mmap.mmap(-1, self.SLOTS * _PAGE)
-            base = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+            base = ctypes.addressof(ctypes.c_char.from_buffer(self._memory))
             if not PINNER.pin_range(base, self.SLOTS * _PAGE):
                 return None
-            self._memory, self._base = memory, base
+            self._base = base
         return [self._base + i * _PAGE for i in range(self.SLOTS)]
 
 
@@ -224,6 +225,13 @@ Steps = list[tuple[int, int, int]]
 _PLANS: dict[tuple[int, int, int], tuple[list, Steps]] = {}
 
 
+def _lock_size(ptr: int, size: int, pin: int) -> int:
+    """How many bytes from ``ptr`` a crossing may page-lock: through the end of the last page
+    for a page-aligned buffer of a whole-page storage (``pin`` 2), else the buffer."""
+    whole = pin == PIN_WHOLE_PAGES and ptr % _PAGE == 0
+    return -(-size // _PAGE) * _PAGE if whole else size
+
+
 def _plan(ptr: int, size: int, pin: int) -> tuple[Steps, bool]:
     """The steps of a host buffer's copy (page-locking it first if ``pin``), and whether they
     are settled: cached until the registrations change. A lock the driver refused (no current
@@ -234,7 +242,7 @@ def _plan(ptr: int, size: int, pin: int) -> tuple[Steps, bool]:
     hit = _PLANS.get(key)
     if hit is not None and hit[0] is PINNER.ranges:
         return hit[1], True
-    lock_size = -(-size // _PAGE) * _PAGE if pin == PIN_WHOLE_PAGES and ptr % _PAGE == 0 else size
+    lock_size = _lock_size(ptr, size, pin)
     locked = PINNER.pin_range(ptr, lock_size) if pin else False
     slots = BOUNCE.slots()
     steps = []
@@ -243,7 +251,9 @@ def _plan(ptr: int, size: int, pin: int) -> tuple[Steps, bool]:
         steps.append((offset, piece, slots.pop(0) if bounce else 0))
     whole_pages = (ptr + lock_size) // _PAGE > -(-ptr // _PAGE)
     lock_settled = bool(locked) or not pin or not whole_pages or not PINNER.enabled
-    bounce_settled = slots is not None or not BOUNCE.enabled or PINNER.driver() is None
+    bounce_settled = (
+        slots is not None or not BOUNCE.enabled or not PINNER.enabled or PINNER.driver() is None
+    )
     settled = lock_settled and bounce_settled
     if settled:
         _PLANS[key] = (PINNER.ranges, steps)
@@ -306,8 +316,8 @@ def copy(src, *pin_and_dst) -> None:
             else:
                 _copy_in_pieces(src, dst, [(offset, piece) for offset, piece, _ in steps])
             wait(gpu.device)
-        if not settled:  # a first copy on this thread made the context current: lock it now
-            PINNER.pin_range(ptr, size)
+        if not settled and pin:  # a first copy made the context current: lock it now
+            PINNER.pin_range(ptr, _lock_size(ptr, size, pin))
 
 
 def _copy_in_pieces(src, dst, pieces: list[tuple[int, int]]) -> None:
