@@ -553,3 +553,25 @@ def test_evaluation_extras_on_synthetic_data():
     report = holdout_eval(data, ("xgboost",), xgboost=FAST_XGB)
     groups = report.by_group("xgboost")
     assert sum(m["n"] for m in groups["rule"].values()) == len(report.predictions)
+
+
+def test_crossings_are_priced_with_pinned_lines_where_the_profile_has_them():
+    """transfer_memory "auto" (the default): the profile's pinned rows (the crossing function on
+    page-locked buffers, what the executor pays) where it has them, else the pageable ones."""
+    from mulayer.cost_model.transfer import chosen_memory, fit_transfers
+
+    rng = np.random.default_rng()
+    sizes = [4096 << i for i in range(10)]
+    lines = {"pageable": (9.0 + rng.random(), 1e-4), "pinned": (5.0 + rng.random(), 2e-5)}
+    rows = [
+        {"direction": d, "memory": m, "nbytes": n, "latency_us": a + b * n}
+        for m, (a, b) in lines.items()
+        for d in ("h2d", "d2h")
+        for n in sizes
+    ]
+    assert chosen_memory(rows, "auto") == "pinned"
+    assert chosen_memory([r for r in rows if r["memory"] == "pageable"], "auto") == "pageable"
+    assert chosen_memory(rows, "pageable") == "pageable"
+    model = fit_transfers(rows, [], chosen_memory(rows, "auto"))
+    assert model.memory == "pinned"
+    assert np.allclose(model.lines["h2d"], lines["pinned"], rtol=1e-6)

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import STATISTICS
     from .model import CostModelConfig
     from .predictors import PREDICTORS
-    from .transfer import MEMORIES
+    from .transfer import MEMORY_CHOICES
 
     parser = argparse.ArgumentParser(prog="python -m mulayer.cost_model", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         "--predictor", choices=tuple(PREDICTORS), default=CostModelConfig().predictor
     )
     train.add_argument(
-        "--transfer-memory", choices=MEMORIES, default=CostModelConfig().transfer_memory
+        "--transfer-memory", choices=MEMORY_CHOICES, default=CostModelConfig().transfer_memory
     )
     train.add_argument(
         "--statistic",

@@ -20,7 +20,7 @@ from mulayer.errors import MuLayerError
 from .data import ProfileData
 from .kernels import kernel_info, normalize_rule
 from .predictors import PREDICTORS, XGBoostConfig, make_predictor, relative_errors
-from .transfer import DIRECTIONS, fit_line
+from .transfer import DIRECTIONS, chosen_memory, fit_line
 
 SHARED = ("exclude", "include")
 LATENCY_BUCKETS = (
@@ -141,9 +141,11 @@ def rule_agreement(data: ProfileData) -> dict:
     return out
 
 
-def transfer_eval(data: ProfileData, memory: str = "pageable", tolerance: float = 0.10) -> dict:
+def transfer_eval(data: ProfileData, memory: str = "auto", tolerance: float = 0.10) -> dict:
     """Leave-one-size-out error of the crossing model's copy lines (per direction) and the
-    sync's spread: the line is fitted on the other sizes and predicts the held-out one."""
+    sync's spread: the line is fitted on the other sizes and predicts the held-out one (the
+    lines of ``memory``; "auto" as in training: pinned where the profile has it)."""
+    memory = chosen_memory(data.transfers, memory)
     out: dict[str, dict] = {}
     for direction in DIRECTIONS:
         rows = [r for r in data.transfers if r["direction"] == direction and r["memory"] == memory]

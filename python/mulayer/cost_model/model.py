@@ -11,7 +11,7 @@ from mulayer.frontend.layers import Layer
 
 from .data import ProfileData
 from .predictors import Predictor, XGBoostConfig, make_predictor
-from .transfer import DIRECTIONS, MEMORIES, TransferModel, fit_transfers
+from .transfer import DIRECTIONS, MEMORY_CHOICES, TransferModel, chosen_memory, fit_transfers
 
 PROCESSORS = ("cpu", "gpu")
 
@@ -22,8 +22,10 @@ class CostModelConfig:
 
     predictor: str = "xgboost"  # or "flops_linear", "neurosurgeon"
     xgboost: XGBoostConfig = field(default_factory=XGBoostConfig)
-    # Host memory the executor copies from: "pageable" (TVM's host tensors) or "pinned".
-    transfer_memory: str = "pageable"
+    # Host memory whose copy lines price a crossing: "pageable" (TVM's host tensors),
+    # "pinned" (the crossing function on page-locked planned buffers) or "auto" (pinned where
+    # the profile has it).
+    transfer_memory: str = "auto"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -126,9 +128,9 @@ def shared_memory_for(target: dict | None) -> bool:
 def train_cost_model(data: ProfileData, config: CostModelConfig | None = None) -> CostModel:
     """Fit one regressor per processor, the transfer lines and the sync on ``data``."""
     config = config or CostModelConfig()
-    if config.transfer_memory not in MEMORIES:
+    if config.transfer_memory not in MEMORY_CHOICES:
         raise MuLayerError(
-            f"transfer memory {config.transfer_memory!r}: use one of {', '.join(MEMORIES)}"
+            f"transfer memory {config.transfer_memory!r}: use one of {', '.join(MEMORY_CHOICES)}"
         )
     predictors = {}
     traits = data.traits()
@@ -139,7 +141,8 @@ def train_cost_model(data: ProfileData, config: CostModelConfig | None = None) -
         predictors[processor] = predictor.fit(samples, np.array([p.latency_us for p in parts]))
     if not predictors:
         raise MuLayerError("the profile data holds no successfully timed parts to train on")
-    transfer = fit_transfers(data.transfers, data.syncs, config.transfer_memory)
+    memory = chosen_memory(data.transfers, config.transfer_memory)
+    transfer = fit_transfers(data.transfers, data.syncs, memory)
     return CostModel(
         predictors,
         transfer,

@@ -13,6 +13,16 @@ import numpy as np
 
 DIRECTIONS = ("h2d", "d2h")
 MEMORIES = ("pageable", "pinned")
+# "auto": "pinned" where the profile has pinned rows (the crossing function on page-locked
+# buffers: what the executor pays for a planned buffer's crossing), else "pageable".
+MEMORY_CHOICES = ("auto", *MEMORIES)
+
+
+def chosen_memory(transfer_rows: list[dict], memory: str) -> str:
+    """The host memory whose copy lines to fit (``memory`` unless it is "auto")."""
+    if memory != "auto":
+        return memory
+    return "pinned" if any(r["memory"] == "pinned" for r in transfer_rows) else "pageable"
 
 
 @dataclass

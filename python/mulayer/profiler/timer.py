@@ -5,11 +5,12 @@
   warm-up. When the repeats disagree by more than ``max_spread`` the part is timed again (up to
   ``retries`` times) and the attempt with the lowest median is kept. GPU parts get their input
   on the GPU: the copy is a transfer row of its own.
-- Transfers (local only): ``Tensor.copyfrom`` between a host tensor and a device tensor, then
-  ``sync``, in a loop, for sizes of ``TRANSFER_SIZES``; host tensors are pageable (what TVM
-  allocates, and what the executor copies from today) and, where the runtime has it, pinned
-  (``cuda_host``). With an llvm "GPU" the copy is a memcpy between two CPU tensors; the truth on
-  a shared-memory device is zero-copy (the cost model then treats transfers as free).
+- Transfers (local only), in a loop with ``sync``, for sizes of ``TRANSFER_SIZES``: "pageable",
+  ``Tensor.copyfrom`` between a fresh host tensor and a device tensor (a caller's input or
+  output); on CUDA also "pinned", the crossing function (``mulayer.crossing.copy``) on a
+  page-aligned, page-locked buffer: what a crossing of a planned buffer costs. With an llvm
+  "GPU" the copy is a memcpy between two CPU tensors; the truth on a shared-memory device is
+  zero-copy (the cost model then treats transfers as free).
 - Sync: an empty ``device.sync()``.
 """
 
@@ -122,26 +123,39 @@ def _loop_us(fn, sync, min_seconds: float, min_iters: int = 10) -> list[float]:
     return samples
 
 
-def _host_memories(device) -> dict[str, tvm.runtime.Device]:
-    memories = {"pageable": tvm.cpu(0)}
-    if device.dlpack_device_type() == 2:  # kDLCUDA: try pinned host memory
-        try:
-            pinned = tvm.device("cuda_host", 0)
-            tvm.runtime.empty((16,), "uint8", pinned)
-            memories["pinned"] = pinned
-        except (RuntimeError, ValueError):
-            pass
-    return memories
+def _crossing_copy(src, dst) -> None:
+    """What a crossing of a planned buffer runs (pin flag 2: page-aligned, locked)."""
+    from mulayer.runtime import crossing
+
+    crossing.copy(src, crossing.PIN_WHOLE_PAGES, dst)
+
+
+def _host_buffers(device, nbytes: int) -> dict:
+    """``{memory: (host tensor, copy(src, dst))}``: "pageable", TVM's copy from or to a fresh
+    host tensor; "pinned" (CUDA), the crossing function on a page-aligned, page-locked buffer:
+    what the executor pays per crossing."""
+    buffers = {"pageable": (tvm.runtime.empty((nbytes,), "uint8", tvm.cpu(0)), _tvm_copy)}
+    if device.dlpack_device_type() == 2:  # kDLCUDA
+        from mulayer.runtime import crossing
+
+        locked = crossing.page_locked_host(nbytes)
+        if locked is not None:
+            buffers["pinned"] = (locked, _crossing_copy)
+    return buffers
+
+
+def _tvm_copy(src, dst) -> None:
+    dst.copyfrom(src)
 
 
 def time_transfers(device, sizes=TRANSFER_SIZES, min_seconds: float = 0.05):
-    """Yield ``(direction, memory, nbytes, Timing)`` for host<->``device`` copies (local)."""
-    for memory, host_dev in _host_memories(device).items():
-        for nbytes in sizes:
-            host = tvm.runtime.empty((nbytes,), "uint8", host_dev)
-            dev_tensor = tvm.runtime.empty((nbytes,), "uint8", device)
-            h2d = _loop_us(lambda d=dev_tensor, h=host: d.copyfrom(h), device.sync, min_seconds)
-            d2h = _loop_us(lambda d=dev_tensor, h=host: h.copyfrom(d), device.sync, min_seconds)
+    """Yield ``(direction, memory, nbytes, Timing)`` for host<->``device`` copies (local); see
+    :func:`_host_buffers` for the memories."""
+    for nbytes in sizes:
+        dev_tensor = tvm.runtime.empty((nbytes,), "uint8", device)  # the context current
+        for memory, (host, copy) in _host_buffers(device, nbytes).items():
+            h2d = _loop_us(lambda h=host, d=dev_tensor, c=copy: c(h, d), device.sync, min_seconds)
+            d2h = _loop_us(lambda h=host, d=dev_tensor, c=copy: c(d, h), device.sync, min_seconds)
             for direction, samples in (("h2d", h2d), ("d2h", d2h)):
                 rounded = [round(s, 3) for s in samples]
                 yield direction, memory, nbytes, Timing(statistics.median(samples), rounded, 0)

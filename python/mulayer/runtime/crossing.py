@@ -329,6 +329,25 @@ def _copy_in_pieces(src, dst, pieces: list[tuple[int, int]]) -> None:
         )
 
 
+_LOCKED_HOST: list = []  # page-locked host tensors are never freed (see the module docstring)
+
+
+def page_locked_host(nbytes: int):
+    """A page-aligned uint8 host tensor of ``nbytes`` whose every page is page-locked, as a
+    crossing's planned buffer is (pin flag 2), or ``None`` where it cannot be locked (no CUDA
+    driver or no current context: make a CUDA runtime call on this thread first; or
+    ``MULAYER_PIN_CROSSINGS=0``). It is never freed. For references and the profiler: a buffer
+    that does not start on a page keeps its first page pageable, and a copy that starts there
+    is a pageable copy."""
+    arena = tvm.runtime.empty((nbytes + 2 * _PAGE,), "uint8", tvm.cpu(0))
+    offset = -arena.data_ptr() % _PAGE
+    view = arena._create_view((nbytes,), "uint8", relative_byte_offset=offset)
+    if not PINNER.pin_range(view.data_ptr(), -(-nbytes // _PAGE) * _PAGE):
+        return None
+    _LOCKED_HOST.append(arena)
+    return view
+
+
 def register() -> None:
     """Register :func:`copy` as ``mulayer.crossing.copy`` (idempotent)."""
     if tvm.get_global_func(COPY_FUNC, allow_missing=True) is None:
