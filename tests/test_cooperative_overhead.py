@@ -416,13 +416,20 @@ class _MemoryDriver(_FakeDriver):
         return self._synchronous(dev, host, host, size)
 
 
-def test_crossing_pieces_of_partial_pages_go_through_bounce_pages(monkeypatch):
-    """A planned buffer that starts and ends inside pages: its whole pages are DMA'd in place,
-    its partial first and last pages through the page-locked bounce pages, one sync per copy;
-    every byte arrives, both ways."""
-    from mulayer.runtime import crossing
+class _HostArray:
+    """A tensor's face on a numpy array; its device type (1 host, 2 GPU) decides a copy's
+    direction (the _MemoryDriver's "GPU" is host memory too)."""
 
-    driver = _MemoryDriver()
+    def __init__(self, array: np.ndarray, kind: int) -> None:
+        self.array, self.shape, self.dtype = array, array.shape, "uint8"
+        self.device = type("D", (), {"dlpack_device_type": lambda _self: kind})()
+
+    def data_ptr(self) -> int:
+        return self.array.ctypes.data
+
+
+def _use_driver(monkeypatch, crossing, driver):
+    """Make ``crossing`` run on ``driver``: a fresh pinner and bounce pages, no cached plans."""
     pinner = crossing._Pinner()
     monkeypatch.setattr(pinner, "_load", lambda: driver)
     monkeypatch.setattr(pinner, "enabled", True)
@@ -430,15 +437,18 @@ def test_crossing_pieces_of_partial_pages_go_through_bounce_pages(monkeypatch):
     monkeypatch.setattr(crossing, "BOUNCE", crossing._Bounce())
     monkeypatch.setattr(crossing.BOUNCE, "enabled", True)
     monkeypatch.setattr(crossing, "_PLANS", {})
+    return pinner
+
+
+def test_crossing_pieces_of_partial_pages_go_through_bounce_pages(monkeypatch):
+    """A planned buffer that starts and ends inside pages: its whole pages are DMA'd in place,
+    its partial first and last pages through the page-locked bounce pages, one sync per copy;
+    every byte arrives, both ways."""
+    from mulayer.runtime import crossing
+
+    driver = _MemoryDriver()
+    pinner = _use_driver(monkeypatch, crossing, driver)
     rng = np.random.default_rng()
-
-    class Buffer:  # a tensor's face on a numpy array (the device type decides the direction)
-        def __init__(self, array: np.ndarray, kind: int) -> None:
-            self.array, self.shape, self.dtype = array, array.shape, "uint8"
-            self.device = type("D", (), {"dlpack_device_type": lambda _self: kind})()
-
-        def data_ptr(self) -> int:
-            return self.array.ctypes.data
 
     arena = np.zeros(16 * crossing._PAGE, np.uint8)
     first_page = -arena.ctypes.data % crossing._PAGE
@@ -446,8 +456,8 @@ def test_crossing_pieces_of_partial_pages_go_through_bounce_pages(monkeypatch):
     size = 5 * crossing._PAGE + int(rng.integers(1, crossing._PAGE))
     while (offset + size) % crossing._PAGE == 0:  # two partial pages: it must end mid-page
         size -= 1
-    host = Buffer(arena[offset : offset + size], 1)
-    gpu = Buffer(rng.integers(0, 256, size, dtype=np.uint8), 2)
+    host = _HostArray(arena[offset : offset + size], 1)
+    gpu = _HostArray(rng.integers(0, 256, size, dtype=np.uint8), 2)
     for _ in range(2):  # the second time from the cached plan
         driver.copies.clear()
         host.array[:] = 0
@@ -474,7 +484,7 @@ def test_crossing_pieces_of_partial_pages_go_through_bounce_pages(monkeypatch):
     # its last byte is locked too, and each copy is one DMA, no bounce.
     monkeypatch.setattr(crossing.BOUNCE, "enabled", True)
     start = first_page + 8 * crossing._PAGE  # past the first buffer
-    paged = Buffer(arena[start : start + size], 1)
+    paged = _HostArray(arena[start : start + size], 1)
     driver.copies.clear()
     crossing.copy(gpu, PIN_WHOLE_PAGES, paged)
     assert np.array_equal(paged.array, gpu.array)
@@ -587,24 +597,10 @@ def test_a_refused_lock_never_pins_the_callers_tensor(monkeypatch):
 
     driver = FirstCopyMakesContextCurrent()
     driver.refuse = True
-    pinner = crossing._Pinner()
-    monkeypatch.setattr(pinner, "_load", lambda: driver)
-    monkeypatch.setattr(pinner, "enabled", True)
-    monkeypatch.setattr(crossing, "PINNER", pinner)
-    monkeypatch.setattr(crossing, "BOUNCE", crossing._Bounce())
-    monkeypatch.setattr(crossing.BOUNCE, "enabled", True)
-    monkeypatch.setattr(crossing, "_PLANS", {})
-
-    class Buffer:
-        def __init__(self, array: np.ndarray, kind: int) -> None:
-            self.array, self.shape, self.dtype = array, array.shape, "uint8"
-            self.device = type("D", (), {"dlpack_device_type": lambda _self: kind})()
-
-        def data_ptr(self) -> int:
-            return self.array.ctypes.data
+    _use_driver(monkeypatch, crossing, driver)
 
     data = np.random.default_rng().integers(0, 256, 5 * crossing._PAGE, dtype=np.uint8)
-    host, gpu = Buffer(data, 1), Buffer(np.zeros_like(data), 2)
+    host, gpu = _HostArray(data, 1), _HostArray(np.zeros_like(data), 2)
     crossing.copy(host, 0, gpu)  # refused at first: not settled, retried after the copy
     assert np.array_equal(gpu.array, data)
     crossing.copy(host, 0, gpu)  # the bounce pages lock now; the input never
