@@ -62,6 +62,21 @@ _HOST_TYPES = (1, 3)  # kDLCPU, kDLCUDAHost
 _ALREADY_REGISTERED = 712  # CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED
 
 
+_HOST, _DEVICE, _BYTES = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t
+_STREAM = ctypes.c_void_p
+# The CUDA driver calls a crossing makes, with their argument types. The synchronous copies (on
+# the legacy default stream, after the work before them) serve MULAYER_CROSSING_SYNC_COPY=1.
+_DRIVER_SIGNATURES = {
+    "cuMemHostRegister_v2": [_HOST, _BYTES, ctypes.c_uint],
+    "cuMemHostUnregister": [_HOST],
+    "cuMemcpyDtoHAsync_v2": [_HOST, _DEVICE, _BYTES, _STREAM],
+    "cuMemcpyHtoDAsync_v2": [_DEVICE, _HOST, _BYTES, _STREAM],
+    "cuMemcpyDtoH_v2": [_HOST, _DEVICE, _BYTES],
+    "cuMemcpyHtoD_v2": [_DEVICE, _HOST, _BYTES],
+    "cuStreamSynchronize": [_STREAM],
+}
+
+
 class _Pinner:
     """Page-locks host buffers as disjoint page ranges (CUDA driver API); a no-op without CUDA."""
 
@@ -78,37 +93,8 @@ class _Pinner:
             self._tried = True
             try:
                 driver = ctypes.CDLL("libcuda.so.1")
-                driver.cuMemHostRegister_v2.argtypes = [
-                    ctypes.c_void_p,
-                    ctypes.c_size_t,
-                    ctypes.c_uint,
-                ]
-                driver.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
-                driver.cuMemcpyDtoHAsync_v2.argtypes = [
-                    ctypes.c_void_p,
-                    ctypes.c_uint64,
-                    ctypes.c_size_t,
-                    ctypes.c_void_p,
-                ]
-                driver.cuMemcpyHtoDAsync_v2.argtypes = [
-                    ctypes.c_uint64,
-                    ctypes.c_void_p,
-                    ctypes.c_size_t,
-                    ctypes.c_void_p,
-                ]
-                driver.cuStreamSynchronize.argtypes = [ctypes.c_void_p]
-                # Synchronous copies (on the legacy default stream, after the work before them):
-                # a crossing's last piece, so that no separate stream sync is needed.
-                driver.cuMemcpyDtoH_v2.argtypes = [
-                    ctypes.c_void_p,
-                    ctypes.c_uint64,
-                    ctypes.c_size_t,
-                ]
-                driver.cuMemcpyHtoD_v2.argtypes = [
-                    ctypes.c_uint64,
-                    ctypes.c_void_p,
-                    ctypes.c_size_t,
-                ]
+                for name, argtypes in _DRIVER_SIGNATURES.items():
+                    getattr(driver, name).argtypes = argtypes
                 self._driver = driver
             except OSError:
                 self._driver = None
