@@ -263,6 +263,7 @@ def without_bounce(model, x, repeat: int, warmup: int, cache: dict) -> dict:
     (``MULAYER_CROSSING_BOUNCE=0``), in the same process: the A/B of the bounce pages."""
     from mulayer.runtime import crossing
 
+    before = crossing.BOUNCE.enabled
     crossing.BOUNCE.enabled = False
     crossing._PLANS.clear()
     try:
@@ -274,7 +275,7 @@ def without_bounce(model, x, repeat: int, warmup: int, cache: dict) -> dict:
             **crossing_cost(measured["items"], cache),
         }
     finally:
-        crossing.BOUNCE.enabled = True
+        crossing.BOUNCE.enabled = before
         crossing._PLANS.clear()
 
 
