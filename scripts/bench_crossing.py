@@ -2,16 +2,18 @@
 """Crossing copies one by one (issue 16): where a crossing's time goes, per size and direction.
 
 Each row times one copy between a GPU tensor and a host buffer (median of ``--repeat``, each
-followed by a device sync), four ways:
+followed by a device sync), these ways:
 
 - ``pinned``: ``runtime.TVMTensorCopyFromTo`` on a page-aligned, page-locked host buffer (the
   reference issue 16 compares crossings with);
-- ``crossing_aligned``: ``mulayer.crossing.copy`` (called through the FFI as the VM calls it) on
-  the same buffer: the copy function's own overhead; ``crossing_aligned_async``: the same with
-  ``MULAYER_CROSSING_SYNC_COPY=0`` (an async copy and a stream sync instead of a synchronous
-  copy);
+- ``crossing_aligned_async``: ``mulayer.crossing.copy`` as registered (the C copy of
+  ``crossing_copy.c`` where it was built; called through the FFI as the VM calls it) on the same
+  buffer: an asynchronous copy and a stream sync; ``crossing_aligned``: the same with
+  ``MULAYER_CROSSING_SYNC_COPY=1`` (one synchronous copy);
+- ``python_aligned``: the Python copy (:func:`mulayer.runtime.crossing.copy`, called through the
+  FFI) on the same buffer: what the C copy saves;
 - ``crossing_bounce``: the copy on a buffer that starts and ends inside pages, as 64-byte aligned
-  planned buffers do (partial first and last pages through the bounce pages);
+  planned buffers do (partial first and last pages through the bounce pages; Python);
 - ``crossing_no_bounce``: the same buffer with ``MULAYER_CROSSING_BOUNCE=0`` (partial pages sent
   to the driver pageable).
 
@@ -59,8 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     if not gpu_dev.exist:
         print("error: no CUDA GPU here", file=sys.stderr)
         return 2
+    import tvm_ffi
+
     tvm_copy = tvm.get_global_func("runtime.TVMTensorCopyFromTo")
     ffi_copy = tvm.get_global_func(crossing.COPY_FUNC)
+    python_copy = tvm_ffi.convert(crossing.copy)
+    print(f"registered copy: {'C' if crossing.NATIVE else 'Python'}", flush=True)
     default_sync_last, default_bounce = crossing.SYNC_LAST, crossing.BOUNCE.enabled
     rows = []
     for size in args.sizes:
@@ -80,11 +86,14 @@ def main(argv: list[str] | None = None) -> int:
                 ("crossing_aligned_us", True),
                 ("crossing_aligned_async_us", False),
             ):
-                crossing.SYNC_LAST = sync_last
+                crossing.set_sync_copy(sync_last)
                 row[label] = _timed(
                     lambda s=src, d=dst: ffi_copy(s, 1, d), gpu_dev.sync, args.repeat
                 )
-            crossing.SYNC_LAST = default_sync_last
+            crossing.set_sync_copy(default_sync_last)
+            row["python_aligned_us"] = _timed(
+                lambda s=src, d=dst: python_copy(s, 1, d), gpu_dev.sync, args.repeat
+            )
             src, dst = pairs["ragged"]
             for label, bounce in (("crossing_bounce_us", True), ("crossing_no_bounce_us", False)):
                 crossing.BOUNCE.enabled = bounce
@@ -101,20 +110,22 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join(["scripts/bench_crossing.py", *(argv or sys.argv[1:])]),
             "gpu": gpu_dev.device_name,
             "tvm": tvm.__version__,
+            "registered_copy": "C" if crossing.NATIVE else "Python",
         },
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "crossing.json").write_text(json.dumps(result, indent=2))
     print(
-        "| bytes | dir | pinned µs | crossing aligned | aligned, async + sync "
-        "| ragged, bounce | ragged, no bounce |"
+        "| bytes | dir | pinned µs | crossing aligned, sync copy | aligned, async + sync "
+        "| Python, aligned | ragged, bounce | ragged, no bounce |"
     )
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(
             f"| {r['bytes']} | {r['direction']} | {r['pinned_us']:.1f} | "
             f"{r['crossing_aligned_us']:.1f} | {r['crossing_aligned_async_us']:.1f} | "
+            f"{r['python_aligned_us']:.1f} | "
             f"{r['crossing_bounce_us']:.1f} | "
             f"{r['crossing_no_bounce_us']:.1f} |"
         )

@@ -279,6 +279,29 @@ def without_bounce(model, x, repeat: int, warmup: int, cache: dict) -> dict:
         crossing._PLANS.clear()
 
 
+def with_python_crossings(artifact: str, x, repeat: int, warmup: int, cache: dict) -> dict:
+    """Median, ideal and crossing cost of the artifact loaded again with the Python crossing
+    copy registered instead of the C one, in the same process: the A/B of the C copy."""
+    import tvm
+
+    import mulayer
+    from mulayer.runtime import crossing
+
+    registered = tvm.get_global_func(crossing.COPY_FUNC)
+    tvm.register_global_func(crossing.COPY_FUNC, crossing.copy, override=True)
+    try:
+        model = mulayer.load(artifact)  # the VM looks its functions up when it is loaded
+        timing = model.benchmark(x, repeat=repeat, warmup=warmup)
+        measured = ideal(model, x)
+        return {
+            "median_ms": timing.median_ms,
+            "ideal_ms": measured["ideal_us"] / 1e3,
+            **crossing_cost(measured["items"], cache),
+        }
+    finally:
+        tvm.register_global_func(crossing.COPY_FUNC, registered, override=True)
+
+
 def measure(
     record: dict,
     model_path: Path,
@@ -287,6 +310,7 @@ def measure(
     traces: Path,
     cache,
     bounce_ab: bool = False,
+    python_ab: bool = False,
 ) -> dict:
     import mulayer
     from mulayer.models.reference import max_rel_error, onnxruntime_outputs
@@ -318,6 +342,10 @@ def measure(
     row.update(crossing_cost(items, cache))
     if bounce_ab:
         row["no_bounce"] = without_bounce(model, x, repeat, warmup, cache)
+    if python_ab:
+        row["python_crossings"] = with_python_crossings(
+            record["artifact"], x, repeat, warmup, cache
+        )
     trace, summary = model.trace(x, warmup=2)
     name = f"{Path(model_path).stem}_{record['variant']}.json"
     (traces / name).write_text(json.dumps(trace))
@@ -343,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         "--bounce-ab",
         action="store_true",
         help="measure each split plan again with MULAYER_CROSSING_BOUNCE=0 (row key no_bounce)",
+    )
+    parser.add_argument(
+        "--python-ab",
+        action="store_true",
+        help="measure each split plan again with the Python crossing copy (row key "
+        "python_crossings)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-executor"))
     args = parser.parse_args(argv)
@@ -414,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                         traces,
                         cache,
                         args.bounce_ab,
+                        args.python_ab,
                     )
                 except Exception as err:  # report and go on
                     record["error"] = f"{type(err).__name__}: {err}"[:300]
@@ -430,28 +465,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _ab(row: dict, key: str) -> str:
+    """``median ms, crossing / pinned`` of an A/B measurement, or nothing."""
+    other = row.get(key, {})
+    if "crossing_over_pinned" not in other:
+        return ""
+    return f"{other['median_ms']:.3f}, {other['crossing_over_pinned']:.2f}"
+
+
 def markdown(result: dict) -> str:
     lines = [
-        "| model | variant | median ms | ideal ms | ideal/median | crossing / pinned "
-        "| no bounce: median ms, crossing / pinned | rel err |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | variant | median ms | ideal ms | ideal/median | crossing / pinned (net) "
+        "| no bounce: median ms, crossing / pinned | Python copy: median ms, crossing / pinned "
+        "| rel err |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in result["rows"]:
         if "median_ms" not in r:
-            lines.append(f"| {r['model']} | {r['variant']} | failed: {r.get('error', '?')} |||||")
+            lines.append(f"| {r['model']} | {r['variant']} | failed: {r.get('error', '?')} ||||||")
             continue
         ideal_ms = f"{r['ideal_ms']:.3f}" if "ideal_ms" in r else ""
         ratio = f"{r['ideal_over_median']:.2f}" if "ideal_over_median" in r else ""
-        cross = f"{r['crossing_over_pinned']:.2f}" if "crossing_over_pinned" in r else ""
-        plain = r.get("no_bounce", {})
-        ab = (
-            f"{plain['median_ms']:.3f}, {plain['crossing_over_pinned']:.2f}"
-            if "crossing_over_pinned" in plain
+        cross = (
+            f"{r['crossing_over_pinned']:.2f} ({r['crossing_net_over_pinned']:.2f})"
+            if "crossing_over_pinned" in r
             else ""
         )
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['median_ms']:.3f} | {ideal_ms} | {ratio} | "
-            f"{cross} | {ab} | {r['rel_error']:.2e} |"
+            f"{cross} | {_ab(r, 'no_bounce')} | {_ab(r, 'python_crossings')} | "
+            f"{r['rel_error']:.2e} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -2,7 +2,6 @@
 crossings staged into planned buffers. Structure is checked on CUDA modules compiled here
 (no GPU needed); numerics on the llvm + llvm stand-in (and ``gpu``-marked on a real GPU)."""
 
-import ctypes
 import re
 import warnings
 
@@ -20,6 +19,8 @@ from mulayer.passes.pipeline import cooperative_passes, lower_two_device, vm_low
 from mulayer.passes.stage_crossings import COPY_FUNC, PIN_WHOLE_PAGES
 
 from .conftest import max_rel_error, onnxruntime_reference, outputs_from_threads
+from .crossing_fakes import FakeDriver as _FakeDriver
+from .crossing_fakes import MemoryDriver as _MemoryDriver
 from .test_cooperative import FP16_TOLERANCE
 
 CUDA = {"kind": "cuda", "arch": "sm_90"}
@@ -217,25 +218,6 @@ def test_crossing_copy_waits_on_the_gpu_and_pins_the_host_side(monkeypatch):
     assert [c[0] for c in calls] == ["wait"]
 
 
-class _FakeDriver:
-    """cuMemHostRegister/Unregister on a page table: refuses to lock a page twice, as CUDA does."""
-
-    def __init__(self) -> None:
-        self.locked: dict[int, int] = {}  # range start -> end
-        self.refuse = False
-
-    def cuMemHostRegister_v2(self, start: int, size: int, _flags: int) -> int:
-        if self.refuse:
-            return 2  # CUDA_ERROR_OUT_OF_MEMORY
-        if any(s < start + size and start < e for s, e in self.locked.items()):
-            return 712  # CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED
-        self.locked[start] = start + size
-        return 0
-
-    def cuMemHostUnregister(self, start: int) -> int:
-        return 0 if self.locked.pop(start, None) is not None else 713
-
-
 def test_pinned_ranges_hold_only_whole_pages_of_the_buffers(monkeypatch):
     """Aliasing and page-sharing buffers: registrations are disjoint, page-aligned, merged where
     they meet, and hold only pages lying wholly inside the buffers (a page shared with memory
@@ -370,50 +352,6 @@ def test_crossing_copy_goes_straight_to_the_driver_and_caches_its_plan(monkeypat
     monkeypatch.setattr(crossing, "_copy_in_pieces", lambda *a: tvm_calls.append("pieces"))
     crossing.copy(gpu, 0, host)
     assert tvm_calls == ["pieces", "wait"]
-
-
-class _MemoryDriver(_FakeDriver):
-    """A CUDA driver on host memory: "device" pointers are host addresses too; async copies run
-    at the stream sync (so a bounce page read before the sync holds stale bytes), and a copy
-    whose host bytes meet a registration without lying inside it is refused, as CUDA does."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.queue: list[tuple[int, int, int]] = []
-        self.copies: list[tuple[int, int]] = []  # host side of every async copy
-
-    def _inside_or_outside(self, host: int, size: int) -> bool:
-        meets = [(s, e) for s, e in self.locked.items() if s < host + size and host < e]
-        return not meets or any(s <= host and host + size <= e for s, e in meets)
-
-    def _enqueue(self, dst: int, src: int, host: int, size: int) -> int:
-        if not self._inside_or_outside(host, size):
-            return 1  # CUDA_ERROR_INVALID_VALUE
-        self.copies.append((host, size))
-        self.queue.append((dst, src, size))
-        return 0
-
-    def cuMemcpyDtoHAsync_v2(self, host, dev, size, _stream):
-        return self._enqueue(host, dev, host, size)
-
-    def cuMemcpyHtoDAsync_v2(self, dev, host, size, _stream):
-        return self._enqueue(dev, host, host, size)
-
-    def cuStreamSynchronize(self, _stream):
-        for dst, src, size in self.queue:
-            ctypes.memmove(dst, src, size)
-        self.queue.clear()
-        return 0
-
-    def _synchronous(self, dst: int, src: int, host: int, size: int) -> int:
-        status = self._enqueue(dst, src, host, size)  # after the queued copies, then waits
-        return status or self.cuStreamSynchronize(None)
-
-    def cuMemcpyDtoH_v2(self, host, dev, size):
-        return self._synchronous(host, dev, host, size)
-
-    def cuMemcpyHtoD_v2(self, dev, host, size):
-        return self._synchronous(dev, host, host, size)
 
 
 class _HostArray:

@@ -48,12 +48,16 @@ straight to the driver (pageable) instead of through the bounce pages. Importing
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
 import threading
 
 import tvm
+
+from .native_crossing import NativeCopy
+from .native_crossing import load as load_native
 
 COPY_FUNC = "mulayer.crossing.copy"  # also in mulayer.passes.stage_crossings
 PIN_WHOLE_PAGES = 2  # the pin flag of a buffer whose storage is whole pages (stage_crossings)
@@ -80,8 +84,9 @@ _DRIVER_SIGNATURES = {
 class _Pinner:
     """Page-locks host buffers as disjoint page ranges (CUDA driver API); a no-op without CUDA."""
 
-    def __init__(self) -> None:
+    def __init__(self, native: NativeCopy | None = None) -> None:
         self.lock = threading.RLock()  # held around every GPU crossing: no copy sees a merge
+        self.native = native  # told of every change to the ranges (it copies inside them)
         self.ranges: list[tuple[int, int]] = []  # page-locked [start, end), disjoint, sorted
         self._driver = None
         self._tried = False
@@ -128,17 +133,24 @@ class _Pinner:
             driver = self._load() if self.enabled else None
             if driver is None:
                 return False
-            met = [(s, e) for s, e in self.ranges if s < end and start < e]
-            merged = (min([start, *(s for s, _ in met)]), max([end, *(e for _, e in met)]))
-            for s, _ in met:
-                driver.cuMemHostUnregister(s)
-            if driver.cuMemHostRegister_v2(merged[0], merged[1] - merged[0], 0) != 0:
-                for s, e in met:  # put the old ranges back (they were valid)
-                    driver.cuMemHostRegister_v2(s, e - s, 0)
-                return False
-            self.ranges = sorted([r for r in self.ranges if r not in met] + [merged])
-            self.pinned_bytes = sum(e - s for s, e in self.ranges)
-            return True
+            with self.native.locked() if self.native else contextlib.nullcontext():
+                return self._merge(driver, start, end)
+
+    def _merge(self, driver, start: int, end: int) -> bool:
+        """Lock ``[start, end)`` as one range with the ranges it meets (theirs released first)."""
+        met = [(s, e) for s, e in self.ranges if s < end and start < e]
+        merged = (min([start, *(s for s, _ in met)]), max([end, *(e for _, e in met)]))
+        for s, _ in met:
+            driver.cuMemHostUnregister(s)
+        if driver.cuMemHostRegister_v2(merged[0], merged[1] - merged[0], 0) != 0:
+            for s, e in met:  # put the old ranges back (they were valid)
+                driver.cuMemHostRegister_v2(s, e - s, 0)
+            return False
+        self.ranges = sorted([r for r in self.ranges if r not in met] + [merged])
+        self.pinned_bytes = sum(e - s for s, e in self.ranges)
+        if self.native:
+            self.native.publish(self.ranges)
+        return True
 
     def pieces(self, ptr: int, size: int) -> list[tuple[int, int]]:
         """``[ptr, ptr + size)`` cut at the edges of the ranges it meets, as ``(offset, size)``
@@ -165,7 +177,8 @@ def _nbytes(tensor) -> int:
     return count * _ITEMSIZE[dtype]
 
 
-PINNER = _Pinner()
+NATIVE = load_native()  # the copy's common path in C (None: every crossing runs in Python)
+PINNER = _Pinner(NATIVE)
 _copy_from_to = tvm.get_global_func("runtime.TVMTensorCopyFromTo")
 _stream_sync = tvm.get_global_func("runtime.Device_StreamSync")
 
@@ -204,6 +217,16 @@ class _Bounce:
 BOUNCE = _Bounce()
 # Off by default until measured on a GPU (scripts/bench_crossing.py times both ways).
 SYNC_LAST = os.environ.get("MULAYER_CROSSING_SYNC_COPY", "0") == "1"
+
+
+def set_sync_copy(on: bool) -> None:
+    """``MULAYER_CROSSING_SYNC_COPY`` at run time: a crossing's last piece (its only one, in
+    C) a synchronous copy instead of an asynchronous one and a stream sync."""
+    global SYNC_LAST
+    SYNC_LAST = on
+    if NATIVE:
+        NATIVE.set_sync_copy(on)
+
 
 # A crossing's steps: (offset, size, bounce page or 0 for a DMA straight from/to the buffer).
 Steps = list[tuple[int, int, int]]
@@ -335,9 +358,18 @@ def page_locked_host(nbytes: int):
 
 
 def register() -> None:
-    """Register :func:`copy` as ``mulayer.crossing.copy`` (idempotent)."""
-    if tvm.get_global_func(COPY_FUNC, allow_missing=True) is None:
+    """Register ``mulayer.crossing.copy`` (idempotent): the C copy with :func:`copy` as its
+    fallback where it was built, else :func:`copy`."""
+    if tvm.get_global_func(COPY_FUNC, allow_missing=True) is not None:
+        return
+    if NATIVE is None:
         tvm.register_global_func(COPY_FUNC, copy)
+        return
+    driver = PINNER.driver() if PINNER.enabled else None
+    NATIVE.set_driver(driver)
+    NATIVE.set_sync_copy(SYNC_LAST)
+    NATIVE.set_fallback(copy)
+    tvm.register_global_func(COPY_FUNC, NATIVE.function)
 
 
 register()

@@ -1,0 +1,156 @@
+/* mulayer.crossing.copy without Python on its common path (see native_crossing.py).
+ *
+ * The VM calls copy(src, pin, dst) for every crossing. Where one side is a host buffer lying
+ * wholly inside one page-locked range and the other a CUDA tensor, the copy is issued here,
+ * straight to the CUDA driver on the default stream, and waited for: one asynchronous DMA and a
+ * stream sync (or, with sync_copy set, one synchronous copy). Everything else (a buffer not
+ * locked yet or in pieces, host to host, a driver that refuses because this thread has no
+ * current context) goes to the fallback: the Python copy in crossing.py, which locks buffers,
+ * publishes the ranges here (under mulayer_crossing_lock) and handles every case.
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <tvm/ffi/c_api.h>
+
+typedef int (*dtoh_async_fn)(void *host, uint64_t device, size_t size, void *stream);
+typedef int (*htod_async_fn)(uint64_t device, const void *host, size_t size, void *stream);
+typedef int (*dtoh_fn)(void *host, uint64_t device, size_t size);
+typedef int (*htod_fn)(uint64_t device, const void *host, size_t size);
+typedef int (*sync_fn)(void *stream);
+
+static struct {
+  dtoh_async_fn dtoh_async;
+  htod_async_fn htod_async;
+  dtoh_fn dtoh;
+  htod_fn htod;
+  sync_fn sync;
+} driver;
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static uint64_t *ranges;  /* page-locked [start, end) pairs, disjoint, sorted by start */
+static int64_t range_count;
+static int sync_copy;
+static TVMFFIObjectHandle fallback;
+static uint64_t fast_calls, fallback_calls;
+
+void mulayer_crossing_set_driver(void *dtoh_async, void *htod_async, void *dtoh, void *htod,
+                                 void *sync) {
+  pthread_mutex_lock(&lock);
+  driver.dtoh_async = (dtoh_async_fn)dtoh_async;
+  driver.htod_async = (htod_async_fn)htod_async;
+  driver.dtoh = (dtoh_fn)dtoh;
+  driver.htod = (htod_fn)htod;
+  driver.sync = (sync_fn)sync;
+  pthread_mutex_unlock(&lock);
+}
+
+void mulayer_crossing_set_sync_copy(int on) { sync_copy = on; }
+
+/* Hold while the page-locked ranges change (no copy runs on a range being re-registered). */
+void mulayer_crossing_lock(void) { pthread_mutex_lock(&lock); }
+void mulayer_crossing_unlock(void) { pthread_mutex_unlock(&lock); }
+
+/* The ranges as `count` (start, end) pairs; call with the lock held. 0, or -1 out of memory. */
+int mulayer_crossing_set_ranges(const uint64_t *pairs, int64_t count) {
+  uint64_t *copy = count ? malloc(sizeof(uint64_t) * 2 * count) : NULL;
+  if (count && !copy) return -1;
+  if (count) memcpy(copy, pairs, sizeof(uint64_t) * 2 * count);
+  free(ranges);
+  ranges = copy;
+  range_count = count;
+  return 0;
+}
+
+/* The function a call this file does not handle goes to (a strong reference is kept). */
+int mulayer_crossing_set_fallback(TVMFFIObjectHandle function) {
+  if (function && TVMFFIObjectIncRef(function) != 0) return -1;
+  pthread_mutex_lock(&lock);
+  TVMFFIObjectHandle old = fallback;
+  fallback = function;
+  pthread_mutex_unlock(&lock);
+  return old ? TVMFFIObjectDecRef(old) : 0;
+}
+
+void mulayer_crossing_counts(uint64_t *out) {
+  out[0] = __atomic_load_n(&fast_calls, __ATOMIC_RELAXED);
+  out[1] = __atomic_load_n(&fallback_calls, __ATOMIC_RELAXED);
+}
+
+static DLTensor *as_tensor(const TVMFFIAny *value) {
+  if (value->type_index == kTVMFFIDLTensorPtr) return (DLTensor *)value->v_ptr;
+  if (value->type_index == kTVMFFITensor) return (DLTensor *)((char *)value->v_obj + sizeof(TVMFFIObject));
+  return NULL;
+}
+
+/* Bytes of a compact tensor, or 0 where it is strided. */
+static uint64_t compact_bytes(const DLTensor *t) {
+  uint64_t count = 1, expected = 1;
+  for (int i = t->ndim - 1; i >= 0; --i) {
+    if (t->strides && t->shape[i] != 1 && (uint64_t)t->strides[i] != expected) return 0;
+    expected *= (uint64_t)t->shape[i];
+    count *= (uint64_t)t->shape[i];
+  }
+  return count * ((t->dtype.bits * (uint64_t)t->dtype.lanes + 7) / 8);
+}
+
+static int is_host(const DLTensor *t) {
+  return t->device.device_type == kDLCPU || t->device.device_type == kDLCUDAHost;
+}
+
+/* Inside one page-locked range; call with the lock held. */
+static int covered(uint64_t start, uint64_t size) {
+  int64_t lo = 0, hi = range_count;  /* the last range starting at or before `start` */
+  while (lo < hi) {
+    int64_t mid = (lo + hi) / 2;
+    if (ranges[2 * mid] <= start) lo = mid + 1; else hi = mid;
+  }
+  return lo > 0 && start + size <= ranges[2 * (lo - 1) + 1];
+}
+
+/* 1 where the copy was done here; 0 where it is the fallback's. */
+static int copy_here(const TVMFFIAny *args, int32_t num_args) {
+  if (num_args != 3 || !driver.sync) return 0;
+  DLTensor *src = as_tensor(&args[0]), *dst = as_tensor(&args[2]);
+  if (!src || !dst) return 0;
+  int to_host = is_host(dst);
+  if (is_host(src) == to_host) return 0;
+  DLTensor *host = to_host ? dst : src, *gpu = to_host ? src : dst;
+  if (gpu->device.device_type != kDLCUDA) return 0;
+  uint64_t size = compact_bytes(src);
+  if (!size || size != compact_bytes(dst)) return 0;
+  char *host_ptr = (char *)host->data + host->byte_offset;
+  uint64_t gpu_ptr = (uint64_t)(uintptr_t)gpu->data + gpu->byte_offset;
+  int status;
+  pthread_mutex_lock(&lock);
+  if (!covered((uint64_t)(uintptr_t)host_ptr, size)) {
+    pthread_mutex_unlock(&lock);
+    return 0;
+  }
+  if (sync_copy)
+    status = to_host ? driver.dtoh(host_ptr, gpu_ptr, size) : driver.htod(gpu_ptr, host_ptr, size);
+  else
+    status = to_host ? driver.dtoh_async(host_ptr, gpu_ptr, size, NULL)
+                     : driver.htod_async(gpu_ptr, host_ptr, size, NULL);
+  if (status == 0 && !sync_copy) status = driver.sync(NULL);
+  pthread_mutex_unlock(&lock);
+  return status == 0;  /* refused (no current context here): the fallback copies it again */
+}
+
+int __tvm_ffi_copy(void *self, const TVMFFIAny *args, int32_t num_args, TVMFFIAny *result) {
+  (void)self;
+  if (copy_here(args, num_args)) {
+    __atomic_fetch_add(&fast_calls, 1, __ATOMIC_RELAXED);
+    result->type_index = kTVMFFINone;
+    result->zero_padding = 0;
+    result->v_int64 = 0;
+    return 0;
+  }
+  __atomic_fetch_add(&fallback_calls, 1, __ATOMIC_RELAXED);
+  if (!fallback) {
+    TVMFFIErrorSetRaisedFromCStr("RuntimeError", "mulayer.crossing.copy: no fallback set");
+    return -1;
+  }
+  return TVMFFIFunctionCall(fallback, (TVMFFIAny *)args, num_args, result);
+}

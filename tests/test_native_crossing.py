@@ -1,0 +1,151 @@
+"""Issue 16: the crossing copy's common path in C (``crossing_copy.c``), run on a CUDA driver
+made of host memory (no GPU here): the bytes, which path took the call, and the fallback."""
+
+import numpy as np
+import pytest
+import tvm
+
+from mulayer.runtime import crossing, native_crossing
+
+from .crossing_fakes import CallbackDriver, MemoryDriver, tensor_on
+
+pytestmark = pytest.mark.skipif(crossing.NATIVE is None, reason="no C compiler here")
+PAGE = 4096
+HOST, CUDA = 1, 2
+
+
+@pytest.fixture
+def native(monkeypatch):
+    """The loaded native copy on a ``MemoryDriver`` (through C callbacks), with a fresh pinner
+    that publishes its ranges to it; the real driver and ranges are put back afterwards."""
+    real = crossing.PINNER
+    driver = MemoryDriver()
+    pinner = crossing._Pinner(crossing.NATIVE)
+    monkeypatch.setattr(pinner, "_load", lambda: driver)
+    monkeypatch.setattr(pinner, "enabled", True)
+    monkeypatch.setattr(crossing, "PINNER", pinner)
+    monkeypatch.setattr(crossing, "BOUNCE", crossing._Bounce())
+    monkeypatch.setattr(crossing, "_PLANS", {})
+    callbacks = CallbackDriver(driver)
+    crossing.NATIVE.set_driver(callbacks)
+    sync_copy = crossing.SYNC_LAST
+    crossing.set_sync_copy(False)
+    yield driver, callbacks
+    crossing.NATIVE.set_driver(real.driver() if real.enabled else None)
+    crossing.set_sync_copy(sync_copy)
+    with crossing.NATIVE.locked():
+        crossing.NATIVE.publish(real.ranges)
+
+
+def _pages(count: int, offset: int = 0) -> np.ndarray:
+    """``count`` pages of fresh random bytes starting ``offset`` bytes into a page."""
+    arena = np.zeros((count + 2) * PAGE, np.uint8)
+    start = -arena.ctypes.data % PAGE + offset
+    view = arena[start : start + count * PAGE]
+    view[:] = np.random.default_rng().integers(0, 256, view.size, dtype=np.uint8)
+    return view
+
+
+def _counts_after(call) -> tuple[int, int]:
+    before = crossing.NATIVE.counts()
+    call()
+    after = crossing.NATIVE.counts()
+    return after[0] - before[0], after[1] - before[1]
+
+
+def test_the_vm_calls_the_native_copy():
+    registered = tvm.get_global_func(crossing.COPY_FUNC)
+    assert registered.same_as(crossing.NATIVE.function)
+
+
+def test_a_locked_buffer_is_copied_in_c_both_ways(native):
+    driver, callbacks = native
+    copy = tvm.get_global_func(crossing.COPY_FUNC)
+    host, gpu = _pages(3), _pages(3)
+    assert crossing.PINNER.pin_range(host.ctypes.data, host.size)
+    expected = gpu.copy()
+    assert _counts_after(lambda: copy(tensor_on(gpu, CUDA), 2, tensor_on(host, HOST))) == (1, 0)
+    assert np.array_equal(host, expected)
+    assert callbacks.calls == ["cuMemcpyDtoHAsync_v2", "cuStreamSynchronize"]
+    assert driver.copies == [(host.ctypes.data, host.size)] and not driver.queue
+
+    host[:] = np.random.default_rng().integers(0, 256, host.size, dtype=np.uint8)
+    callbacks.calls.clear()
+    assert _counts_after(lambda: copy(tensor_on(host, HOST), 2, tensor_on(gpu, CUDA))) == (1, 0)
+    assert np.array_equal(gpu, host)
+    assert callbacks.calls == ["cuMemcpyHtoDAsync_v2", "cuStreamSynchronize"]
+
+
+def test_sync_copy_is_one_synchronous_call(native):
+    _, callbacks = native
+    crossing.set_sync_copy(True)
+    host, gpu = _pages(2), _pages(2)
+    assert crossing.PINNER.pin_range(host.ctypes.data, host.size)
+    copy = tvm.get_global_func(crossing.COPY_FUNC)
+    assert _counts_after(lambda: copy(tensor_on(gpu, CUDA), 2, tensor_on(host, HOST))) == (1, 0)
+    assert np.array_equal(host, gpu)
+    assert callbacks.calls == ["cuMemcpyDtoH_v2"]
+
+
+def test_a_buffer_outside_the_locked_ranges_goes_to_python(native):
+    """Not locked (the caller's tensor, pin 0) or only partly locked (a ragged buffer): the
+    Python copy takes it (in pieces, through bounce pages) and every byte arrives."""
+    copy = tvm.get_global_func(crossing.COPY_FUNC)
+    callers, gpu = _pages(2), _pages(2)
+    assert _counts_after(lambda: copy(tensor_on(gpu, CUDA), 0, tensor_on(callers, HOST))) == (0, 1)
+    assert np.array_equal(callers, gpu)
+
+    ragged = _pages(4, offset=64)[: 3 * PAGE]  # starts and ends inside pages
+    gpu = _pages(3)
+    assert _counts_after(lambda: copy(tensor_on(gpu, CUDA), 1, tensor_on(ragged, HOST))) == (0, 1)
+    assert np.array_equal(ragged, gpu)
+    # The Python copy locked its whole pages; its partial pages keep it off the C path.
+    assert crossing.PINNER.covers(-(-ragged.ctypes.data // PAGE) * PAGE, PAGE)
+    assert _counts_after(lambda: copy(tensor_on(gpu, CUDA), 1, tensor_on(ragged, HOST))) == (0, 1)
+
+
+def test_a_refused_copy_is_done_again_by_python(native):
+    """The driver refuses the C side's copy (no current context on this thread): the Python
+    copy runs it, and the bytes arrive."""
+    driver, _ = native
+    refusals = []
+    original = driver.cuMemcpyDtoHAsync_v2
+
+    def refuse_once(*args):
+        if not refusals:
+            refusals.append(args)
+            return 201  # CUDA_ERROR_INVALID_CONTEXT
+        return original(*args)
+
+    driver.cuMemcpyDtoHAsync_v2 = refuse_once
+    host, gpu = _pages(2), _pages(2)
+    assert crossing.PINNER.pin_range(host.ctypes.data, host.size)
+    copy = tvm.get_global_func(crossing.COPY_FUNC)
+    assert _counts_after(lambda: copy(tensor_on(gpu, CUDA), 2, tensor_on(host, HOST))) == (0, 1)
+    assert len(refusals) == 1 and np.array_equal(host, gpu)
+
+
+def test_a_merge_republishes_the_ranges(native):
+    """Two aliasing buffers (the memory plan shares storage) locked one after the other are
+    merged into one range, in C too: a copy of their union is copied in C."""
+    copy = tvm.get_global_func(crossing.COPY_FUNC)
+    both, gpu = _pages(4), _pages(4)
+    first, second = both[: 3 * PAGE], both[PAGE:]
+    assert crossing.PINNER.pin_range(first.ctypes.data, first.size)
+    assert crossing.PINNER.pin_range(second.ctypes.data, second.size)
+    assert _counts_after(lambda: copy(tensor_on(gpu, CUDA), 2, tensor_on(both, HOST))) == (1, 0)
+    assert np.array_equal(both, gpu)
+
+
+def test_a_failed_build_says_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(native_crossing.shutil, "which", lambda _name: None)
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        native_crossing.build(tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_build_is_cached_and_written_whole(tmp_path):
+    first = native_crossing.build(tmp_path)
+    assert native_crossing.build(tmp_path) == first
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
