@@ -319,9 +319,15 @@ def measure(
     x = model.random_inputs(seed=0)
     out = list(model(x).values())[0]
     ref = onnxruntime_outputs(model_path, x)[0]
+    from mulayer.runtime import crossing
+
+    before = crossing.NATIVE.counts() if crossing.NATIVE else (0, 0)
     timing = model.benchmark(x, repeat=repeat, warmup=warmup)
+    after = crossing.NATIVE.counts() if crossing.NATIVE else (0, 0)
     row = {
         **{k: v for k, v in record.items() if k != "artifact"},
+        # Crossing calls during the timed calls: copied in C, handed to the Python copy.
+        "crossings_c_python": [after[0] - before[0], after[1] - before[1]],
         "median_ms": timing.median_ms,
         "min_ms": timing.min_ms,
         "rel_error": max_rel_error(out, ref),

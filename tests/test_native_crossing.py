@@ -88,20 +88,41 @@ def test_sync_copy_is_one_synchronous_call(native):
 
 
 def test_a_buffer_outside_the_locked_ranges_goes_to_python(native):
-    """Not locked (the caller's tensor, pin 0) or only partly locked (a ragged buffer): the
-    Python copy takes it (in pieces, through bounce pages) and every byte arrives."""
+    """Not locked (the caller's tensor, pin 0): the Python copy takes it, every time."""
     copy = tvm.get_global_func(crossing.COPY_FUNC)
     callers, gpu = _pages(2), _pages(2)
-    assert _counts_after(lambda: copy(tensor_on(gpu, CUDA), 0, tensor_on(callers, HOST))) == (0, 1)
-    assert np.array_equal(callers, gpu)
+    for _ in range(2):
+        args = (tensor_on(gpu, CUDA), 0, tensor_on(callers, HOST))
+        assert _counts_after(lambda a=args: copy(*a)) == (0, 1)
+        assert np.array_equal(callers, gpu)
 
-    ragged = _pages(4, offset=64)[: 3 * PAGE]  # starts and ends inside pages
+
+@pytest.mark.parametrize("to_host", [True, False])
+def test_a_ragged_buffer_is_planned_by_python_then_copied_in_c(native, to_host):
+    """A buffer that starts and ends inside pages (a storage the pooled allocator handed back
+    unaligned): the first copy is Python's, which locks its whole pages and publishes its plan
+    (partial pages through bounce pages); later copies run that plan in C. Every byte arrives,
+    both ways."""
+    driver, callbacks = native
+    copy = tvm.get_global_func(crossing.COPY_FUNC)
+    ragged = _pages(4, offset=64)[: 3 * PAGE]
     gpu = _pages(3)
-    assert _counts_after(lambda: copy(tensor_on(gpu, CUDA), 1, tensor_on(ragged, HOST))) == (0, 1)
-    assert np.array_equal(ragged, gpu)
-    # The Python copy locked its whole pages; its partial pages keep it off the C path.
-    assert crossing.PINNER.covers(-(-ragged.ctypes.data // PAGE) * PAGE, PAGE)
-    assert _counts_after(lambda: copy(tensor_on(gpu, CUDA), 1, tensor_on(ragged, HOST))) == (0, 1)
+    for expected_counts in ((0, 1), (1, 0)):
+        source, target = (gpu, ragged) if to_host else (ragged, gpu)
+        source[:] = np.random.default_rng().integers(0, 256, source.size, dtype=np.uint8)
+        driver.copies.clear()
+        callbacks.calls.clear()
+        args = (tensor_on(gpu, CUDA), 1, tensor_on(ragged, HOST))
+        if not to_host:
+            args = args[::-1]
+        assert _counts_after(lambda a=args: copy(*a)) == expected_counts
+        assert np.array_equal(target, source)
+    # In C: the locked middle in place, the partial first and last pages through bounce pages.
+    first_page = -(-ragged.ctypes.data // PAGE) * PAGE
+    bounce = set(crossing.BOUNCE.slots())
+    hosts = [host for host, _ in driver.copies]
+    assert len(hosts) == 3 and hosts[1] == first_page and {hosts[0], hosts[2]} <= bounce
+    assert callbacks.calls[-1] == "cuStreamSynchronize"
 
 
 def test_a_refused_copy_is_done_again_by_python(native):
@@ -149,3 +170,30 @@ def test_the_build_is_cached_and_written_whole(tmp_path):
     first = native_crossing.build(tmp_path)
     assert native_crossing.build(tmp_path) == first
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_threads_share_the_bounce_pages_safely(native):
+    """Threads copying their own ragged buffers at once, first through Python, then in C: the
+    bounce pages are shared, so both paths hold one lock; every byte arrives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    copy = tvm.get_global_func(crossing.COPY_FUNC)
+
+    def worker(seed: int) -> bool:
+        rng = np.random.default_rng(seed)
+        ragged, gpu = _pages(4, offset=64 * (1 + seed))[: 3 * PAGE - 8], _pages(3)[: 3 * PAGE - 8]
+        fine = True
+        for round_ in range(12):
+            to_host = round_ % 2 == 0
+            source = gpu if to_host else ragged
+            source[:] = rng.integers(0, 256, source.size, dtype=np.uint8)
+            args = (tensor_on(gpu, CUDA), 2, tensor_on(ragged, HOST))
+            copy(*(args if to_host else args[::-1]))
+            fine &= bool(np.array_equal(ragged, gpu))
+        return fine
+
+    before = crossing.NATIVE.counts()
+    with ThreadPoolExecutor(6) as pool:
+        assert all(pool.map(worker, range(6)))
+    after = crossing.NATIVE.counts()
+    assert after[0] > before[0] and after[1] > before[1]  # both paths ran

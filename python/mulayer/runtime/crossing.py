@@ -35,7 +35,12 @@ that function:
   (pin flag 2) are one piece: they start on a page and own the page of their last byte.
   Where the driver call fails (no current context on this thread yet) the copy goes through TVM
   (``TVMTensorCopyFromTo``) instead;
-- host to host (the llvm + llvm stand-in) is a ``memcpy``.
+- host to host (the llvm + llvm stand-in) is a ``memcpy``;
+- the function the VM calls is C where a C compiler is at hand
+  (:mod:`~mulayer.runtime.native_crossing`): a crossing whose host buffer lies inside one
+  page-locked range (every crossing of a planned buffer after its first) is one driver copy and
+  a stream sync with no Python; it hands every other call to :func:`copy` below, which locks
+  buffers and tells it the locked ranges.
 
 Page-locked ranges are never unregistered except to merge them: the VM takes its buffers from
 TVM's global pooled allocator, which keeps memory for the life of the process
@@ -266,7 +271,23 @@ def _plan(ptr: int, size: int, pin: int) -> tuple[Steps, bool]:
     settled = lock_settled and bounce_settled
     if settled:
         _PLANS[key] = (PINNER.ranges, steps)
+        _publish_plan(ptr, size, steps)
     return steps, settled
+
+
+def _publish_plan(ptr: int, size: int, steps: Steps) -> None:
+    """Hand a settled plan to the C copy where every step is a DMA it may issue: inside a
+    page-locked range or through a bounce page (a pageable piece stays with Python)."""
+    native = PINNER.native
+    in_dma = all(page or PINNER.covers(ptr + offset, piece) for offset, piece, page in steps)
+    if native is not None and in_dma and len(steps) > 1:  # one locked piece: C finds it itself
+        with native.locked():
+            native.set_plan(ptr, size, steps)
+
+
+def _native_locked():
+    """The C copy's lock (it shares the bounce pages), where there is a C copy."""
+    return PINNER.native.locked() if PINNER.native is not None else contextlib.nullcontext()
 
 
 def _driver_copy(host_ptr: int, gpu_ptr: int, steps: Steps, to_host: bool) -> bool:
@@ -319,7 +340,9 @@ def copy(src, *pin_and_dst) -> None:
     ptr, size = host.data_ptr(), _nbytes(host)
     with PINNER.lock:
         steps, settled = _plan(ptr, size, pin)
-        if not _driver_copy(ptr, gpu.data_ptr(), steps, to_host=dst_host):
+        with _native_locked():
+            copied = _driver_copy(ptr, gpu.data_ptr(), steps, to_host=dst_host)
+        if not copied:
             if len(steps) == 1:
                 _copy_from_to(src, dst)
             else:

@@ -1,12 +1,14 @@
 /* mulayer.crossing.copy without Python on its common path (see native_crossing.py).
  *
- * The VM calls copy(src, pin, dst) for every crossing. Where one side is a host buffer lying
- * wholly inside one page-locked range and the other a CUDA tensor, the copy is issued here,
- * straight to the CUDA driver on the default stream, and waited for: one asynchronous DMA and a
- * stream sync (or, with sync_copy set, one synchronous copy). Everything else (a buffer not
- * locked yet or in pieces, host to host, a driver that refuses because this thread has no
- * current context) goes to the fallback: the Python copy in crossing.py, which locks buffers,
- * publishes the ranges here (under mulayer_crossing_lock) and handles every case.
+ * The VM calls copy(src, pin, dst) for every crossing. Where one side is a CUDA tensor and the
+ * other a host buffer the Python side has published a plan for (its pieces: each a DMA inside a
+ * page-locked range or through a page-locked bounce page), or one lying wholly inside one
+ * page-locked range (one piece), the copy is issued here, straight to the CUDA driver on the
+ * default stream, and waited for: asynchronous DMAs and one stream sync (with sync_copy set, the
+ * last piece a synchronous copy instead). Everything else (a buffer not locked yet, host to
+ * host, a driver that refuses because this thread has no current context) goes to the
+ * fallback: the Python copy in crossing.py, which locks buffers, publishes ranges and plans
+ * here (under mulayer_crossing_lock) and handles every case.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -28,7 +30,21 @@ static struct {
   sync_fn sync;
 } driver;
 
+#define MAX_STEPS 8
+
+typedef struct {
+  uint64_t offset, size, bounce; /* bounce: a page-locked page of our own, or 0 (in place) */
+} step_t;
+
+typedef struct {
+  uint64_t ptr, size;
+  int64_t count;
+  step_t steps[MAX_STEPS];
+} plan_t;
+
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static plan_t *plans; /* sorted by (ptr, size) */
+static int64_t plan_count, plan_capacity;
 static uint64_t *ranges;  /* page-locked [start, end) pairs, disjoint, sorted by start */
 static int64_t range_count;
 static int sync_copy;
@@ -52,14 +68,57 @@ void mulayer_crossing_set_sync_copy(int on) { sync_copy = on; }
 void mulayer_crossing_lock(void) { pthread_mutex_lock(&lock); }
 void mulayer_crossing_unlock(void) { pthread_mutex_unlock(&lock); }
 
-/* The ranges as `count` (start, end) pairs; call with the lock held. 0, or -1 out of memory. */
+/* The ranges as `count` (start, end) pairs (the plans are dropped: they were worked out
+ * against the old ranges); call with the lock held. 0, or -1 out of memory. */
 int mulayer_crossing_set_ranges(const uint64_t *pairs, int64_t count) {
+  plan_count = 0;
   uint64_t *copy = count ? malloc(sizeof(uint64_t) * 2 * count) : NULL;
   if (count && !copy) return -1;
   if (count) memcpy(copy, pairs, sizeof(uint64_t) * 2 * count);
   free(ranges);
   ranges = copy;
   range_count = count;
+  return 0;
+}
+
+static int plan_before(const plan_t *plan, uint64_t ptr, uint64_t size) {
+  return plan->ptr < ptr || (plan->ptr == ptr && plan->size < size);
+}
+
+/* The first plan not before (ptr, size); call with the lock held. */
+static int64_t plan_index(uint64_t ptr, uint64_t size) {
+  int64_t lo = 0, hi = plan_count;
+  while (lo < hi) {
+    int64_t mid = (lo + hi) / 2;
+    if (plan_before(&plans[mid], ptr, size)) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+/* The plan of a host buffer's copy: `count` steps as (offset, size, bounce) triples (replaces
+ * an earlier one); call with the lock held. 0, -1 out of memory, -2 too many steps. */
+int mulayer_crossing_set_plan(uint64_t ptr, uint64_t size, const uint64_t *triples, int64_t count) {
+  if (count < 1 || count > MAX_STEPS) return -2;
+  int64_t at = plan_index(ptr, size);
+  if (at == plan_count || plans[at].ptr != ptr || plans[at].size != size) {
+    if (plan_count == plan_capacity) {
+      int64_t capacity = plan_capacity ? 2 * plan_capacity : 64;
+      plan_t *grown = realloc(plans, sizeof(plan_t) * capacity);
+      if (!grown) return -1;
+      plans = grown;
+      plan_capacity = capacity;
+    }
+    memmove(&plans[at + 1], &plans[at], sizeof(plan_t) * (plan_count - at));
+    plan_count++;
+  }
+  plans[at].ptr = ptr;
+  plans[at].size = size;
+  plans[at].count = count;
+  for (int64_t i = 0; i < count; ++i) {
+    plans[at].steps[i].offset = triples[3 * i];
+    plans[at].steps[i].size = triples[3 * i + 1];
+    plans[at].steps[i].bounce = triples[3 * i + 2];
+  }
   return 0;
 }
 
@@ -109,6 +168,35 @@ static int covered(uint64_t start, uint64_t size) {
   return lo > 0 && start + size <= ranges[2 * (lo - 1) + 1];
 }
 
+/* Issue a plan's steps and wait for them; call with the lock held (the bounce pages are
+ * shared). 1 when done, 0 where the driver refused. */
+static int run_steps(const plan_t *plan, char *host_ptr, uint64_t gpu_ptr, int to_host) {
+  int64_t last = sync_copy ? plan->count - 1 : -1;
+  for (int64_t i = 0; i < plan->count; ++i) {
+    const step_t *step = &plan->steps[i];
+    char *host = step->bounce ? (char *)(uintptr_t)step->bounce : host_ptr + step->offset;
+    uint64_t device = gpu_ptr + step->offset;
+    int status;
+    if (to_host) {
+      status = i == last ? driver.dtoh(host, device, step->size)
+                         : driver.dtoh_async(host, device, step->size, NULL);
+    } else {
+      if (step->bounce) memcpy(host, host_ptr + step->offset, step->size);
+      status = i == last ? driver.htod(device, host, step->size)
+                         : driver.htod_async(device, host, step->size, NULL);
+    }
+    if (status != 0) return 0;
+  }
+  if (last < 0 && driver.sync(NULL) != 0) return 0;
+  if (to_host) {
+    for (int64_t i = 0; i < plan->count; ++i) {
+      const step_t *step = &plan->steps[i];
+      if (step->bounce) memcpy(host_ptr + step->offset, (char *)(uintptr_t)step->bounce, step->size);
+    }
+  }
+  return 1;
+}
+
 /* 1 where the copy was done here; 0 where it is the fallback's. */
 static int copy_here(const TVMFFIAny *args, int32_t num_args) {
   if (num_args != 3 || !driver.sync) return 0;
@@ -121,21 +209,17 @@ static int copy_here(const TVMFFIAny *args, int32_t num_args) {
   uint64_t size = compact_bytes(src);
   if (!size || size != compact_bytes(dst)) return 0;
   char *host_ptr = (char *)host->data + host->byte_offset;
+  uint64_t address = (uint64_t)(uintptr_t)host_ptr;
   uint64_t gpu_ptr = (uint64_t)(uintptr_t)gpu->data + gpu->byte_offset;
-  int status;
   pthread_mutex_lock(&lock);
-  if (!covered((uint64_t)(uintptr_t)host_ptr, size)) {
-    pthread_mutex_unlock(&lock);
-    return 0;
-  }
-  if (sync_copy)
-    status = to_host ? driver.dtoh(host_ptr, gpu_ptr, size) : driver.htod(gpu_ptr, host_ptr, size);
-  else
-    status = to_host ? driver.dtoh_async(host_ptr, gpu_ptr, size, NULL)
-                     : driver.htod_async(gpu_ptr, host_ptr, size, NULL);
-  if (status == 0 && !sync_copy) status = driver.sync(NULL);
+  int64_t at = plan_index(address, size);
+  int planned = at < plan_count && plans[at].ptr == address && plans[at].size == size;
+  const plan_t *plan = planned ? &plans[at] : NULL;
+  plan_t whole = {address, size, 1, {{0, size, 0}}};
+  if (!plan && covered(address, size)) plan = &whole;
+  int done = plan && run_steps(plan, host_ptr, gpu_ptr, to_host);
   pthread_mutex_unlock(&lock);
-  return status == 0;  /* refused (no current context here): the fallback copies it again */
+  return done; /* refused (no current context here): the fallback copies it again */
 }
 
 int __tvm_ffi_copy(void *self, const TVMFFIAny *args, int32_t num_args, TVMFFIAny *result) {

@@ -1,15 +1,16 @@
 """The crossing copy's common path in C: ``crossing_copy.c``, built once per machine and cached.
 
 A crossing called through Python costs the VM's call into the interpreter plus the copy
-function's own Python, 5–12 µs per copy on the GPU machine: as much as the DMA of a small tensor.
+function's own Python, about 5.5 µs per copy on the GPU machine (docs/results.md, session 12):
+as much as the DMA of a small tensor.
 :func:`load` compiles ``crossing_copy.c`` with the system C compiler (``$CC``, else ``cc``)
 against tvm-ffi's C API, caches the library under ``$MULAYER_CACHE_DIR`` (default
 ``~/.cache/mulayer``; written under a temporary name, then renamed) and loads it. Its function
-handles the common crossing (a CUDA tensor and a host buffer lying inside one page-locked range:
-one DMA and a stream sync, no Python) and hands every other call to the Python copy
-(:func:`mulayer.runtime.crossing.copy`), which locks buffers and publishes the locked ranges
-here. Without a C compiler, or with ``MULAYER_NATIVE_CROSSING=0``, :func:`load` returns ``None``
-and crossings run in Python as before.
+handles the common crossing (a CUDA tensor and a host buffer lying inside one page-locked range,
+or one whose plan of pieces the Python copy published: DMAs and a stream sync, no Python) and
+hands every other call to the Python copy (:func:`mulayer.runtime.crossing.copy`), which locks
+buffers and publishes the locked ranges and the plans here. Without a C compiler, or with
+``MULAYER_NATIVE_CROSSING=0``, :func:`load` returns ``None`` and crossings run in Python.
 """
 
 from __future__ import annotations
@@ -112,6 +113,12 @@ class NativeCopy:
         self._lib.mulayer_crossing_set_sync_copy.argtypes = [ctypes.c_int]
         self._lib.mulayer_crossing_set_sync_copy.restype = None
         self._lib.mulayer_crossing_set_ranges.argtypes = [pointer, ctypes.c_int64]
+        self._lib.mulayer_crossing_set_plan.argtypes = [
+            ctypes.c_uint64,
+            ctypes.c_uint64,
+            pointer,
+            ctypes.c_int64,
+        ]
         self._lib.mulayer_crossing_set_fallback.argtypes = [pointer]
         self._lib.mulayer_crossing_counts.argtypes = [pointer]
         self._lib.mulayer_crossing_counts.restype = None
@@ -155,6 +162,17 @@ class NativeCopy:
         flat = (ctypes.c_uint64 * (2 * len(ranges)))(*[edge for r in ranges for edge in r])
         if self._lib.mulayer_crossing_set_ranges(flat, len(ranges)) != 0:
             raise MemoryError("mulayer_crossing_set_ranges")
+
+    def set_plan(self, ptr: int, size: int, steps: list[tuple[int, int, int]]) -> bool:
+        """The steps ``(offset, size, bounce page or 0)`` of the copy of the host buffer
+        ``[ptr, ptr + size)``, each a DMA inside a page-locked range or through a bounce page;
+        call inside :meth:`locked` (dropped when the ranges change). False where there are too
+        many steps (the Python copy keeps the buffer)."""
+        flat = (ctypes.c_uint64 * (3 * len(steps)))(*[v for step in steps for v in step])
+        status = self._lib.mulayer_crossing_set_plan(ptr, size, flat, len(steps))
+        if status == -1:
+            raise MemoryError("mulayer_crossing_set_plan")
+        return status == 0
 
     def counts(self) -> tuple[int, int]:
         """(calls copied in C, calls handed to the fallback) since the library was loaded."""
