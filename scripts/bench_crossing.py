@@ -96,12 +96,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             src, dst = pairs["ragged"]
             for label, bounce in (("crossing_bounce_us", True), ("crossing_no_bounce_us", False)):
-                crossing.BOUNCE.enabled = bounce
-                crossing._PLANS.clear()
+                crossing.set_bounce(bounce)
                 row[label] = _timed(
                     lambda s=src, d=dst: ffi_copy(s, 1, d), gpu_dev.sync, args.repeat
                 )
-            crossing.BOUNCE.enabled = default_bounce
+            crossing.set_bounce(default_bounce)
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {

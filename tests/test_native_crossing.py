@@ -197,3 +197,22 @@ def test_threads_share_the_bounce_pages_safely(native):
         assert all(pool.map(worker, range(6)))
     after = crossing.NATIVE.counts()
     assert after[0] > before[0] and after[1] > before[1]  # both paths ran
+
+
+def test_turning_bounce_off_drops_the_plans_in_c(native, monkeypatch):
+    """``set_bounce(False)`` (the benchmarks' A/B): a ragged buffer planned in C goes back to
+    Python, whose pageable pieces stay there; every byte still arrives."""
+    monkeypatch.setattr(crossing.BOUNCE, "enabled", True)
+    copy = tvm.get_global_func(crossing.COPY_FUNC)
+    ragged, gpu = _pages(4, offset=64)[: 3 * PAGE], _pages(3)
+    args = (tensor_on(gpu, CUDA), 2, tensor_on(ragged, HOST))
+    copy(*args)  # Python: locks and plans
+    assert _counts_after(lambda: copy(*args)) == (1, 0)
+    crossing.set_bounce(False)
+    for _ in range(2):
+        gpu[:] = np.random.default_rng().integers(0, 256, gpu.size, dtype=np.uint8)
+        assert _counts_after(lambda: copy(*args)) == (0, 1)
+        assert np.array_equal(ragged, gpu)
+    crossing.set_bounce(True)
+    copy(*args)
+    assert _counts_after(lambda: copy(*args)) == (1, 0)

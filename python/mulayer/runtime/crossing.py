@@ -285,6 +285,16 @@ def _publish_plan(ptr: int, size: int, steps: Steps) -> None:
             native.set_plan(ptr, size, steps)
 
 
+def set_bounce(on: bool) -> None:
+    """``MULAYER_CROSSING_BOUNCE`` at run time; every plan is worked out again (in C too)."""
+    BOUNCE.enabled = on
+    _PLANS.clear()
+    native = PINNER.native
+    if native is not None:
+        with native.locked():
+            native.publish(PINNER.ranges)  # the same ranges, no plans
+
+
 def _native_locked():
     """The C copy's lock (it shares the bounce pages), where there is a C copy."""
     return PINNER.native.locked() if PINNER.native is not None else contextlib.nullcontext()
