@@ -448,6 +448,22 @@ def test_host_storages_are_whole_pages(tiny_onnx):
     assert all(dtype == PAGE_DTYPE for _, dtype in host) and set(gpu) == {"uint8"}
 
 
+def test_cpu_only_builds_use_whole_pages_too(tiny_onnx):
+    """A CPU-only build's storages are asked for in whole pages as well (build_single's
+    pipeline): buffers it leaves in TVM's pooled allocator, which a cooperative model in the
+    same process may be handed back, then start on pages. A GPU build's are left alone."""
+    from mulayer.compiler.build import cpu_build_pipeline
+    from mulayer.passes.page_align_host_storage import PAGE_DTYPE
+
+    mod, _, _ = import_onnx(str(tiny_onnx))
+    storage = r"R\.vm\.alloc_storage\(R\.shape\(\[\d+\]\), \d+, R\.dtype\(\"(\w+)\"\)"
+    target = tvm.target.Target(LLVM)
+    with target:
+        lowered = cpu_build_pipeline()(legalize_and_fuse(mod, target))
+    dtypes = re.findall(storage, lowered["main"].script())
+    assert dtypes and set(dtypes) == {PAGE_DTYPE}
+
+
 _RUN_RECORDING_CROSSINGS = """
 import json, sys
 import numpy as np, tvm, mulayer

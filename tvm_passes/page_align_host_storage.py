@@ -72,12 +72,21 @@ class _PageAligner(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="PageAlignHostStorage")
 class PageAlignHostStorage:
-    """Allocate host storages in whole, page-aligned pages; see the module docstring."""
+    """Allocate host storages in whole, page-aligned pages; see the module docstring.
+
+    ``cpu_only``: the module is a single-device CPU build (no VDevices; device index 0 is the
+    host). Its storages are page-aligned too, so that the buffers it leaves in TVM's pooled
+    allocator, which a cooperative model loaded in the same process may be handed back, start
+    on pages (the pool rounds every size up to whole pages already: no memory is added)."""
+
+    def __init__(self, cpu_only: bool = False) -> None:
+        self.cpu_only = cpu_only
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        hosts = _host_indices(mod)
-        if not hosts or len(mod.global_infos.get("vdevice", [])) < 2:
-            return mod  # single-device modules: nothing crosses
+        two_devices = len(mod.global_infos.get("vdevice", [])) >= 2
+        hosts = _host_indices(mod) if two_devices else ({0} if self.cpu_only else set())
+        if not hosts:
+            return mod  # a GPU-only module: nothing of its own crosses
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 mutator = _PageAligner(mod, hosts)

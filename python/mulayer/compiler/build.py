@@ -75,13 +75,25 @@ def build_single(mod: tvm.IRModule, target: tvm.target.Target, tuning_db: str | 
     ``tuning_db``: a ``mulayer tune`` database folder to take tuned schedules from.
     """
     mod = lower_for_target(mod, target, tuning_db)
+    cpu = target.kind.name in ("llvm", "c")
+    pipeline = cpu_build_pipeline() if cpu else relax.get_pipeline("default_build")
     try:
-        ex = tvm.compile(mod, target=target, relax_pipeline="default_build")
+        ex = tvm.compile(mod, target=target, relax_pipeline=pipeline)
     except RuntimeError as err:  # TVM errors derive from RuntimeError
         raise RuntimeError(f"TVM failed to build for {target.kind.name}: {err}") from err
     if target.kind.name in ("cuda", "opencl"):
         check_device_module(ex, target.kind.name)
     return ex
+
+
+def cpu_build_pipeline() -> tvm.transform.Pass:
+    """TVM's ``default_build`` lowering, then whole-page host storages
+    (:class:`~mulayer.passes.page_align_host_storage.PageAlignHostStorage`)."""
+    from mulayer.passes.page_align_host_storage import PageAlignHostStorage
+
+    return tvm.transform.Sequential(
+        [relax.get_pipeline("default_build"), PageAlignHostStorage(cpu_only=True)]
+    )
 
 
 def build_for_this_cpu(mod: tvm.IRModule):
