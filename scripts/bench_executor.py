@@ -308,15 +308,20 @@ def without_bounce(model, x, repeat: int, warmup: int, cache: dict) -> dict:
     before = crossing.BOUNCE.enabled
     crossing.set_bounce(False)
     try:
-        timing = model.benchmark(x, repeat=repeat, warmup=warmup)
-        measured = ideal(model, x)
-        return {
-            "median_ms": timing.median_ms,
-            "ideal_ms": measured["ideal_us"] / 1e3,
-            **crossing_cost(measured["items"], cache),
-        }
+        return timed_again(model, x, repeat, warmup, cache)
     finally:
         crossing.set_bounce(before)
+
+
+def timed_again(model, x, repeat: int, warmup: int, cache: dict) -> dict:
+    """An A/B side: median, ideal and crossing cost of ``model`` as things stand now."""
+    timing = model.benchmark(x, repeat=repeat, warmup=warmup)
+    measured = ideal(model, x)
+    return {
+        "median_ms": timing.median_ms,
+        "ideal_ms": measured["ideal_us"] / 1e3,
+        **crossing_cost(measured["items"], cache),
+    }
 
 
 def with_python_crossings(artifact: str, x, repeat: int, warmup: int, cache: dict) -> dict:
@@ -331,13 +336,7 @@ def with_python_crossings(artifact: str, x, repeat: int, warmup: int, cache: dic
     tvm.register_global_func(crossing.COPY_FUNC, crossing.copy, override=True)
     try:
         model = mulayer.load(artifact)  # the VM looks its functions up when it is loaded
-        timing = model.benchmark(x, repeat=repeat, warmup=warmup)
-        measured = ideal(model, x)
-        return {
-            "median_ms": timing.median_ms,
-            "ideal_ms": measured["ideal_us"] / 1e3,
-            **crossing_cost(measured["items"], cache),
-        }
+        return timed_again(model, x, repeat, warmup, cache)
     finally:
         tvm.register_global_func(crossing.COPY_FUNC, registered, override=True)
 
