@@ -216,3 +216,16 @@ def test_turning_bounce_off_drops_the_plans_in_c(native, monkeypatch):
     crossing.set_bounce(True)
     copy(*args)
     assert _counts_after(lambda: copy(*args)) == (1, 0)
+
+
+def test_a_small_buffer_inside_one_page_is_bounced_in_c(native):
+    """A tensor smaller than a page that shares its pages (a 4000-byte output): never locked,
+    its one piece goes through a bounce page, from the second call on in C."""
+    copy = tvm.get_global_func(crossing.COPY_FUNC)
+    small, gpu = _pages(1, offset=64)[:4000], _pages(1)[:4000]
+    args = (tensor_on(gpu, CUDA), 2, tensor_on(small, HOST))
+    assert _counts_after(lambda: copy(*args)) == (0, 1)
+    assert np.array_equal(small, gpu)
+    gpu[:] = np.random.default_rng().integers(0, 256, gpu.size, dtype=np.uint8)
+    assert _counts_after(lambda: copy(*args)) == (1, 0)
+    assert np.array_equal(small, gpu)

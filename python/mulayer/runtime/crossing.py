@@ -280,7 +280,8 @@ def _publish_plan(ptr: int, size: int, steps: Steps) -> None:
     page-locked range or through a bounce page (a pageable piece stays with Python)."""
     native = PINNER.native
     in_dma = all(page or PINNER.covers(ptr + offset, piece) for offset, piece, page in steps)
-    if native is not None and in_dma and len(steps) > 1:  # one locked piece: C finds it itself
+    found_in_c = len(steps) == 1 and not steps[0][2]  # one locked piece: C finds it itself
+    if native is not None and in_dma and not found_in_c:
         with native.locked():
             native.set_plan(ptr, size, steps)
 
