@@ -121,18 +121,21 @@ _ASYNC = ctypes.CFUNCTYPE(
 )
 _SYNC_COPY = ctypes.CFUNCTYPE(_STATUS, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t)
 _STREAM_SYNC = ctypes.CFUNCTYPE(_STATUS, ctypes.c_void_p)
+_REGISTER = ctypes.CFUNCTYPE(_STATUS, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_uint)
+_UNREGISTER = ctypes.CFUNCTYPE(_STATUS, ctypes.c_uint64)
 
 
 class CallbackDriver:
-    """A driver's copy entry points as C function pointers (what the native copy calls) that
-    run ``driver``'s methods and record their names in ``calls``."""
+    """A driver's entry points as C function pointers (what the native copy calls) that run
+    ``driver``'s methods and record the copies' and syncs' names in ``calls``."""
 
     def __init__(self, driver) -> None:
         self.calls: list[str] = []
 
         def recorded(name: str, kind):
             def call(*args):
-                self.calls.append(name)
+                if not name.startswith("cuMemHost"):
+                    self.calls.append(name)
                 return getattr(driver, name)(*args)  # looked up per call: tests may swap it
 
             return kind(call)
@@ -142,3 +145,5 @@ class CallbackDriver:
         self.cuMemcpyDtoH_v2 = recorded("cuMemcpyDtoH_v2", _SYNC_COPY)
         self.cuMemcpyHtoD_v2 = recorded("cuMemcpyHtoD_v2", _SYNC_COPY)
         self.cuStreamSynchronize = recorded("cuStreamSynchronize", _STREAM_SYNC)
+        self.cuMemHostRegister_v2 = recorded("cuMemHostRegister_v2", _REGISTER)
+        self.cuMemHostUnregister = recorded("cuMemHostUnregister", _UNREGISTER)

@@ -319,6 +319,7 @@ def test_crossing_copy_goes_straight_to_the_driver_and_caches_its_plan(monkeypat
 
     driver, tvm_calls = Driver(), []
     monkeypatch.setattr(crossing.PINNER, "driver", lambda: driver)
+    monkeypatch.setattr(crossing.PINNER, "native", None)  # the Python copy (no C compiler)
     monkeypatch.setattr(crossing.BOUNCE, "enabled", False)  # pieces straight to the driver
     monkeypatch.setattr(crossing, "SYNC_LAST", True)  # MULAYER_CROSSING_SYNC_COPY=1
     monkeypatch.setattr(crossing.PINNER, "ranges", [])

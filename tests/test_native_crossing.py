@@ -18,7 +18,7 @@ HOST, CUDA = 1, 2
 def native(monkeypatch):
     """The loaded native copy on a ``MemoryDriver`` (through C callbacks), with a fresh pinner
     that publishes its ranges to it; the real driver and ranges are put back afterwards."""
-    real = crossing.PINNER
+    real, real_plans = crossing.PINNER, crossing._PLANS
     driver = MemoryDriver()
     pinner = crossing._Pinner(crossing.NATIVE)
     monkeypatch.setattr(pinner, "_load", lambda: driver)
@@ -33,8 +33,8 @@ def native(monkeypatch):
     yield driver, callbacks
     crossing.NATIVE.set_driver(real.driver() if real.enabled else None)
     crossing.set_sync_copy(sync_copy)
-    with crossing.NATIVE.locked():
-        crossing.NATIVE.publish(real.ranges)
+    crossing.NATIVE.publish(real.ranges)  # drops the C plans: drop Python's too (republished)
+    real_plans.clear()
 
 
 def _pages(count: int, offset: int = 0) -> np.ndarray:
@@ -174,7 +174,9 @@ def test_the_build_is_cached_and_written_whole(tmp_path):
 
 def test_threads_share_the_bounce_pages_safely(native):
     """Threads copying their own ragged buffers at once, first through Python, then in C: the
-    bounce pages are shared, so both paths hold one lock; every byte arrives."""
+    bounce pages are shared, so both paths run their steps in C under one lock; every byte
+    arrives. (The fake driver is Python, so it runs under that lock: with tvm-ffi calls that
+    keep the GIL, TVM_FFI_RELEASE_GIL_BY_DEFAULT=0, this test can hang; the real driver can't.)"""
     from concurrent.futures import ThreadPoolExecutor
 
     copy = tvm.get_global_func(crossing.COPY_FUNC)
@@ -229,3 +231,30 @@ def test_a_small_buffer_inside_one_page_is_bounced_in_c(native):
     gpu[:] = np.random.default_rng().integers(0, 256, gpu.size, dtype=np.uint8)
     assert _counts_after(lambda: copy(*args)) == (1, 0)
     assert np.array_equal(small, gpu)
+
+
+def test_a_refused_merge_in_c_puts_the_old_ranges_back(native):
+    """Merging goes through C (no copy runs meanwhile); where the driver refuses the merged
+    range, the ranges it released are locked again and nothing changes, in C either."""
+    driver, _ = native
+    copy = tvm.get_global_func(crossing.COPY_FUNC)
+    both, gpu = _pages(4), _pages(4)
+    first = both[: 3 * PAGE]
+    assert crossing.PINNER.pin_range(first.ctypes.data, first.size)
+    locked_before, ranges_before = dict(driver.locked), list(crossing.PINNER.ranges)
+    register = driver.cuMemHostRegister_v2
+
+    def refuse_the_merged_range(start: int, size: int, flags: int) -> int:
+        return 2 if size == 4 * PAGE else register(start, size, flags)  # CUDA_ERROR_OUT_OF_MEMORY
+
+    driver.cuMemHostRegister_v2 = refuse_the_merged_range
+    assert not crossing.PINNER.pin_range(both[PAGE:].ctypes.data, 3 * PAGE)
+    assert crossing.PINNER.ranges == ranges_before
+    assert driver.locked == locked_before
+    args = (tensor_on(gpu[: 3 * PAGE], CUDA), 2, tensor_on(first, HOST))
+    assert _counts_after(lambda: copy(*args)) == (1, 0)  # still locked, still in C
+
+
+def test_an_error_in_the_fallback_reaches_the_caller():
+    with pytest.raises(Exception, match="dlpack_device_type|device"):
+        tvm.get_global_func(crossing.COPY_FUNC)(1, 2, 3)

@@ -53,7 +53,6 @@ straight to the driver (pageable) instead of through the bounce pages. Importing
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import mmap
 import os
@@ -138,23 +137,26 @@ class _Pinner:
             driver = self._load() if self.enabled else None
             if driver is None:
                 return False
-            with self.native.locked() if self.native else contextlib.nullcontext():
-                return self._merge(driver, start, end)
+            return self._merge(driver, start, end)
 
     def _merge(self, driver, start: int, end: int) -> bool:
-        """Lock ``[start, end)`` as one range with the ranges it meets (theirs released first)."""
+        """Lock ``[start, end)`` as one range with the ranges it meets (theirs released first;
+        through the C copy where there is one, so that none of its copies runs meanwhile)."""
         met = [(s, e) for s, e in self.ranges if s < end and start < e]
         merged = (min([start, *(s for s, _ in met)]), max([end, *(e for _, e in met)]))
-        for s, _ in met:
-            driver.cuMemHostUnregister(s)
-        if driver.cuMemHostRegister_v2(merged[0], merged[1] - merged[0], 0) != 0:
-            for s, e in met:  # put the old ranges back (they were valid)
-                driver.cuMemHostRegister_v2(s, e - s, 0)
-            return False
-        self.ranges = sorted([r for r in self.ranges if r not in met] + [merged])
+        ranges = sorted([r for r in self.ranges if r not in met] + [merged])
+        if self.native is not None:
+            if self.native.merge(met, merged, ranges) != 0:
+                return False
+        else:
+            for s, _ in met:
+                driver.cuMemHostUnregister(s)
+            if driver.cuMemHostRegister_v2(merged[0], merged[1] - merged[0], 0) != 0:
+                for s, e in met:  # put the old ranges back (they were valid)
+                    driver.cuMemHostRegister_v2(s, e - s, 0)
+                return False
+        self.ranges = ranges
         self.pinned_bytes = sum(e - s for s, e in self.ranges)
-        if self.native:
-            self.native.publish(self.ranges)
         return True
 
     def pieces(self, ptr: int, size: int) -> list[tuple[int, int]]:
@@ -282,23 +284,16 @@ def _publish_plan(ptr: int, size: int, steps: Steps) -> None:
     in_dma = all(page or PINNER.covers(ptr + offset, piece) for offset, piece, page in steps)
     found_in_c = len(steps) == 1 and not steps[0][2]  # one locked piece: C finds it itself
     if native is not None and in_dma and not found_in_c:
-        with native.locked():
-            native.set_plan(ptr, size, steps)
+        native.set_plan(ptr, size, steps)
 
 
 def set_bounce(on: bool) -> None:
     """``MULAYER_CROSSING_BOUNCE`` at run time; every plan is worked out again (in C too)."""
-    BOUNCE.enabled = on
-    _PLANS.clear()
-    native = PINNER.native
-    if native is not None:
-        with native.locked():
-            native.publish(PINNER.ranges)  # the same ranges, no plans
-
-
-def _native_locked():
-    """The C copy's lock (it shares the bounce pages), where there is a C copy."""
-    return PINNER.native.locked() if PINNER.native is not None else contextlib.nullcontext()
+    with PINNER.lock:
+        BOUNCE.enabled = on
+        _PLANS.clear()
+        if PINNER.native is not None:
+            PINNER.native.publish(PINNER.ranges)  # the same ranges, no plans
 
 
 def _driver_copy(host_ptr: int, gpu_ptr: int, steps: Steps, to_host: bool) -> bool:
@@ -311,6 +306,9 @@ def _driver_copy(host_ptr: int, gpu_ptr: int, steps: Steps, to_host: bool) -> bo
     driver = PINNER.driver()
     if driver is None:
         return False
+    if PINNER.native is not None:  # the bounce pages are shared with the C copy: run them there
+        size = sum(piece for _, piece, _ in steps)
+        return PINNER.native.run(host_ptr, gpu_ptr, size, steps, to_host)
     last = len(steps) - 1 if SYNC_LAST else -1
     for index, (offset, size, page) in enumerate(steps):
         host = page or host_ptr + offset
@@ -351,9 +349,7 @@ def copy(src, *pin_and_dst) -> None:
     ptr, size = host.data_ptr(), _nbytes(host)
     with PINNER.lock:
         steps, settled = _plan(ptr, size, pin)
-        with _native_locked():
-            copied = _driver_copy(ptr, gpu.data_ptr(), steps, to_host=dst_host)
-        if not copied:
+        if not _driver_copy(ptr, gpu.data_ptr(), steps, to_host=dst_host):
             if len(steps) == 1:
                 _copy_from_to(src, dst)
             else:

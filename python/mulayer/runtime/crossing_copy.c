@@ -7,8 +7,14 @@
  * default stream, and waited for: asynchronous DMAs and one stream sync (with sync_copy set, the
  * last piece a synchronous copy instead). Everything else (a buffer not locked yet, host to
  * host, a driver that refuses because this thread has no current context) goes to the
- * fallback: the Python copy in crossing.py, which locks buffers, publishes ranges and plans
- * here (under mulayer_crossing_lock) and handles every case.
+ * fallback: the Python copy in crossing.py, which locks buffers and publishes ranges and plans.
+ *
+ * One mutex guards the driver, the ranges, the plans and the bounce pages (shared by every
+ * copy). No Python ever runs while it is held, except the test suite's fake driver: the Python
+ * side changes ranges (mulayer_crossing_merge) and runs its own copies (mulayer_crossing_run)
+ * through functions of this file, called through ctypes, which lets go of the GIL. A thread
+ * that waits for the mutex while holding the GIL (a VM called without releasing it) so never
+ * waits for a thread that needs the GIL.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -21,6 +27,8 @@ typedef int (*htod_async_fn)(uint64_t device, const void *host, size_t size, voi
 typedef int (*dtoh_fn)(void *host, uint64_t device, size_t size);
 typedef int (*htod_fn)(uint64_t device, const void *host, size_t size);
 typedef int (*sync_fn)(void *stream);
+typedef int (*register_fn)(void *host, size_t size, unsigned int flags);
+typedef int (*unregister_fn)(void *host);
 
 static struct {
   dtoh_async_fn dtoh_async;
@@ -28,6 +36,8 @@ static struct {
   dtoh_fn dtoh;
   htod_fn htod;
   sync_fn sync;
+  register_fn host_register;
+  unregister_fn host_unregister;
 } driver;
 
 #define MAX_STEPS 8
@@ -45,40 +55,74 @@ typedef struct {
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static plan_t *plans; /* sorted by (ptr, size) */
 static int64_t plan_count, plan_capacity;
-static uint64_t *ranges;  /* page-locked [start, end) pairs, disjoint, sorted by start */
+static uint64_t *ranges; /* page-locked [start, end) pairs, disjoint, sorted by start */
 static int64_t range_count;
 static int sync_copy;
 static TVMFFIObjectHandle fallback;
 static uint64_t fast_calls, fallback_calls;
 
 void mulayer_crossing_set_driver(void *dtoh_async, void *htod_async, void *dtoh, void *htod,
-                                 void *sync) {
+                                 void *sync, void *host_register, void *host_unregister) {
   pthread_mutex_lock(&lock);
   driver.dtoh_async = (dtoh_async_fn)dtoh_async;
   driver.htod_async = (htod_async_fn)htod_async;
   driver.dtoh = (dtoh_fn)dtoh;
   driver.htod = (htod_fn)htod;
   driver.sync = (sync_fn)sync;
+  driver.host_register = (register_fn)host_register;
+  driver.host_unregister = (unregister_fn)host_unregister;
   pthread_mutex_unlock(&lock);
 }
 
-void mulayer_crossing_set_sync_copy(int on) { sync_copy = on; }
+void mulayer_crossing_set_sync_copy(int on) {
+  pthread_mutex_lock(&lock);
+  sync_copy = on;
+  pthread_mutex_unlock(&lock);
+}
 
-/* Hold while the page-locked ranges change (no copy runs on a range being re-registered). */
-void mulayer_crossing_lock(void) { pthread_mutex_lock(&lock); }
-void mulayer_crossing_unlock(void) { pthread_mutex_unlock(&lock); }
-
-/* The ranges as `count` (start, end) pairs (the plans are dropped: they were worked out
- * against the old ranges); call with the lock held. 0, or -1 out of memory. */
-int mulayer_crossing_set_ranges(const uint64_t *pairs, int64_t count) {
-  plan_count = 0;
+/* Replace the ranges (and drop the plans: they were worked out against the old ones); call
+ * with the lock held. 0, or -1 out of memory (nothing changed). */
+static int replace_ranges(const uint64_t *pairs, int64_t count) {
   uint64_t *copy = count ? malloc(sizeof(uint64_t) * 2 * count) : NULL;
   if (count && !copy) return -1;
   if (count) memcpy(copy, pairs, sizeof(uint64_t) * 2 * count);
   free(ranges);
   ranges = copy;
   range_count = count;
+  plan_count = 0;
   return 0;
+}
+
+/* The page-locked ranges as `count` (start, end) pairs, disjoint and sorted; the plans are
+ * dropped. 0, or -1 out of memory. */
+int mulayer_crossing_set_ranges(const uint64_t *pairs, int64_t count) {
+  pthread_mutex_lock(&lock);
+  int status = replace_ranges(pairs, count);
+  pthread_mutex_unlock(&lock);
+  return status;
+}
+
+/* Page-lock [start, start + size) as one range, in place of the `old_count` ranges (start, end
+ * pairs) it meets, which are released first (and locked again where the driver refuses the
+ * new range); then the ranges are `new_pairs`. No copy runs meanwhile. The driver's status
+ * (0: locked), -1 out of memory, -3 no driver. */
+int mulayer_crossing_merge(const uint64_t *old_pairs, int64_t old_count, uint64_t start,
+                           uint64_t size, const uint64_t *new_pairs, int64_t new_count) {
+  pthread_mutex_lock(&lock);
+  int status = -3;
+  if (driver.host_register && driver.host_unregister) {
+    for (int64_t i = 0; i < old_count; ++i) driver.host_unregister((void *)(uintptr_t)old_pairs[2 * i]);
+    status = driver.host_register((void *)(uintptr_t)start, size, 0);
+    if (status != 0) { /* put the old ranges back (they were valid) */
+      for (int64_t i = 0; i < old_count; ++i)
+        driver.host_register((void *)(uintptr_t)old_pairs[2 * i],
+                             old_pairs[2 * i + 1] - old_pairs[2 * i], 0);
+    } else {
+      status = replace_ranges(new_pairs, new_count);
+    }
+  }
+  pthread_mutex_unlock(&lock);
+  return status;
 }
 
 static int plan_before(const plan_t *plan, uint64_t ptr, uint64_t size) {
@@ -95,30 +139,44 @@ static int64_t plan_index(uint64_t ptr, uint64_t size) {
   return lo;
 }
 
-/* The plan of a host buffer's copy: `count` steps as (offset, size, bounce) triples (replaces
- * an earlier one); call with the lock held. 0, -1 out of memory, -2 too many steps. */
-int mulayer_crossing_set_plan(uint64_t ptr, uint64_t size, const uint64_t *triples, int64_t count) {
+static int fill_plan(plan_t *plan, uint64_t ptr, uint64_t size, const uint64_t *triples,
+                     int64_t count) {
   if (count < 1 || count > MAX_STEPS) return -2;
+  plan->ptr = ptr;
+  plan->size = size;
+  plan->count = count;
+  for (int64_t i = 0; i < count; ++i) {
+    plan->steps[i].offset = triples[3 * i];
+    plan->steps[i].size = triples[3 * i + 1];
+    plan->steps[i].bounce = triples[3 * i + 2];
+  }
+  return 0;
+}
+
+/* The plan of a host buffer's copy: `count` steps as (offset, size, bounce) triples (replaces
+ * an earlier one; dropped when the ranges change). 0, -1 out of memory, -2 too many steps. */
+int mulayer_crossing_set_plan(uint64_t ptr, uint64_t size, const uint64_t *triples, int64_t count) {
+  plan_t plan;
+  int status = fill_plan(&plan, ptr, size, triples, count);
+  if (status != 0) return status;
+  pthread_mutex_lock(&lock);
   int64_t at = plan_index(ptr, size);
   if (at == plan_count || plans[at].ptr != ptr || plans[at].size != size) {
     if (plan_count == plan_capacity) {
       int64_t capacity = plan_capacity ? 2 * plan_capacity : 64;
       plan_t *grown = realloc(plans, sizeof(plan_t) * capacity);
-      if (!grown) return -1;
+      if (!grown) {
+        pthread_mutex_unlock(&lock);
+        return -1;
+      }
       plans = grown;
       plan_capacity = capacity;
     }
     memmove(&plans[at + 1], &plans[at], sizeof(plan_t) * (plan_count - at));
     plan_count++;
   }
-  plans[at].ptr = ptr;
-  plans[at].size = size;
-  plans[at].count = count;
-  for (int64_t i = 0; i < count; ++i) {
-    plans[at].steps[i].offset = triples[3 * i];
-    plans[at].steps[i].size = triples[3 * i + 1];
-    plans[at].steps[i].bounce = triples[3 * i + 2];
-  }
+  plans[at] = plan;
+  pthread_mutex_unlock(&lock);
   return 0;
 }
 
@@ -145,13 +203,12 @@ static DLTensor *as_tensor(const TVMFFIAny *value) {
 
 /* Bytes of a compact tensor, or 0 where it is strided. */
 static uint64_t compact_bytes(const DLTensor *t) {
-  uint64_t count = 1, expected = 1;
+  uint64_t count = 1;
   for (int i = t->ndim - 1; i >= 0; --i) {
-    if (t->strides && t->shape[i] != 1 && (uint64_t)t->strides[i] != expected) return 0;
-    expected *= (uint64_t)t->shape[i];
+    if (t->strides && t->shape[i] != 1 && (uint64_t)t->strides[i] != count) return 0;
     count *= (uint64_t)t->shape[i];
   }
-  return count * ((t->dtype.bits * (uint64_t)t->dtype.lanes + 7) / 8);
+  return (count * t->dtype.bits * t->dtype.lanes + 7) / 8;
 }
 
 static int is_host(const DLTensor *t) {
@@ -160,7 +217,7 @@ static int is_host(const DLTensor *t) {
 
 /* Inside one page-locked range; call with the lock held. */
 static int covered(uint64_t start, uint64_t size) {
-  int64_t lo = 0, hi = range_count;  /* the last range starting at or before `start` */
+  int64_t lo = 0, hi = range_count; /* the last range starting at or before `start` */
   while (lo < hi) {
     int64_t mid = (lo + hi) / 2;
     if (ranges[2 * mid] <= start) lo = mid + 1; else hi = mid;
@@ -169,8 +226,10 @@ static int covered(uint64_t start, uint64_t size) {
 }
 
 /* Issue a plan's steps and wait for them; call with the lock held (the bounce pages are
- * shared). 1 when done, 0 where the driver refused. */
+ * shared). 1 when done, 0 where there is no driver or it refused (whatever was queued is
+ * waited for first: no DMA into a bounce page outlives the lock). */
 static int run_steps(const plan_t *plan, char *host_ptr, uint64_t gpu_ptr, int to_host) {
+  if (!driver.sync) return 0;
   int64_t last = sync_copy ? plan->count - 1 : -1;
   for (int64_t i = 0; i < plan->count; ++i) {
     const step_t *step = &plan->steps[i];
@@ -185,7 +244,10 @@ static int run_steps(const plan_t *plan, char *host_ptr, uint64_t gpu_ptr, int t
       status = i == last ? driver.htod(device, host, step->size)
                          : driver.htod_async(device, host, step->size, NULL);
     }
-    if (status != 0) return 0;
+    if (status != 0) {
+      if (i > 0) driver.sync(NULL);
+      return 0;
+    }
   }
   if (last < 0 && driver.sync(NULL) != 0) return 0;
   if (to_host) {
@@ -197,9 +259,22 @@ static int run_steps(const plan_t *plan, char *host_ptr, uint64_t gpu_ptr, int t
   return 1;
 }
 
+/* The Python copy's steps, run as the C copy runs its own: 1 done, 0 refused (or no driver),
+ * -2 too many steps. */
+int mulayer_crossing_run(uint64_t host_ptr, uint64_t gpu_ptr, uint64_t size,
+                         const uint64_t *triples, int64_t count, int to_host) {
+  plan_t plan;
+  int status = fill_plan(&plan, host_ptr, size, triples, count);
+  if (status != 0) return status;
+  pthread_mutex_lock(&lock);
+  status = run_steps(&plan, (char *)(uintptr_t)host_ptr, gpu_ptr, to_host);
+  pthread_mutex_unlock(&lock);
+  return status;
+}
+
 /* 1 where the copy was done here; 0 where it is the fallback's. */
 static int copy_here(const TVMFFIAny *args, int32_t num_args) {
-  if (num_args != 3 || !driver.sync) return 0;
+  if (num_args != 3) return 0;
   DLTensor *src = as_tensor(&args[0]), *dst = as_tensor(&args[2]);
   if (!src || !dst) return 0;
   int to_host = is_host(dst);
@@ -232,9 +307,15 @@ int __tvm_ffi_copy(void *self, const TVMFFIAny *args, int32_t num_args, TVMFFIAn
     return 0;
   }
   __atomic_fetch_add(&fallback_calls, 1, __ATOMIC_RELAXED);
-  if (!fallback) {
+  pthread_mutex_lock(&lock);
+  TVMFFIObjectHandle function = fallback;
+  if (function) TVMFFIObjectIncRef(function);
+  pthread_mutex_unlock(&lock);
+  if (!function) {
     TVMFFIErrorSetRaisedFromCStr("RuntimeError", "mulayer.crossing.copy: no fallback set");
     return -1;
   }
-  return TVMFFIFunctionCall(fallback, (TVMFFIAny *)args, num_args, result);
+  int status = TVMFFIFunctionCall(function, (TVMFFIAny *)args, num_args, result);
+  TVMFFIObjectDecRef(function);
+  return status;
 }

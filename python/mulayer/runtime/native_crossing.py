@@ -19,12 +19,13 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("crossing_copy.c")
@@ -35,6 +36,8 @@ DRIVER_FUNCTIONS = (
     "cuMemcpyDtoH_v2",
     "cuMemcpyHtoD_v2",
     "cuStreamSynchronize",
+    "cuMemHostRegister_v2",
+    "cuMemHostUnregister",
 )
 
 
@@ -50,19 +53,31 @@ def _compiler() -> str | None:
 
 def build(directory: Path | None = None) -> Path:
     """The library built from :data:`SOURCE` (reused where a cached one matches the source, the
-    tvm-ffi headers and the compiler). Raises ``RuntimeError`` where it cannot be built."""
+    tvm-ffi library, the compiler, its command line and the machine). Raises ``RuntimeError``
+    where it cannot be built."""
     import tvm_ffi
     from tvm_ffi import libinfo
 
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler (set $CC)")
-    include, dlpack = libinfo.find_include_path(), libinfo.find_dlpack_include_path()
     library = Path(libinfo.find_libtvm_ffi())
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([source, tvm_ffi.__version__.encode(), compiler.encode(), bytes(library)])
-    ).hexdigest()[:16]
+    flags = [
+        "-O2",
+        "-shared",
+        "-fPIC",
+        "-std=gnu11",
+        f"-I{libinfo.find_include_path()}",
+        f"-I{libinfo.find_dlpack_include_path()}",
+        str(SOURCE),
+        f"-L{library.parent}",
+        "-ltvm_ffi",
+        f"-Wl,-rpath,{library.parent}",
+        "-lpthread",
+    ]
+    identity = [SOURCE.read_bytes(), tvm_ffi.__version__.encode(), platform.machine().encode()]
+    identity += [part.encode() for part in (compiler, *flags)]
+    key = hashlib.sha256(b"\0".join(identity)).hexdigest()[:16]
     directory = directory or cache_dir()
     target = directory / f"crossing_copy-{key}.so"
     if target.exists():
@@ -70,26 +85,12 @@ def build(directory: Path | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".crossing_copy-", suffix=".so", dir=directory)
     os.close(handle)
-    command = [
-        compiler,
-        "-O2",
-        "-shared",
-        "-fPIC",
-        "-std=gnu11",
-        f"-I{include}",
-        f"-I{dlpack}",
-        str(SOURCE),
-        "-o",
-        temporary,
-        f"-L{library.parent}",
-        "-ltvm_ffi",
-        f"-Wl,-rpath,{library.parent}",
-        "-lpthread",
-    ]
+    command = [compiler, *flags, "-o", temporary]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr.strip()}")
+        os.chmod(temporary, 0o755)  # mkstemp's 0600 would keep other users of the cache out
         os.replace(temporary, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -113,17 +114,14 @@ class NativeCopy:
         self._lib.mulayer_crossing_set_sync_copy.argtypes = [ctypes.c_int]
         self._lib.mulayer_crossing_set_sync_copy.restype = None
         self._lib.mulayer_crossing_set_ranges.argtypes = [pointer, ctypes.c_int64]
-        self._lib.mulayer_crossing_set_plan.argtypes = [
-            ctypes.c_uint64,
-            ctypes.c_uint64,
-            pointer,
-            ctypes.c_int64,
-        ]
+        u64, i64, count = ctypes.c_uint64, ctypes.c_int64, ctypes.c_int64
+        self._lib.mulayer_crossing_set_plan.argtypes = [u64, u64, pointer, count]
+        self._lib.mulayer_crossing_merge.argtypes = [pointer, count, u64, u64, pointer, count]
+        self._lib.mulayer_crossing_run.argtypes = [u64, u64, u64, pointer, i64, ctypes.c_int]
         self._lib.mulayer_crossing_set_fallback.argtypes = [pointer]
         self._lib.mulayer_crossing_counts.argtypes = [pointer]
         self._lib.mulayer_crossing_counts.restype = None
-        for name in ("mulayer_crossing_lock", "mulayer_crossing_unlock"):
-            getattr(self._lib, name).restype = None
+        self._driver = None  # kept alive: the C side holds its entry points
         self._fallback = None
 
     def set_driver(self, driver: object | None) -> None:
@@ -135,6 +133,7 @@ class NativeCopy:
             for name in DRIVER_FUNCTIONS
         ]
         self._lib.mulayer_crossing_set_driver(*pointers)
+        self._driver = driver
 
     def set_sync_copy(self, on: bool) -> None:
         """One synchronous copy per crossing instead of an asynchronous copy and a stream sync."""
@@ -148,37 +147,51 @@ class NativeCopy:
         if self._lib.mulayer_crossing_set_fallback(self._fallback.__chandle__()) != 0:
             raise RuntimeError("mulayer_crossing_set_fallback failed")
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the C side's lock: no native copy runs while the page-locked ranges change."""
-        self._lib.mulayer_crossing_lock()  # ctypes lets go of the GIL while it waits
-        try:
-            yield
-        finally:
-            self._lib.mulayer_crossing_unlock()
-
     def publish(self, ranges: list[tuple[int, int]]) -> None:
-        """The page-locked ranges (disjoint, sorted); call inside :meth:`locked`."""
-        flat = (ctypes.c_uint64 * (2 * len(ranges)))(*[edge for r in ranges for edge in r])
-        if self._lib.mulayer_crossing_set_ranges(flat, len(ranges)) != 0:
+        """The page-locked ranges (disjoint, sorted); the plans are dropped."""
+        if self._lib.mulayer_crossing_set_ranges(_flat(ranges), len(ranges)) != 0:
             raise MemoryError("mulayer_crossing_set_ranges")
+
+    def merge(
+        self, met: list[tuple[int, int]], merged: tuple[int, int], ranges: list[tuple[int, int]]
+    ) -> int:
+        """Page-lock ``merged`` (start, end) in place of the ranges it meets (``met``, released
+        first, locked again where the driver refuses), with no copy running meanwhile; then the
+        ranges are ``ranges``. The driver's status (0: locked; -3: no driver set)."""
+        start, end = merged
+        status = self._lib.mulayer_crossing_merge(
+            _flat(met), len(met), start, end - start, _flat(ranges), len(ranges)
+        )
+        if status == -1:
+            raise MemoryError("mulayer_crossing_merge")
+        return status
 
     def set_plan(self, ptr: int, size: int, steps: list[tuple[int, int, int]]) -> bool:
         """The steps ``(offset, size, bounce page or 0)`` of the copy of the host buffer
-        ``[ptr, ptr + size)``, each a DMA inside a page-locked range or through a bounce page;
-        call inside :meth:`locked` (dropped when the ranges change). False where there are too
-        many steps (the Python copy keeps the buffer)."""
-        flat = (ctypes.c_uint64 * (3 * len(steps)))(*[v for step in steps for v in step])
-        status = self._lib.mulayer_crossing_set_plan(ptr, size, flat, len(steps))
+        ``[ptr, ptr + size)``, each a DMA inside a page-locked range or through a bounce page
+        (dropped when the ranges change). False where there are too many steps (the Python copy
+        keeps the buffer)."""
+        status = self._lib.mulayer_crossing_set_plan(ptr, size, _flat(steps), len(steps))
         if status == -1:
             raise MemoryError("mulayer_crossing_set_plan")
         return status == 0
+
+    def run(self, host: int, gpu: int, size: int, steps: list, to_host: bool) -> bool:
+        """Run the Python copy's steps as the C copy runs its own (under its lock, no Python
+        meanwhile); False where the driver refused, is not set, or there are too many steps."""
+        flat = _flat(steps)
+        return self._lib.mulayer_crossing_run(host, gpu, size, flat, len(steps), to_host) == 1
 
     def counts(self) -> tuple[int, int]:
         """(calls copied in C, calls handed to the fallback) since the library was loaded."""
         out = (ctypes.c_uint64 * 2)()
         self._lib.mulayer_crossing_counts(out)
         return int(out[0]), int(out[1])
+
+
+def _flat(rows: list[tuple[int, ...]]):
+    """``rows`` of integers as one C array of uint64, row after row."""
+    return (ctypes.c_uint64 * sum(map(len, rows)))(*[v for row in rows for v in row])
 
 
 _LOADED: list[NativeCopy | None] = []
