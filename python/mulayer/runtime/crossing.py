@@ -38,9 +38,9 @@ that function:
 - host to host (the llvm + llvm stand-in) is a ``memcpy``;
 - the function the VM calls is C where a C compiler is at hand
   (:mod:`~mulayer.runtime.native_crossing`): a crossing whose host buffer lies inside one
-  page-locked range (every crossing of a planned buffer after its first) is one driver copy and
-  a stream sync with no Python; it hands every other call to :func:`copy` below, which locks
-  buffers and tells it the locked ranges.
+  page-locked range, or whose pieces :func:`copy` has planned (in practice every crossing of a
+  planned buffer after its first), is copied with no Python; it hands every other call to
+  :func:`copy` below, which locks buffers and tells it the locked ranges and the plans.
 
 Page-locked ranges are never unregistered except to merge them: the VM takes its buffers from
 TVM's global pooled allocator, which keeps memory for the life of the process
