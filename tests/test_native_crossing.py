@@ -172,6 +172,14 @@ def test_the_build_is_cached_and_written_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
 
 
+def test_a_cached_library_that_does_not_load_is_built_again(tmp_path):
+    cached = native_crossing.build(tmp_path)
+    cached.write_bytes(b"not a shared library")
+    loaded = native_crossing.open_cached(tmp_path)
+    assert loaded.path == cached and loaded.counts() == (0, 0)
+    assert cached.read_bytes()[:4] == b"\x7fELF"
+
+
 def test_threads_share_the_bounce_pages_safely(native):
     """Threads copying their own ragged buffers at once, first through Python, then in C: the
     bounce pages are shared, so both paths run their steps in C under one lock; every byte

@@ -194,6 +194,17 @@ def _flat(rows: list[tuple[int, ...]]):
     return (ctypes.c_uint64 * sum(map(len, rows)))(*[v for row in rows for v in row])
 
 
+def open_cached(directory: Path | None = None) -> NativeCopy:
+    """The library from the cache (built first where missing), built again once where the
+    cached file does not load (cut short, or from another system sharing the cache)."""
+    path = build(directory)
+    try:
+        return NativeCopy(path)
+    except (OSError, RuntimeError):
+        path.unlink(missing_ok=True)
+        return NativeCopy(build(directory))
+
+
 _LOADED: list[NativeCopy | None] = []
 _LOAD_LOCK = threading.Lock()
 
@@ -211,7 +222,7 @@ def _load() -> NativeCopy | None:
     if os.environ.get("MULAYER_NATIVE_CROSSING", "1") == "0":
         return None
     try:
-        return NativeCopy(build())
+        return open_cached()
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         warnings.warn(
             f"mulayer: crossings run in Python (the C copy could not be built: {error}); "
