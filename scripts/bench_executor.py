@@ -109,8 +109,11 @@ def _nbytes(tensor) -> int:
 class Fenced:
     """VM instrument: sync the devices around every call and time it alone."""
 
-    def __init__(self, devices) -> None:
+    def __init__(self, devices, keep_calls: bool = False) -> None:
         self.devices = devices
+        # Holding a call's buffers past the call keeps the VM's pool from handing them back on
+        # the next call (it allocates new, not yet page-locked, ones): only the last round may.
+        self.keep_calls = keep_calls
         self.items: list[dict] = []
         self._start = 0.0
 
@@ -134,15 +137,10 @@ class Fenced:
             to_host = int(dst.device.dlpack_device_type()) == 1
             kind = "d2h" if to_host else "h2d"
             pin = int(args[1]) if len(args) == 3 else 0
-            self.items.append(
-                {
-                    "kind": kind,
-                    "us": dur,
-                    "bytes": _nbytes(src),
-                    "name": symbol,
-                    "call": (src, pin, dst),  # the model's own buffers, replayed later
-                }
-            )
+            item = {"kind": kind, "us": dur, "bytes": _nbytes(src), "name": symbol, "pin": pin}
+            if self.keep_calls:
+                item["call"] = (src, pin, dst)  # the model's own buffers, replayed later
+            self.items.append(item)
         elif graph:
             self.items.append({"kind": "gpu", "us": dur, "name": "cuda graph"})
         else:
@@ -186,11 +184,11 @@ def critical_path_us(items: list[dict]) -> float:
 
 def ideal(model, inputs, rounds: int = 3) -> dict:
     """Fence every call of ``rounds`` calls; per item the median; then the critical path."""
-    device_inputs = model._upload(model.check_inputs(inputs))
+    device_inputs = model._placed(inputs)
     fence = fence_cost_us(model.devices)
     runs = []
-    for _ in range(rounds):
-        recorder = Fenced(model.devices)
+    for index in range(rounds):
+        recorder = Fenced(model.devices, keep_calls=index == rounds - 1)
         with model._lock:
             model._vm.set_instrument(recorder)
             try:
@@ -252,15 +250,17 @@ def reference_copies() -> dict:
     return out
 
 
-def replayed_copy_us(call: tuple, repeat: int = 20) -> float:
+def replayed_copy_us(call: tuple, repeat: int = 20) -> tuple[float, str]:
     """Median time of the registered crossing copy called from Python on a crossing's own
     buffers (``(src, pin, dst)`` as the VM passed them), timed as :func:`pinned_copy_us` times
-    its reference: the crossing's cost without the VM instrument's."""
+    its reference: the crossing's cost without the VM instrument's; and where it ran ("C", or
+    "python" where any call went to the Python copy)."""
     import tvm
 
     from mulayer.runtime import crossing
 
     copy = tvm.get_global_func(crossing.COPY_FUNC)
+    before = crossing.NATIVE.counts() if crossing.NATIVE else (0, 0)
     samples = []
     for _ in range(repeat + 3):
         tvm.cuda(0).sync()
@@ -268,7 +268,15 @@ def replayed_copy_us(call: tuple, repeat: int = 20) -> float:
         copy(*call)
         tvm.cuda(0).sync()
         samples.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(samples[3:])
+    after = crossing.NATIVE.counts() if crossing.NATIVE else (0, 1)
+    return statistics.median(samples[3:]), "python" if after[1] > before[1] else "C"
+
+
+def _host_offset(call: tuple) -> int:
+    """The host side's address modulo a page (0: the buffer starts on a page)."""
+    src, _, dst = call
+    host = dst if int(dst.device.dlpack_device_type()) == 1 else src
+    return host.data_ptr() % 4096
 
 
 def crossing_cost(items: list[dict], cache: dict) -> dict:
@@ -280,12 +288,28 @@ def crossing_cost(items: list[dict], cache: dict) -> dict:
     if not copies:
         return {}
     mib = sum(i["bytes"] for i in copies) / (1 << 20)
-    pinned = sum(pinned_copy_us(i["bytes"], i["kind"] == "d2h", cache) for i in copies)
+    pinned_each = [pinned_copy_us(i["bytes"], i["kind"] == "d2h", cache) for i in copies]
+    pinned = sum(pinned_each)
     replayed = [replayed_copy_us(i["call"]) for i in copies if "call" in i]
     if len(replayed) == len(copies):
         replay = {
-            "crossing_replayed_us_per_mib": sum(replayed) / mib,
-            "crossing_replayed_over_pinned": sum(replayed) / pinned,
+            "crossing_replayed_us_per_mib": sum(us for us, _ in replayed) / mib,
+            "crossing_replayed_over_pinned": sum(us for us, _ in replayed) / pinned,
+            # Per crossing in program order: direction, bytes, pin flag, host address modulo
+            # a page, fenced µs, replayed µs, where the replay ran, pinned µs.
+            "crossings": [
+                [
+                    i["kind"],
+                    i["bytes"],
+                    i["pin"],
+                    _host_offset(i["call"]),
+                    round(i["us"], 1),
+                    round(us, 1),
+                    path,
+                    round(ref, 1),
+                ]
+                for i, (us, path), ref in zip(copies, replayed, pinned_each, strict=True)
+            ],
         }
     else:
         replay = {}

@@ -562,3 +562,70 @@ def test_a_refused_lock_never_pins_the_callers_tensor(monkeypatch):
     assert np.array_equal(gpu.array, data)
     slots = crossing.BOUNCE.slots()
     assert list(driver.locked.items()) == [(slots[0], slots[0] + len(slots) * crossing._PAGE)]
+
+
+def test_inputs_are_staged_in_page_locked_buffers_of_the_model(tiny_onnx, tmp_path, monkeypatch):
+    """A cooperative model copies the caller's inputs into page-locked, page-aligned buffers of
+    its own (so their crossing is a pinned copy): fresh inputs on every call, results equal to
+    the model without them, serially and from 8 threads; the buffers go back to a pool when the
+    model is freed, and the next model takes them. On the llvm + llvm stand-in with a fake
+    driver (a CUDA model stages by itself: see the ``gpu`` test below)."""
+    import gc
+
+    from mulayer.runtime import crossing
+
+    pinner = _use_driver(monkeypatch, crossing, _FakeDriver())
+    monkeypatch.setattr(crossing, "_SPARE_LOCKED", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = mulayer.compile(str(tiny_onnx), target="mulayer -ratio=0.5, llvm, llvm")
+    compiled.export(tmp_path / "t.mulayer")
+    plain = mulayer.load(tmp_path / "t.mulayer")
+    assert plain._staging_tries == 0  # no CUDA: nothing to stage for
+    staged = mulayer.load(tmp_path / "t.mulayer")
+    staged._staging_tries = 1
+    inputs = [staged.random_inputs(seed=int(s)) for s in np.random.randint(1 << 30, size=8)]
+    serial = [list(staged(x).values())[0] for x in inputs]
+    for x, got in zip(inputs, serial, strict=True):
+        assert np.array_equal(got, list(plain(x).values())[0])
+    buffers = staged._staging
+    assert buffers is not None and len(buffers) == len(staged.inputs)
+    for buffer in buffers:
+        nbytes = int(np.prod(buffer.shape)) * np.dtype(str(buffer.dtype)).itemsize
+        assert buffer.data_ptr() % crossing._PAGE == 0 and pinner.covers(buffer.data_ptr(), nbytes)
+    for got, want in zip(outputs_from_threads(staged, inputs), serial, strict=True):
+        assert np.array_equal(got, want)
+
+    pointers = sorted(b.data_ptr() for b in buffers)
+    del staged, buffers
+    gc.collect()
+    spare = [b.data_ptr() for free in crossing._SPARE_LOCKED.values() for b in free]
+    assert sorted(spare) == pointers
+    again = mulayer.load(tmp_path / "t.mulayer")
+    again._staging_tries = 1
+    again(inputs[0])
+    assert sorted(b.data_ptr() for b in again._staging) == pointers
+    assert not any(crossing._SPARE_LOCKED.values())
+
+
+@pytest.mark.gpu
+def test_cuda_inputs_cross_in_c_from_page_locked_buffers(tiny_onnx, tmp_path):
+    """On the GPU a split model stages its inputs in page-locked buffers by itself, and after
+    the first call every crossing of a call (the inputs' included) is copied in C."""
+    from mulayer.runtime import crossing
+
+    compiled = mulayer.compile(str(tiny_onnx), target="mulayer -ratio=0.5, cuda -arch=sm_90, llvm")
+    compiled.export(tmp_path / "c.mulayer")
+    model = mulayer.load(tmp_path / "c.mulayer")
+    first = model.random_inputs(seed=1)
+    model(first)
+    assert model._staging is not None
+    if crossing.NATIVE is None:
+        pytest.skip("no C compiler: every crossing runs in Python")
+    for seed in (2, 3):
+        inputs = model.random_inputs(seed=seed)
+        before = crossing.NATIVE.counts()
+        out = list(model(inputs).values())[0]
+        after = crossing.NATIVE.counts()
+        assert after[1] == before[1] and after[0] > before[0]  # none handed to Python
+        assert max_rel_error(out, onnxruntime_reference(tiny_onnx, inputs)[0]) < 2e-2

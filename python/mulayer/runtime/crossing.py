@@ -58,6 +58,7 @@ import mmap
 import os
 import threading
 
+import numpy as np
 import tvm
 
 from .native_crossing import NativeCopy
@@ -368,23 +369,47 @@ def _copy_in_pieces(src, dst, pieces: list[tuple[int, int]]) -> None:
         )
 
 
-_LOCKED_HOST: list = []  # page-locked host tensors are never freed (see the module docstring)
+_LOCKED_HOST: list = []  # page-locked host memory is never freed (see the module docstring)
 
 
 def page_locked_host(nbytes: int):
-    """A page-aligned uint8 host tensor of ``nbytes`` whose every page is page-locked, as a
-    crossing's planned buffer is (pin flag 2), or ``None`` where it cannot be locked (no CUDA
-    driver or no current context: make a CUDA runtime call on this thread first; or
-    ``MULAYER_PIN_CROSSINGS=0``). It is never freed. For references and the profiler: a buffer
-    that does not start on a page keeps its first page pageable, and a copy that starts there
-    is a pageable copy."""
-    arena = tvm.runtime.empty((nbytes + 2 * _PAGE,), "uint8", tvm.cpu(0))
-    offset = -arena.data_ptr() % _PAGE
-    view = arena._create_view((nbytes,), "uint8", relative_byte_offset=offset)
-    if not PINNER.pin_range(view.data_ptr(), -(-nbytes // _PAGE) * _PAGE):
+    """A uint8 host tensor of ``nbytes`` on fresh pages (anonymous memory: it starts on a page,
+    at byte offset 0, so kernels take its views too), every page page-locked, as a crossing's
+    planned buffer is (pin flag 2); or ``None`` where it cannot be locked (no CUDA driver or no
+    current context: make a CUDA runtime call on this thread first; or
+    ``MULAYER_PIN_CROSSINGS=0``). It is never freed. For staging buffers, references and the
+    profiler: a buffer that does not start on a page keeps its first page pageable, and a copy
+    that starts there is a pageable copy."""
+    size = max(1, -(-nbytes // _PAGE)) * _PAGE
+    pages = np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
+    if not PINNER.pin_range(pages.ctypes.data, size):
         return None
-    _LOCKED_HOST.append(arena)
-    return view
+    tensor = tvm.runtime.from_dlpack(pages)
+    _LOCKED_HOST.append(tensor)
+    return tensor._create_view((nbytes,), "uint8")
+
+
+_SPARE_LOCKED: dict[int, list] = {}  # page-locked tensors given back, by their size in pages
+_SPARE_LOCK = threading.Lock()
+
+
+def take_page_locked(nbytes: int):
+    """A page-locked host buffer as :func:`page_locked_host` makes (its size rounded up to whole
+    pages), reusing one given back with :func:`give_back_page_locked`; ``None`` where none can be
+    locked. For a loaded model's own staging buffers: hand them back when the model goes."""
+    pages = max(1, -(-nbytes // _PAGE))
+    with _SPARE_LOCK:
+        spare = _SPARE_LOCKED.get(pages)
+        if spare:
+            return spare.pop()
+    return page_locked_host(pages * _PAGE)
+
+
+def give_back_page_locked(buffers: list) -> None:
+    """Return buffers from :func:`take_page_locked` (they stay locked, for the next taker)."""
+    with _SPARE_LOCK:
+        for buffer in buffers:
+            _SPARE_LOCKED.setdefault(_nbytes(buffer) // _PAGE, []).append(buffer)
 
 
 def register() -> None:

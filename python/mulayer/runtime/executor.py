@@ -4,9 +4,10 @@ Runtime side only: imports the TVM runtime, never the compiler or onnx. The stoc
 an artifact: GPU kernels are launched asynchronously (on CUDA, each run of them between CPU
 parts replays one captured CUDA graph), so the CPU parts that follow them in program order run
 while the GPU computes; tensors cross between the devices through
-:mod:`mulayer.runtime.crossing` (planned buffers, host side page-locked once). The CPU
-parts' weights are copied to the host once, at load (``vm["mulayer_cpu_weights"]()``), and
-passed to every call after the inputs.
+:mod:`mulayer.runtime.crossing` (planned buffers, host side page-locked once; the caller's
+inputs are first copied into page-locked buffers of the model's own). The CPU parts' weights
+are copied to the host once, at load (``vm["mulayer_cpu_weights"]()``), and passed to every
+call after the inputs.
 
 Concurrency: one ``LoadedModel`` may be called from several threads; calls are serialised by a
 lock (the VM keeps per-call frames and a memory plan that must not interleave), so results equal
@@ -19,6 +20,7 @@ import math
 import statistics
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +29,9 @@ from tvm.runtime.vm import VirtualMachine
 
 from ..errors import MuLayerError
 from ..tensor_spec import TensorSpec
+from . import crossing
+
+_STAGING_TRIES = 3  # calls that try to page-lock the input buffers before giving up
 
 _DEVICE_MAKERS = {"cpu": tvm.cpu, "cuda": tvm.cuda, "opencl": tvm.opencl}
 
@@ -109,6 +114,9 @@ class LoadedModel:
         self._lock = threading.Lock()
         weights = metadata.get("cpu_weights")
         self._weights = list(self._vm[weights["function"]]()) if weights else []
+        stages = "cuda" in metadata["vm_devices"] and self.input_device.dlpack_device_type() == 1
+        self._staging_tries = _STAGING_TRIES if stages and len(self.devices) > 1 else 0
+        self._staging: list | None = None  # page-locked host tensors the inputs are copied into
 
     @property
     def mode(self) -> str:
@@ -154,15 +162,54 @@ class LoadedModel:
         }
 
     # --------------------------------------------------------------------- run
-    def _upload(self, arrays: list[np.ndarray]) -> list:
-        return [tvm.runtime.tensor(array, self.input_device) for array in arrays]
+    def _place(self, arrays: list[np.ndarray]) -> list:
+        """The inputs as the VM takes them; call with the lock held.
+
+        A cooperative CUDA model whose inputs start on the CPU copies them into page-locked
+        host buffers of its own (taken at the first call, given back when the model is freed),
+        so that their crossing to the GPU is a pinned copy; elsewhere, or where none can be
+        locked (``MULAYER_PIN_CROSSINGS=0``, no CUDA context on this thread yet: tried again on
+        the next calls), new host tensors.
+        """
+        if self._staging is None and self._staging_tries:
+            self._staging_tries -= 1
+            self._staging = self._take_staging()
+        if self._staging is None:
+            return [tvm.runtime.tensor(array, self.input_device) for array in arrays]
+        for tensor, array in zip(self._staging, arrays, strict=True):
+            tensor.copyfrom(array)
+        return self._staging
+
+    def _take_staging(self) -> list | None:
+        buffers = []
+        for spec in self.inputs:
+            nbytes = math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
+            buffer = crossing.take_page_locked(nbytes)
+            if buffer is None:
+                crossing.give_back_page_locked(buffers)
+                return None
+            buffers.append(buffer)
+        weakref.finalize(self, crossing.give_back_page_locked, buffers)
+        return [
+            buffer._create_view(spec.shape, spec.dtype)
+            for buffer, spec in zip(buffers, self.inputs, strict=True)
+        ]
+
+    def _placed(self, inputs) -> list:
+        arrays = self.check_inputs(inputs or self.random_inputs(0))
+        with self._lock:
+            return self._place(arrays)
+
+    def _call(self, device_inputs: list):
+        """One VM call and a sync of every device; call with the lock held."""
+        result = self._main(*device_inputs, *self._weights)
+        for device in self.devices:
+            device.sync()
+        return result
 
     def _invoke(self, device_inputs: list):
         with self._lock:
-            result = self._main(*device_inputs, *self._weights)
-            for device in self.devices:
-                device.sync()
-        return result
+            return self._call(device_inputs)
 
     def _to_numpy(self, result) -> dict[str, np.ndarray]:
         values = list(result) if not hasattr(result, "numpy") else [result]
@@ -185,18 +232,20 @@ class LoadedModel:
                         f"NaN or Inf values in input {spec.name!r} ({count} of {array.size}); "
                         "outputs computed from them are unspecified"
                     )
-        return self._to_numpy(self._invoke(self._upload(arrays)))
+        with self._lock:  # the outputs are read before the next call may overwrite the inputs
+            return self._to_numpy(self._call(self._place(arrays)))
 
     __call__ = run
 
     def benchmark(self, inputs=None, repeat: int = 50, warmup: int = 5) -> Timing:
         """Median latency of ``repeat`` runs after ``warmup`` runs.
 
-        Inputs are uploaded once; each timed run is the VM call plus a sync of every device.
+        Inputs are placed once (a concurrent ``run`` may overwrite the staged ones: timings
+        only); each timed run is the VM call plus a sync of every device.
         """
         if repeat < 1:
             raise MuLayerError(f"repeat must be at least 1, got {repeat}")
-        device_inputs = self._upload(self.check_inputs(inputs or self.random_inputs(0)))
+        device_inputs = self._placed(inputs)
         for _ in range(warmup):
             self._invoke(device_inputs)
         samples = []
@@ -213,7 +262,7 @@ class LoadedModel:
         """
         from .trace import Recorder
 
-        device_inputs = self._upload(self.check_inputs(inputs or self.random_inputs(0)))
+        device_inputs = self._placed(inputs)
         for _ in range(warmup):
             self._invoke(device_inputs)
         gpu_kind = self.metadata["vm_devices"][0] if len(self.devices) > 1 else None
