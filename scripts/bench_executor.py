@@ -409,6 +409,8 @@ def measure(
         row[f"{kind}_us"] = sum(i["net_us"] for i in items if i["kind"] == kind)
         row[f"{kind}_calls"] = sum(1 for i in items if i["kind"] == kind)
     row.update(crossing_cost(items, cache))
+    for item in items:  # let the VM's pool have its buffers back (see Fenced)
+        item.pop("call", None)
     if bounce_ab:
         row["no_bounce"] = without_bounce(model, x, repeat, warmup, cache)
     if python_ab:

@@ -164,6 +164,7 @@ def main(argv=None) -> int:
         out["measurement"] = noise
         out["crossing"] = crossing
         out["kernel_rules"] = rules
+        out["runs"] = {"scales": data.run_scales, "unanchored": data.unanchored_runs}
         if "xgboost" in metrics:
             out["xgboost_breakdown"] = report.by_group("xgboost", args.tolerance)
         out["config"] = {"prior": args.prior, "shared": args.shared, "statistic": args.statistic}
@@ -176,6 +177,13 @@ def main(argv=None) -> int:
         + ", ".join(f"{m} ({f['test_layers']} layers)" for m, f in report.folds.items())
     )
     print(table(metrics, args.tolerance))
+    for run, scales in data.run_scales.items():
+        print(
+            f"run {run}: parts scaled to the earliest run's "
+            + ", ".join(f"{p} x{f:.3f}" for p, f in sorted(scales.items()))
+        )
+    if data.unanchored_runs:
+        print("runs without anchors (left unscaled): " + ", ".join(data.unanchored_runs))
     print(
         "measurement repeatability (single repeats within "
         f"±{args.tolerance * 100:g}% of their part's latency): "

@@ -2,6 +2,7 @@
 crossings staged into planned buffers. Structure is checked on CUDA modules compiled here
 (no GPU needed); numerics on the llvm + llvm stand-in (and ``gpu``-marked on a real GPU)."""
 
+import collections
 import re
 import warnings
 
@@ -574,8 +575,10 @@ def test_inputs_are_staged_in_page_locked_buffers_of_the_model(tiny_onnx, tmp_pa
 
     from mulayer.runtime import crossing
 
-    pinner = _use_driver(monkeypatch, crossing, _FakeDriver())
+    driver = _FakeDriver()
+    pinner = _use_driver(monkeypatch, crossing, driver)
     monkeypatch.setattr(crossing, "_SPARE_LOCKED", {})
+    monkeypatch.setattr(crossing, "_GIVEN_BACK", collections.deque())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compiled = mulayer.compile(str(tiny_onnx), target="mulayer -ratio=0.5, llvm, llvm")
@@ -583,9 +586,13 @@ def test_inputs_are_staged_in_page_locked_buffers_of_the_model(tiny_onnx, tmp_pa
     plain = mulayer.load(tmp_path / "t.mulayer")
     assert plain._staging_tries == 0  # no CUDA: nothing to stage for
     staged = mulayer.load(tmp_path / "t.mulayer")
-    staged._staging_tries = 1
+    staged._staging_tries = 2
     inputs = [staged.random_inputs(seed=int(s)) for s in np.random.randint(1 << 30, size=8)]
-    serial = [list(staged(x).values())[0] for x in inputs]
+    driver.refuse = True  # the first try is refused: fresh tensors, the next call tries again
+    serial = [list(staged(inputs[0]).values())[0]]
+    assert staged._staging is None and staged._staging_tries == 1
+    driver.refuse = False
+    serial += [list(staged(x).values())[0] for x in inputs[1:]]
     for x, got in zip(inputs, serial, strict=True):
         assert np.array_equal(got, list(plain(x).values())[0])
     buffers = staged._staging
@@ -599,13 +606,14 @@ def test_inputs_are_staged_in_page_locked_buffers_of_the_model(tiny_onnx, tmp_pa
     pointers = sorted(b.data_ptr() for b in buffers)
     del staged, buffers
     gc.collect()
-    spare = [b.data_ptr() for free in crossing._SPARE_LOCKED.values() for b in free]
-    assert sorted(spare) == pointers
+    assert sorted(b.data_ptr() for b in crossing._GIVEN_BACK) == pointers
     again = mulayer.load(tmp_path / "t.mulayer")
     again._staging_tries = 1
     again(inputs[0])
     assert sorted(b.data_ptr() for b in again._staging) == pointers
-    assert not any(crossing._SPARE_LOCKED.values())
+    assert not any(crossing._SPARE_LOCKED.values()) and not crossing._GIVEN_BACK
+    del again  # before the real pool is put back: these buffers were locked by the fake
+    gc.collect()
 
 
 @pytest.mark.gpu

@@ -3,6 +3,7 @@ default selection by fingerprint, transfers, the held-out evaluation and its scr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import runpy
 import sys
@@ -356,6 +357,45 @@ def test_profile_data_selects_one_profile():
         profile_data([])
 
 
+def test_later_runs_are_put_on_the_earliest_runs_scale():
+    """A later run whose anchors (parts of the earliest run timed again) took 2x on the CPU and
+    0.8x on the GPU has its parts scaled by 1/2 and 1/0.8; a run without anchors is left
+    unscaled and named; rows without a run id are the earliest run."""
+    rng = np.random.default_rng()
+    head = {"profile_id": "p", "fingerprint": {}, "target": {}}
+    layer = dataclasses.asdict(dense(64, 32))
+
+    def row(kind, run, processor, index, us):
+        key_part = f"k{index}/{processor}/32"
+        extra = {"run": run} if run else {}
+        return {
+            "row": kind,
+            "key": f"k{index}",
+            "key_part": key_part,
+            "processor": processor,
+            "channels": 32,
+            "layer": layer,
+            "latency_us": us,
+            **head,
+            **extra,
+        }
+
+    first = {(p, i): float(rng.uniform(5, 500)) for p in ("cpu", "gpu") for i in range(6)}
+    slower = {"cpu": 2.0, "gpu": 0.8}
+    rows = [row("part", "", p, i, us) for (p, i), us in first.items()]
+    rows += [row("anchor", "B", p, i, first[p, i] * slower[p]) for p, i in first if i < 3]
+    rows += [row("part", "B", p, 10 + i, 100.0) for p in ("cpu", "gpu") for i in range(2)]
+    rows += [row("part", "C", "cpu", 20, 100.0)]
+    data = profile_data(rows)
+    assert data.run_scales == {"B": pytest.approx({"cpu": 0.5, "gpu": 1.25})}
+    assert data.unanchored_runs == ["C"]
+    got = {(p.key, p.processor): p.latency_us for p in data.parts}
+    assert got["k10", "cpu"] == pytest.approx(50.0) and got["k11", "gpu"] == pytest.approx(125.0)
+    assert got["k20", "cpu"] == pytest.approx(100.0)
+    assert got["k0", "cpu"] == pytest.approx(first["cpu", 0])  # the earliest run as measured
+    assert data.summary()["run_scales"] == data.run_scales
+
+
 def test_eval_script_json_on_shipped_data(capsys, monkeypatch):
     profile = ROOT / "data" / "profile-llvm-standin.jsonl"
     script = ROOT / "scripts" / "eval_cost_model.py"
@@ -365,8 +405,9 @@ def test_eval_script_json_on_shipped_data(capsys, monkeypatch):
     assert info.value.code == 0
     out = json.loads(capsys.readouterr().out)
     predictors = {"xgboost", "flops_linear", "neurosurgeon"}
-    extras = {"measurement", "crossing", "kernel_rules", "xgboost_breakdown", "config"}
+    extras = {"measurement", "crossing", "kernel_rules", "xgboost_breakdown", "config", "runs"}
     assert set(out) == predictors | extras
+    assert out["runs"] == {"scales": {}, "unanchored": []}  # one run, made before run ids
     assert 0.0 < out["measurement"]["all"]["within"] <= 1.0
     # The features' mirror of the schedule rules names the rules the CPU side recorded (the
     # stand-in's "GPU" runs CPU rules, which the GPU mirror does not describe).

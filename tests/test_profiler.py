@@ -275,6 +275,30 @@ def test_profile_resumes_without_repeating(stand_in_profile, tmp_path):
     assert len(read_rows(out)) == before
 
 
+def test_a_resumed_run_times_parts_of_the_earliest_run_again(stand_in_profile, tmp_path):
+    """A run that resumes with parts to time first times ``anchors`` parts per processor that
+    the earliest run measured, as anchor rows under its own run id, the same ones each time."""
+    out = _copy(stand_in_profile[0], tmp_path)
+    first = [r for r in read_rows(out) if r["row"] == "part"]
+    first_run = {r["run"] for r in first}
+    assert len(first_run) == 1 and stand_in_profile[1].run in first_run
+    summary = profile(_config(out, max_layers=3, anchors=2))
+    assert summary.parts_measured > 0 and summary.run not in first_run
+    anchors = [r for r in read_rows(out) if r["row"] == "anchor"]
+    assert len(anchors) == summary.anchors_measured == 4  # 2 per processor
+    assert {r["run"] for r in anchors} == {summary.run}
+    assert {r["anchor_of"] for r in anchors} == first_run
+    by_key = {r["key_part"]: r for r in first}
+    for anchor in anchors:
+        assert anchor["key_part"] in by_key and anchor["latency_us"] > 0
+        assert anchor["processor"] == by_key[anchor["key_part"]]["processor"]
+    again = profile(_config(out, max_layers=4, anchors=2))
+    picked = [
+        r["key_part"] for r in read_rows(out) if r["row"] == "anchor" and r["run"] == again.run
+    ]
+    assert sorted(picked) == sorted(r["key_part"] for r in anchors)  # the same parts again
+
+
 def test_profile_stops_at_the_deadline(stand_in_profile, tmp_path):
     out = _copy(stand_in_profile[0], tmp_path)
     summary = profile(_config(out, max_layers=4, max_seconds=0.0))

@@ -98,6 +98,14 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--max-layers", type=int, help="profile only the first N distinct layers")
     parser.add_argument(
+        "--anchors",
+        type=int,
+        default=12,
+        metavar="N",
+        help="a resumed run first times N parts per processor of the earliest run again, so that "
+        "training puts its rows on that run's scale (default: 12; 0: none)",
+    )
+    parser.add_argument(
         "--no-transfers", action="store_true", help="skip the host<->device copy timings"
     )
     parser.add_argument(
@@ -122,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         raise MuLayerError(f"--processors {args.processors!r}: use cpu, gpu or cpu,gpu")
     if args.sweep < 0:
         raise MuLayerError("--sweep must be 0 or more")
+    if args.anchors < 0:
+        raise MuLayerError(f"--anchors {args.anchors}: give 0 (none) or more")
     for name in ("align", "jobs", "chunk_size", "repeat"):
         if getattr(args, name) < 1:
             raise MuLayerError(f"--{name.replace('_', '-')} must be at least 1")
@@ -142,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         rpc_key=args.rpc_key,
         sweep=args.sweep,
         max_layers=args.max_layers,
+        anchors=args.anchors,
         progress=not args.json,
     )
     summary = profile(cfg)
@@ -155,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"{summary.output}: {summary.parts_measured} parts timed, {summary.parts_failed} failed, "
-        f"{summary.transfer_rows} transfer rows in {summary.seconds:.0f} s; {state}"
+        f"{summary.transfer_rows} transfer rows, {summary.anchors_measured} anchors timed again "
+        f"in {summary.seconds:.0f} s; {state}"
     )
     if summary.parts_failed:
         print("failed parts carry an 'error' field in their rows", file=sys.stderr)

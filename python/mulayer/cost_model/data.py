@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
@@ -49,6 +50,9 @@ class ProfileData:
     # layer keys of synthetic models (the profiler's sweep): training data, never held out
     synthetic: set[str] = field(default_factory=set)
     statistic: str = "median"
+    # run id -> processor -> the factor its parts were multiplied by (the earliest run: none)
+    run_scales: dict[str, dict[str, float]] = field(default_factory=dict)
+    unanchored_runs: list[str] = field(default_factory=list)  # later runs left unscaled
 
     def processors(self) -> list[str]:
         return sorted({p.processor for p in self.parts})
@@ -113,6 +117,8 @@ class ProfileData:
             "models": sorted(self.models),
             "synthetic_layers": len(self.synthetic),
             "statistic": self.statistic,
+            "run_scales": self.run_scales,
+            "unanchored_runs": self.unanchored_runs,
         }
 
 
@@ -124,7 +130,7 @@ def profile_data(
     With ``profile_id`` None the data must hold exactly one profile (else the error lists them).
     ``statistic`` is the latency taken from each part's repeats: "median" (the row's
     ``latency_us``) or "min" (the least disturbed repeat: use it for data measured on a busy
-    machine).
+    machine). Parts of later runs are put on the earliest run's scale (:func:`run_scales`).
     """
     if statistic not in STATISTICS:
         raise MuLayerError(f"statistic {statistic!r}: use one of {', '.join(STATISTICS)}")
@@ -147,20 +153,24 @@ def profile_data(
     mine = [r for r in measured if r.get("profile_id") == profile_id]
     data = ProfileData(profile_id, mine[0]["fingerprint"], mine[0]["target"])
     data.statistic = statistic
+    parts = [r for r in mine if r["row"] == "part"]
+    anchors = [r for r in rows if r["row"] == "anchor" and r.get("profile_id") == profile_id]
+    data.run_scales, data.unanchored_runs = run_scales(parts, anchors, statistic)
     for row in mine:
         if row["row"] == "transfer":
             data.transfers.append(row)
         elif row["row"] == "sync":
             data.syncs.append(row)
         elif "error" not in row and row.get("latency_us", 0) > 0:
+            scale = data.run_scales.get(row.get("run", ""), {}).get(row["processor"], 1.0)
             data.parts.append(
                 PartSample(
                     key=row["key"],
                     processor=row["processor"],
                     layer=layer_from_json(row["layer"]),
                     channels=int(row["channels"]),
-                    latency_us=_latency(row, statistic),
-                    samples_us=tuple(row.get("samples_us") or ()),
+                    latency_us=_latency(row, statistic) * scale,
+                    samples_us=tuple(t * scale for t in row.get("samples_us") or ()),
                     rule=(row.get("schedule") or {}).get("rule", ""),
                 )
             )
@@ -173,6 +183,46 @@ def profile_data(
         else:
             data.models.setdefault(row["model"], set()).update(keys)
     return data
+
+
+def run_scales(
+    parts: list[dict], anchors: list[dict], statistic: str = "median"
+) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Per later run and processor, the median over its anchors of (the earliest run's time of
+    the part / the anchor's time): the factor that puts the run's parts on the earliest run's
+    scale (a machine started again may be faster or slower). Runs are ``mulayer profile``
+    invocations (rows without a ``run`` id: one run, made before runs had ids); the earliest
+    is the first in the file. Also the later runs with parts but no anchors (left unscaled)."""
+    measured = [r for r in parts if "error" not in r and r.get("latency_us", 0) > 0]
+    if not measured:
+        return {}, []
+    earliest = measured[0].get("run", "")
+    first = {
+        r["key_part"]: _latency(r, statistic) for r in measured if r.get("run", "") == earliest
+    }
+    ratios: dict[str, dict[str, list[float]]] = {}
+    for anchor in anchors:
+        reference = first.get(anchor["key_part"])
+        if reference is None or "error" in anchor or anchor.get("latency_us", 0) <= 0:
+            continue
+        by_processor = ratios.setdefault(anchor.get("run", ""), {})
+        by_processor.setdefault(anchor["processor"], []).append(
+            reference / _latency(anchor, statistic)
+        )
+    scales = {
+        run: {p: statistics.median(values) for p, values in by_processor.items()}
+        for run, by_processor in ratios.items()
+        if run != earliest
+    }
+    later = {r.get("run", "") for r in measured} - {earliest}
+    unanchored = sorted(
+        run
+        for run in later
+        if any(
+            r.get("run", "") == run and r["processor"] not in scales.get(run, {}) for r in measured
+        )
+    )
+    return scales, unanchored
 
 
 def layer_from_json(raw: dict) -> Layer:

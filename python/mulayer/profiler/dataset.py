@@ -6,13 +6,17 @@ Rows (``"row"`` says which):
 - ``model``: a model's splittable layers (``layers``: ``[layer name, shape key, Layer JSON]``),
   with the digest of the model it was read from;
 - ``part``: one timed part (``key``, ``processor``, ``channels``, ``latency_us``...);
+- ``anchor``: a part of the earliest run (``anchor_of``) timed again by a later run, which
+  puts that run's rows on the earliest run's scale;
 - ``transfer``: a host<->device copy (``direction``, ``memory``, ``nbytes``, ``latency_us``);
 - ``sync``: an empty device synchronisation.
 
 Measured rows (part, transfer, sync) carry the ``fingerprint`` of the machine and a
 ``profile_id`` (fingerprint + target + build options): a resumed run skips what its own
-``profile_id`` already has. Every row carries ``schema``. Lines are written whole and flushed;
-a line that does not parse (a run killed mid-write) is dropped when the file is opened again.
+``profile_id`` already has. Each ``mulayer profile`` invocation is a ``run`` (an id in its
+rows; older data sets have none, which counts as one run). Every row carries ``schema``.
+Lines are written whole and flushed; a line that does not parse (a run killed mid-write) is
+dropped when the file is opened again.
 This module needs only the standard library, so the cost model can read data sets anywhere.
 """
 
@@ -28,7 +32,7 @@ from mulayer.errors import MuLayerError
 from mulayer.fileio import atomic_write_text
 
 DATASET_SCHEMA_VERSION = 1
-ROW_KINDS = ("shape", "model", "part", "transfer", "sync")
+ROW_KINDS = ("shape", "model", "part", "anchor", "transfer", "sync")
 
 
 def _valid(row: object) -> bool:

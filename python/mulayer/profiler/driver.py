@@ -6,9 +6,12 @@ The run reads top to bottom in :func:`profile`:
 2. read the models' layers (or reuse them from the data set) and list the parts still to time:
    every distinct layer x processor x channel slice of :func:`channel_grid`;
 3. time transfers and sync once (local GPU sessions);
-4. in rounds: build ``jobs`` chunks of ``chunk_size`` parts in parallel worker processes, then
-   time them one by one with nothing else running; append a row per part;
-5. stop before a round that would not end within ``max_seconds``; the next run resumes.
+4. on a resumed run, time some parts the earliest run measured again (anchors: ``anchors``
+   per processor), so that training can put every run's rows on the earliest run's scale
+   (a machine started again may run faster or slower: ``mulayer.cost_model.data``);
+5. in rounds: build ``jobs`` chunks of ``chunk_size`` parts in parallel worker processes, then
+   time them one by one with nothing else running; append a row per part (with the run's id);
+6. stop before a round that would not end within ``max_seconds``; the next run resumes.
 
 Height (row) slices are not profiled: SplitChannels splits output channels only.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import secrets
 import sys
 import tempfile
 import time
@@ -73,6 +77,8 @@ class ProfileConfig:
     sweep: int = 0
     # Profile only the first N distinct layers (tests, quick looks).
     max_layers: int | None = None
+    # Parts of the earliest run timed again per processor by a resumed run (0: none).
+    anchors: int = 12
     progress: bool = True
 
 
@@ -85,7 +91,9 @@ class ProfileSummary:
     parts_measured: int = 0
     parts_failed: int = 0
     parts_left: int = 0
+    anchors_measured: int = 0
     transfer_rows: int = 0
+    run: str = ""
     seconds: float = 0.0
 
     @property
@@ -221,6 +229,38 @@ def _todo(cfg, specs, layers, done: set[str]) -> list[dict]:
     return parts
 
 
+def anchor_parts(rows: list[dict], pid: str, specs, layers, cfg) -> list[dict]:
+    """Up to ``cfg.anchors`` parts per processor that the earliest run of profile ``pid``
+    measured (rows without a run id are that run: profiles made before runs had ids), picked
+    by a hash of their key (the same ones on every resumed run), to be timed again."""
+    measured = [
+        r for r in rows if r.get("profile_id") == pid and "error" not in r and r["key"] in specs
+    ]
+    if not measured or cfg.anchors <= 0:
+        return []
+    earliest = measured[0].get("run", "")
+    picked: dict[str, list[dict]] = {}
+    ranked = sorted(
+        (r for r in measured if r.get("run", "") == earliest and r["processor"] in cfg.processors),
+        key=lambda r: hashlib.sha1(r["key_part"].encode()).hexdigest(),
+    )
+    for row in ranked:
+        chosen = picked.setdefault(row["processor"], [])
+        if len(chosen) < cfg.anchors:
+            chosen.append(
+                {
+                    "id": row["key_part"],
+                    "key": row["key"],
+                    "processor": row["processor"],
+                    "channels": row["channels"],
+                    "spec": specs[row["key"]].to_json(),
+                    "layer": layers[row["key"]],
+                    "anchor_of": earliest,
+                }
+            )
+    return [part for chosen in picked.values() for part in chosen]
+
+
 def _chunks(parts: list[dict], size: int) -> list[list[dict]]:
     by_processor: dict[str, list[dict]] = {}
     for part in parts:
@@ -270,8 +310,10 @@ def profile(cfg: ProfileConfig) -> ProfileSummary:
     gpu_dev = session.device("gpu") if spec.device is not None else None
     fp = fingerprint(spec, gpu_dev, session.remote_key)
     pid = _profile_id(fp, spec, cfg.prepack)
+    run = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
     base = {
         "profile_id": pid,
+        "run": run,
         "fingerprint": fp,
         "target": {"host": spec.host, "device": spec.device},
     }
@@ -283,11 +325,17 @@ def profile(cfg: ProfileConfig) -> ProfileSummary:
             done = {r["key_part"] for r in data.of_kind("part") if r.get("profile_id") == pid}
             specs, layers = _collect_layers(cfg, data, pool)
             todo = _todo(cfg, specs, layers, done)
-            summary = ProfileSummary(str(cfg.output), pid, fp, parts_total=len(todo) + len(done))
+            summary = ProfileSummary(
+                str(cfg.output), pid, fp, parts_total=len(todo) + len(done), run=run
+            )
             # Step 2. Transfers and sync (a local GPU: a remote one is timed by its kernels only).
             if cfg.transfers and spec.device is not None and session.remote_key is None:
                 _measure_transfers(session, data, base, cfg.transfer_sizes, summary)
-            # Step 3. Build and time chunks in rounds.
+            # Step 3. Anchors: a resumed run times parts of the earliest run again.
+            anchors = anchor_parts(data.of_kind("part"), pid, specs, layers, cfg) if todo else []
+            if anchors:
+                _run_rounds(cfg, spec, session, data, base, anchors, summary, start, pool, "anchor")
+            # Step 4. Build and time chunks in rounds.
             _run_rounds(cfg, spec, session, data, base, todo, summary, start, pool)
     finally:
         if pool is not None:
@@ -297,10 +345,11 @@ def profile(cfg: ProfileConfig) -> ProfileSummary:
     return summary
 
 
-def _run_rounds(cfg, spec, session, data, base, todo, summary, start, pool) -> None:
+def _run_rounds(cfg, spec, session, data, base, todo, summary, start, pool, kind="part") -> None:
+    """Build and time ``todo`` in rounds; append a row of ``kind`` ("part", "anchor") each."""
     chunks = _chunks(todo, cfg.chunk_size)
     jobs = max(1, cfg.jobs)
-    bar = _progress(len(todo), cfg.progress)
+    bar = _progress(len(todo), cfg.progress and kind == "part")
     round_seconds: list[float] = []
     try:
         with tempfile.TemporaryDirectory(prefix="mulayer-profile-") as tmp:
@@ -332,20 +381,21 @@ def _run_rounds(cfg, spec, session, data, base, todo, summary, start, pool) -> N
                     built = list(pool.map(build_chunk_safely, requests))
                 for chunk, results in zip(batch, built, strict=True):
                     for result in results:
-                        _time_chunk(cfg, session, data, base, chunk, result, summary)
+                        _time_chunk(cfg, session, data, base, chunk, result, summary, kind)
                         if result["library"]:
                             Path(result["library"]).unlink(missing_ok=True)
                     if bar is not None:
                         bar.update(len(chunk))
                 round_seconds.append(time.monotonic() - round_start)
                 index += len(batch)
-            summary.parts_left = sum(len(c) for c in chunks[index:])
+            if kind == "part":
+                summary.parts_left = sum(len(c) for c in chunks[index:])
     finally:
         if bar is not None:
             bar.close()
 
 
-def _time_chunk(cfg, session, data, base, chunk, result, summary) -> None:
+def _time_chunk(cfg, session, data, base, chunk, result, summary, kind="part") -> None:
     """Time the parts of one built library (``result``) and append their rows."""
     by_id = {p["id"]: p for p in chunk}
     rows: dict[str, dict] = {}
@@ -369,18 +419,21 @@ def _time_chunk(cfg, session, data, base, chunk, result, summary) -> None:
     for part_id, measured in rows.items():
         part = by_id[part_id]
         row = {
-            "row": "part",
+            "row": kind,
             "key_part": part_id,
             "key": part["key"],
             "processor": part["processor"],
             "channels": part["channels"],
             "layer": part["layer"],
             "build_seconds": build_seconds,
+            **({"anchor_of": part["anchor_of"]} if "anchor_of" in part else {}),
             **base,
             **measured,
         }
         data.append(row)
-        if "error" in measured:
+        if kind == "anchor":
+            summary.anchors_measured += "error" not in measured
+        elif "error" in measured:
             summary.parts_failed += 1
         else:
             summary.parts_measured += 1

@@ -53,6 +53,7 @@ straight to the driver (pageable) instead of through the bounce pages. Importing
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import mmap
 import os
@@ -382,14 +383,15 @@ def page_locked_host(nbytes: int):
     that starts there is a pageable copy."""
     size = max(1, -(-nbytes // _PAGE)) * _PAGE
     pages = np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
+    _LOCKED_HOST.append(pages)  # kept before the lock: locked memory is never unmapped
     if not PINNER.pin_range(pages.ctypes.data, size):
+        _LOCKED_HOST.pop()  # refused cleanly: nothing locked
         return None
-    tensor = tvm.runtime.from_dlpack(pages)
-    _LOCKED_HOST.append(tensor)
-    return tensor._create_view((nbytes,), "uint8")
+    return tvm.runtime.from_dlpack(pages)._create_view((nbytes,), "uint8")
 
 
 _SPARE_LOCKED: dict[int, list] = {}  # page-locked tensors given back, by their size in pages
+_GIVEN_BACK: collections.deque = collections.deque()  # given back, not yet sorted by size
 _SPARE_LOCK = threading.Lock()
 
 
@@ -399,6 +401,9 @@ def take_page_locked(nbytes: int):
     locked. For a loaded model's own staging buffers: hand them back when the model goes."""
     pages = max(1, -(-nbytes // _PAGE))
     with _SPARE_LOCK:
+        while _GIVEN_BACK:
+            buffer = _GIVEN_BACK.popleft()
+            _SPARE_LOCKED.setdefault(_nbytes(buffer) // _PAGE, []).append(buffer)
         spare = _SPARE_LOCKED.get(pages)
         if spare:
             return spare.pop()
@@ -406,10 +411,9 @@ def take_page_locked(nbytes: int):
 
 
 def give_back_page_locked(buffers: list) -> None:
-    """Return buffers from :func:`take_page_locked` (they stay locked, for the next taker)."""
-    with _SPARE_LOCK:
-        for buffer in buffers:
-            _SPARE_LOCKED.setdefault(_nbytes(buffer) // _PAGE, []).append(buffer)
+    """Return buffers from :func:`take_page_locked` (they stay locked, for the next taker).
+    Takes no lock: it runs from finalizers, which the garbage collector may call anywhere."""
+    _GIVEN_BACK.extend(buffers)
 
 
 def register() -> None:

@@ -168,11 +168,13 @@ class LoadedModel:
         A cooperative CUDA model whose inputs start on the CPU copies them into page-locked
         host buffers of its own (taken at the first call, given back when the model is freed),
         so that their crossing to the GPU is a pinned copy; elsewhere, or where none can be
-        locked (``MULAYER_PIN_CROSSINGS=0``, no CUDA context on this thread yet: tried again on
-        the next calls), new host tensors.
+        locked (``MULAYER_PIN_CROSSINGS=0``, a driver that refuses: tried at
+        ``_STAGING_TRIES`` calls, then never again), new host tensors.
         """
         if self._staging is None and self._staging_tries:
             self._staging_tries -= 1
+            for device in self.devices:  # makes this thread's CUDA context current
+                device.sync()
             self._staging = self._take_staging()
         if self._staging is None:
             return [tvm.runtime.tensor(array, self.input_device) for array in arrays]
@@ -259,6 +261,7 @@ class LoadedModel:
         """Run once under the VM instrument; return ``(chrome_trace_dict, TraceSummary)``.
 
         See :mod:`mulayer.runtime.trace` for what is recorded and how GPU intervals are timed.
+        A concurrent ``run`` may overwrite the staged inputs (the trace's timings stay valid).
         """
         from .trace import Recorder
 
