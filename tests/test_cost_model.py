@@ -167,6 +167,26 @@ def test_features_of_depthwise_pool_and_dense_parts():
     assert fc["is_dense"] == 1.0 and fc["channel_share"] == 1.0 and fc["in_channels"] == 512
 
 
+def test_features_see_the_epilogue_and_input_sign_that_were_timed():
+    from dataclasses import replace
+
+    from mulayer.cost_model.data import layer_from_json
+
+    relu6 = ("relax.add", "relax.maximum", "relax.minimum")
+    layer = replace(conv(32, 64, 28), epilogue=relu6, input_nonneg=False)
+    values = dict(zip(FEATURE_NAMES, part_features(layer, 32, "cpu"), strict=True))
+    assert values["epilogue_ops"] == 3 and values["epilogue_clamps"] == 1
+    assert values["input_signed"] == 1.0
+    relu = replace(layer, epilogue=("relax.add", "relax.nn.relu"), input_nonneg=True)
+    values = dict(zip(FEATURE_NAMES, part_features(relu, 32, "cpu"), strict=True))
+    assert values["epilogue_clamps"] == 0 and values["input_signed"] == 0.0
+    # A profile row's layer entry takes the epilogue of the spec its part was timed with.
+    spec = {"epilogue": [{"op": op} for op in relu6], "input_nonneg": True}
+    read = layer_from_json(relu.to_json(), spec)
+    assert read.epilogue == relu6 and read.input_nonneg
+    assert layer_from_json(relu.to_json()) == relu  # JSON round trip (tuples back)
+
+
 # ------------------------------------------------------------------------- partitioner API
 def test_cost_model_api(trained):
     layer = conv(64, 128, 28)

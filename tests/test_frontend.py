@@ -138,3 +138,23 @@ def test_layer_table_flops(tiny_onnx):
         n, c, h, w = layer.output_shape
         assert c == out_c
         assert layer.flops == 2 * n * c * h * w * in_per_group * kh * kw
+
+
+def test_layer_table_records_each_layers_epilogue_and_input_sign():
+    from tests.relax_nets import odd
+
+    layers = {layer.name: layer for layer in splittable_layers(odd()["main"])}
+    # conv + folded BN + ReLU on the net's input (signed)
+    assert layers["conv2d.0"].epilogue == ("relax.add", "relax.nn.relu")
+    assert not layers["conv2d.0"].input_nonneg
+    # after the ReLU: a pool's input is never negative; BN after a pool is channel-wise too
+    assert layers["max_pool2d.0"].input_nonneg
+    assert layers["max_pool2d.0"].epilogue[-2:] == ("relax.multiply", "relax.add")
+    # grouped conv + ReLU6 (maximum, minimum) on the BN's signed output
+    assert layers["conv2d.1"].epilogue == ("relax.add", "relax.maximum", "relax.minimum")
+    assert not layers["conv2d.1"].input_nonneg
+    # the depthwise conv reads the ReLU6 output; the pointwise conv after it does not
+    assert layers["conv2d.2"].input_nonneg and not layers["conv2d.3"].input_nonneg
+    # a concat is never negative only if every branch is not (the strided conv has no ReLU)
+    assert not layers["global_avg_pool2d.0"].input_nonneg
+    assert layers["avg_pool2d.0"].epilogue == ()

@@ -111,6 +111,13 @@ def test_sweep_covers_the_families_of_the_nets():
     assert any(s.weight_shape[2] == 1 and s.attrs["groups"] == 1 for s in convs)
     assert max(s.input_shape[2] for s in convs) >= 224
     assert any(s.input_shape[1] % 8 or s.output_shape[1] % 8 for s in convs)
+    # MobileNets' ReLU6 as the frontend writes it (maximum, minimum), ReLU, and bias only.
+    epilogues = {tuple(step["op"] for step in s.epilogue) for s in convs}
+    assert epilogues == {
+        ("relax.add", "relax.nn.relu"),
+        ("relax.add", "relax.maximum", "relax.minimum"),
+        ("relax.add",),
+    }
 
 
 def test_sweep_is_deterministic_and_well_formed():
@@ -126,6 +133,7 @@ def test_sweep_is_deterministic_and_well_formed():
             continue  # big random weights: slow to rebuild, same code path
         (layer,) = splittable_layers(layer_module(spec)["main"])
         assert list(layer.output_shape) == spec.output_shape
+        assert list(layer.epilogue) == [step["op"] for step in spec.epilogue]
     sources = resolve_models(["tiny"], sweep=24)
     assert [s.name for s in sources] == ["tiny", SWEEP_MODEL] and sources[1].synthetic
 

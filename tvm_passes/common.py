@@ -30,6 +30,8 @@ import numpy as np
 from tvm import relax
 from tvm.ir.expr import Constant
 
+from mulayer.frontend.dataflow import consumers, count_uses  # noqa: F401  (the passes' helpers)
+from mulayer.frontend.epilogue import CHANNELWISE_BINARY
 from mulayer.frontend.layers import SPLITTABLE_KINDS
 
 SIDES = ("gpu", "cpu")
@@ -37,12 +39,7 @@ SIDES = ("gpu", "cpu")
 # Binary ops that are channel-wise when one operand is a per-channel or scalar constant
 # (SplitChannels pulls them into each part; the profiler replays them as epilogues).
 CHANNELWISE_BINARY_OPS = {
-    "relax.add": relax.op.add,
-    "relax.subtract": relax.op.subtract,
-    "relax.multiply": relax.op.multiply,
-    "relax.divide": relax.op.divide,
-    "relax.maximum": relax.op.maximum,
-    "relax.minimum": relax.op.minimum,
+    name: getattr(relax.op, name.split(".")[1]) for name in CHANNELWISE_BINARY
 }
 
 # Layer prefixes are the splittable kinds of mulayer.frontend.layers, so no other name can parse
@@ -141,37 +138,6 @@ def const_slice(const: Constant, axis: int, lo: int, hi: int) -> Constant:
     index = [slice(None)] * array.ndim
     index[axis] = slice(lo, hi)
     return relax.const(np.ascontiguousarray(array[tuple(index)]), str(const.value.dtype))
-
-
-def count_uses(func: relax.Function) -> dict[relax.Var, int]:
-    """How many times each variable is read in ``func`` (bindings and the returned value)."""
-    uses: dict[relax.Var, int] = {}
-
-    def visit(expr: relax.Expr) -> None:
-        if isinstance(expr, relax.Var):
-            uses[expr] = uses.get(expr, 0) + 1
-
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            relax.analysis.post_order_visit(binding.value, visit)
-    relax.analysis.post_order_visit(func.body.body, visit)
-    return uses
-
-
-def consumers(func: relax.Function) -> dict[relax.Var, list[relax.VarBinding]]:
-    """For each variable, the bindings that read it, in program order."""
-    result: dict[relax.Var, list[relax.VarBinding]] = {}
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            seen: set[relax.Var] = set()
-
-            def visit(expr: relax.Expr, binding=binding, seen=seen) -> None:
-                if isinstance(expr, relax.Var) and expr not in seen:
-                    seen.add(expr)
-                    result.setdefault(expr, []).append(binding)
-
-            relax.analysis.post_order_visit(binding.value, visit)
-    return result
 
 
 def conv2d_like(call: relax.Call, data: relax.Expr, weight: relax.Expr, **overrides) -> relax.Expr:

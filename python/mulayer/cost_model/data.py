@@ -167,7 +167,7 @@ def profile_data(
                 PartSample(
                     key=row["key"],
                     processor=row["processor"],
-                    layer=layer_from_json(row["layer"]),
+                    layer=layer_from_json(row["layer"], row.get("spec")),
                     channels=int(row["channels"]),
                     latency_us=_latency(row, statistic) * scale,
                     samples_us=tuple(t * scale for t in row.get("samples_us") or ()),
@@ -225,11 +225,18 @@ def run_scales(
     return scales, unanchored
 
 
-def layer_from_json(raw: dict) -> Layer:
+def layer_from_json(raw: dict, spec: dict | None = None) -> Layer:
+    """A layer-table entry from JSON; with the :class:`~mulayer.profiler.LayerSpec` JSON of
+    the part timed, its epilogue and input sign are those timed (the spec's key leaves the
+    epilogue out, so a layer may share the part of one with another epilogue; older profiles'
+    layer entries also lack both)."""
     fields = dict(raw)
-    for name in ("input_shape", "output_shape", "weight_shape", "strides"):
+    for name in ("input_shape", "output_shape", "weight_shape", "strides", "epilogue"):
         if fields.get(name) is not None:
             fields[name] = tuple(fields[name])
+    if spec is not None:
+        fields["epilogue"] = tuple(step["op"] for step in spec.get("epilogue", ()))
+        fields["input_nonneg"] = bool(spec.get("input_nonneg", False))
     return Layer(**fields)
 
 

@@ -6,8 +6,10 @@ and the machine's :class:`~.kernels.MachineTraits`, so the profile rows (which c
 table entry) and the partitioner's queries go through the same :func:`part_features`. The layer
 features (shapes, work, alignment) come first, then those of the kernel the schedule rules build
 for the part (:mod:`.kernels`: rule, tensor-core / AMX / VNNI path, tiles, CPU tasks per thread,
-GPU blocks and waves, bytes moved). The processor's precision (CPU int8, GPU fp16) is implied by
-which regressor is asked (one per processor) and recorded in :data:`FEATURE_SCHEMA`.
+GPU blocks and waves, bytes moved). The layer's epilogue (how many ops, how many clamp from
+above as ReLU6 does) and its input's sign count too: ReLU6 parts took 18-31% longer than a model
+without them predicted (docs/results.md). The processor's precision (CPU int8, GPU fp16) is
+implied by which regressor is asked (one per processor) and recorded in :data:`FEATURE_SCHEMA`.
 
 Bump :data:`FEATURE_SCHEMA_VERSION` whenever :data:`FEATURE_NAMES` or their meaning changes: a
 saved model with another schema is refused on load.
@@ -19,12 +21,13 @@ import math
 
 import numpy as np
 
+from mulayer.frontend.epilogue import CLAMPS
 from mulayer.frontend.layers import SPLITTABLE_KINDS, Layer
 
 from .kernels import KERNEL_FEATURE_NAMES, MachineTraits, kernel_info, rule_log_features
 from .part_shape import part_shape
 
-FEATURE_SCHEMA_VERSION = 2
+FEATURE_SCHEMA_VERSION = 3
 PRECISIONS = {"cpu": "int8 (pooling float32)", "gpu": "float16 (fp32 accumulation)"}
 
 LAYER_FEATURE_NAMES: tuple[str, ...] = (
@@ -55,6 +58,10 @@ LAYER_FEATURE_NAMES: tuple[str, ...] = (
     "log2_weight_elems",
     "log2_out_elems",
     "log2_intensity",
+    # the epilogue in the part and the input's sign (the int8 zero point)
+    "epilogue_ops",
+    "epilogue_clamps",
+    "input_signed",
 )
 FEATURE_NAMES: tuple[str, ...] = LAYER_FEATURE_NAMES + KERNEL_FEATURE_NAMES
 FEATURE_SCHEMA = {
@@ -102,6 +109,9 @@ def part_features(
         _log2(p.weight_elems),
         _log2(p.out_elems),
         math.log2(max(p.flops, 1.0) / max(traffic, 1.0)),
+        float(len(layer.epilogue)),
+        float(sum(op in CLAMPS for op in layer.epilogue)),
+        float(not layer.input_nonneg),
     ]
     values += rule_log_features(kernel_info(layer, channels, processor, traits or MachineTraits()))
     assert len(values) == len(FEATURE_NAMES)

@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass
 from tvm import relax
 from tvm.ir.expr import Constant
 
+from .dataflow import consumers, count_uses, producers, static_shape
+from .epilogue import epilogue_steps, is_nonneg
+
 # Kinds of layers SplitChannels can split on the output-channel axis.
 SPLITTABLE_KINDS = ("conv2d", "dense", "max_pool2d", "avg_pool2d", "global_avg_pool2d")
 
@@ -32,6 +35,10 @@ class Layer:
     flops: int
     bytes_in: int
     bytes_out: int
+    # The channel-wise ops after the layer that run in its parts (:mod:`.epilogue`), and
+    # whether its input is never negative (the int8 CPU part's zero point is then 0).
+    epilogue: tuple[str, ...] = ()
+    input_nonneg: bool = False
 
     @property
     def out_channels(self) -> int:
@@ -39,17 +46,6 @@ class Layer:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
-    """The static shape of a tensor expression, or ``None`` when unknown or dynamic."""
-    ty = expr.ty if hasattr(expr, "ty") else None
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    try:
-        return tuple(int(d) for d in ty.shape.values)
-    except (TypeError, AttributeError):
-        return None
 
 
 def _dtype_bytes(expr: relax.Expr) -> int:
@@ -127,6 +123,7 @@ def splittable_bindings(func: relax.Function) -> list[tuple[Layer, relax.VarBind
     """Each splittable layer of ``func`` with its binding (var names need not be unique)."""
     layers: list[tuple[Layer, relax.VarBinding]] = []
     counters: dict[str, int] = {}
+    uses, readers, values = count_uses(func), consumers(func), producers(func)
     for block in func.body.blocks:
         for binding in block.bindings:
             if not isinstance(binding, relax.VarBinding):
@@ -161,6 +158,10 @@ def splittable_bindings(func: relax.Function) -> list[tuple[Layer, relax.VarBind
                 flops=_flops(kind, call, in_shape, out_shape, w_shape),
                 bytes_in=in_elems * _dtype_bytes(call.args[0]),
                 bytes_out=out_elems * _dtype_bytes(binding.var),
+                epilogue=tuple(
+                    step["op"] for step in epilogue_steps(binding.var, out_shape, uses, readers)
+                ),
+                input_nonneg=is_nonneg(call.args[0], values),
             )
             layers.append((layer, binding))
     return layers

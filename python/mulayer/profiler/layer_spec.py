@@ -22,27 +22,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.ir.expr import Constant
 
-from mulayer.frontend.layers import Layer, splittable_bindings, static_shape
-from mulayer.passes.common import CHANNELWISE_BINARY_OPS, consumers, count_uses
+from mulayer.frontend.dataflow import consumers, count_uses
+from mulayer.frontend.epilogue import epilogue_steps
+from mulayer.frontend.layers import Layer, splittable_bindings
+from mulayer.passes.common import CHANNELWISE_BINARY_OPS
 
-# Binary epilogue ops (with a per-channel or scalar constant) and unary ones.
-_BINARY = CHANNELWISE_BINARY_OPS
+# How the profiler rebuilds a unary epilogue op.
 _UNARY = {"relax.nn.relu": relax.op.nn.relu}
-# Producers whose output is never negative, and ops that keep that property.
-_NONNEG_OPS = ("relax.nn.relu",)
-_NONNEG_PRESERVING = (
-    "relax.nn.max_pool2d",
-    "relax.nn.avg_pool2d",
-    "relax.nn.adaptive_avg_pool2d",
-    "relax.mean",
-    "relax.concat",
-    "relax.reshape",
-    "relax.flatten",
-    "relax.permute_dims",
-    "relax.strided_slice",
-)
 
 
 @dataclass
@@ -106,92 +93,14 @@ def _op_attrs(kind: str, call: relax.Call) -> dict:
     return {}
 
 
-def _epilogue_step(call: relax.Expr, src: relax.Var, out_shape: tuple[int, ...]) -> dict | None:
-    """The JSON form of ``call`` if it is a channel-wise epilogue op applied to ``src``."""
-    if not isinstance(call, relax.Call):
-        return None
-    name = getattr(call.op, "name", None)
-    if name in _UNARY and call.args[0].same_as(src):
-        return {"op": name}
-    if name == "relax.clip" and call.args[0].same_as(src):
-        return {"op": name, "min": float(call.args[1].value), "max": float(call.args[2].value)}
-    if name not in _BINARY or static_shape(call) != out_shape:
-        return None
-    lhs, rhs = call.args
-    if lhs.same_as(src) and isinstance(rhs, Constant):
-        const, const_first = rhs, False
-    elif rhs.same_as(src) and isinstance(lhs, Constant):
-        const, const_first = lhs, True
-    else:
-        return None
-    shape = list(const.value.shape)
-    aligned = [1] * (len(out_shape) - len(shape)) + shape
-    if len(aligned) != len(out_shape) or any(
-        d != 1 and not (i == 1 and d == out_shape[1]) for i, d in enumerate(aligned)
-    ):
-        return None
-    step = {
-        "op": name,
-        "const_shape": shape,
-        "const_dtype": str(const.value.dtype),
-        "const_first": const_first,
-    }
-    if const.value.numpy().size == 1:  # a scalar bound (ReLU6) is kept as it is
-        step["const_value"] = float(const.value.numpy().reshape(-1)[0])
-    return step
-
-
-def _producers(func: relax.Function) -> dict[relax.Var, relax.Expr]:
-    return {
-        b.var: b.value
-        for block in func.body.blocks
-        for b in block.bindings
-        if isinstance(b, relax.VarBinding)
-    }
-
-
-def _nonneg(expr: relax.Expr, producers: dict, depth: int = 0) -> bool:
-    """Whether ``expr`` is never negative (a ReLU output, seen through pools and concats)."""
-    if depth > 8:
-        return False
-    value = producers.get(expr) if isinstance(expr, relax.Var) else expr
-    if isinstance(value, relax.Tuple):
-        return all(_nonneg(f, producers, depth + 1) for f in value.fields)
-    if not isinstance(value, relax.Call):
-        return False
-    name = getattr(value.op, "name", None)
-    if name in _NONNEG_OPS:
-        return True
-    if name == "relax.clip":
-        return float(value.args[1].value) >= 0.0
-    if name == "relax.minimum":  # ReLU6 = minimum(maximum(x, 0), 6)
-        return _nonneg(value.args[0], producers, depth + 1)
-    if name == "relax.maximum":
-        other = value.args[1]
-        return isinstance(other, Constant) and float(other.value.numpy().min()) >= 0.0
-    if name in _NONNEG_PRESERVING:
-        return _nonneg(value.args[0], producers, depth + 1)
-    return False
-
-
 def describe_layers(func: relax.Function) -> list[tuple[Layer, LayerSpec]]:
     """Every splittable layer of ``func`` (as :func:`mulayer.frontend.layers.splittable_layers`
     names them) with its stand-alone :class:`LayerSpec`."""
-    uses = count_uses(func)
-    readers = consumers(func)
-    producers = _producers(func)
+    uses, readers = count_uses(func), consumers(func)
     result = []
     for layer, binding in splittable_bindings(func):
         call = binding.value
-        out_shape = tuple(layer.output_shape)
-        epilogue, cur = [], binding.var
-        while uses.get(cur, 0) == 1 and len(readers.get(cur, [])) == 1:
-            nxt = readers[cur][0]
-            step = _epilogue_step(nxt.value, cur, out_shape)
-            if step is None:
-                break
-            epilogue.append(step)
-            cur = nxt.var
+        epilogue = epilogue_steps(binding.var, tuple(layer.output_shape), uses, readers)
         spec = LayerSpec(
             kind=layer.kind,
             input_shape=list(layer.input_shape),
@@ -199,7 +108,7 @@ def describe_layers(func: relax.Function) -> list[tuple[Layer, LayerSpec]]:
             weight_shape=list(layer.weight_shape) if layer.weight_shape else None,
             attrs=_op_attrs(layer.kind, call),
             epilogue=epilogue,
-            input_nonneg=_nonneg(call.args[0], producers),
+            input_nonneg=layer.input_nonneg,
         )
         result.append((layer, spec))
     return result
@@ -254,7 +163,7 @@ def _epilogue_call(step: dict, y: relax.Expr, rng: np.random.Generator) -> relax
     else:
         value = _random(step["const_shape"], step["const_dtype"], rng)
     const = relax.const(value)
-    op = _BINARY[name]
+    op = CHANNELWISE_BINARY_OPS[name]
     return op(const, y) if step["const_first"] else op(y, const)
 
 

@@ -92,6 +92,7 @@ def _read_sweep(count: int):
     for i, spec in enumerate(sweep_specs(count)):
         (layer,) = splittable_layers(layer_module(spec)["main"])
         layer.name = f"{spec.kind}.{i}"
+        layer.input_nonneg = spec.input_nonneg  # a stand-alone layer's input is a parameter
         result.append((layer, spec))
     return result
 

@@ -5,9 +5,9 @@ wide 224x224 convs), and a cost model evaluated on a held-out net must predict l
 it was trained on. As CoDL does, the profiler can also time random layers drawn from the space
 of CNN layers (``mulayer profile --sweep N``): conv 1x1 / 3x3 / 5x5 / 7x7, strided or not,
 depthwise (3x3 and 5x5, stride 1 or 2) or not, 7..224 pixels wide (odd sizes such as 27 and 55
-too), 3..1024 channels including odd counts (3, 27, 40, 100, 1000); dense; max and global
-pooling. They are recorded as the synthetic model ``sweep``, used for training and never held
-out.
+too), 3..1024 channels including odd counts (3, 27, 40, 100, 1000), with a bias and a ReLU, a
+ReLU6 or neither; dense; max and global pooling. They are recorded as the synthetic model
+``sweep``, used for training and never held out.
 """
 
 from __future__ import annotations
@@ -26,16 +26,24 @@ _MAX_FLOPS = 4e9
 _MAX_INPUT = 64 * 112 * 112 * 2
 
 
-def _bias_relu(cout: int, relu: bool) -> list[dict]:
-    steps = [
-        {
-            "op": "relax.add",
-            "const_shape": [1, cout, 1, 1],
-            "const_dtype": "float32",
-            "const_first": False,
-        }
-    ]
-    return steps + ([{"op": "relax.nn.relu"}] if relu else [])
+def _epilogue(cout: int, draw: float) -> list[dict]:
+    """Bias add, then ReLU (half the draws), ReLU6 (one in five: MobileNets) or nothing."""
+    bias = {
+        "op": "relax.add",
+        "const_shape": [1, cout, 1, 1],
+        "const_dtype": "float32",
+        "const_first": False,
+    }
+    if draw < 0.5:
+        return [bias, {"op": "relax.nn.relu"}]
+    if draw < 0.7:
+        bound = {"const_shape": [], "const_dtype": "float32", "const_first": False}
+        return [
+            bias,
+            {"op": "relax.maximum", **bound, "const_value": 0.0},
+            {"op": "relax.minimum", **bound, "const_value": 6.0},
+        ]
+    return [bias]
 
 
 def _channels(rng: np.random.Generator) -> int:
@@ -61,7 +69,7 @@ def _conv(rng: np.random.Generator) -> LayerSpec | None:
         output_shape=[1, cout, out_hw, out_hw],
         weight_shape=[cout, cin // groups, k, k],
         attrs={"strides": [stride] * 2, "padding": [pad] * 4, "dilation": [1, 1], "groups": groups},
-        epilogue=_bias_relu(cout, relu=rng.random() < 0.7),
+        epilogue=_epilogue(cout, float(rng.random())),
         input_nonneg=bool(rng.random() < 0.85),
     )
 
