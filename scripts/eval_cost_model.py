@@ -10,7 +10,8 @@ share of single timing repeats within ±10% of their part's latency and the repe
 noise ceiling no predictor can beat by much; ``crossing``: the leave-one-size-out error of the
 copy lines and the sync's spread; ``kernel_rules``: how often the features' mirror of the
 schedule rules names the rule the profile recorded; ``xgboost_breakdown``: XGBoost's accuracy
-per schedule rule and per latency bucket (where the residual error is). ``--prior`` chooses
+per schedule rule, per latency bucket and per epilogue (relu6, relu, bias, none; with the
+median predicted/measured ratio: where the residual error is). ``--prior`` chooses
 how XGBoost uses the roofline prior (margin, feature, none). ``--plot`` writes a
 predicted-vs-measured scatter plot (needs matplotlib: ``pip install -e ".[plot]"``).
 

@@ -613,7 +613,9 @@ def test_evaluation_extras_on_synthetic_data():
     assert rule_agreement(data)["gpu"]["agree"] == 0.0
     report = holdout_eval(data, ("xgboost",), xgboost=FAST_XGB)
     groups = report.by_group("xgboost")
-    assert sum(m["n"] for m in groups["rule"].values()) == len(report.predictions)
+    for group in ("rule", "latency", "epilogue"):
+        assert sum(m["n"] for m in groups[group].values()) == len(report.predictions)
+    assert all(m["median_ratio"] > 0 for m in groups["epilogue"].values())
 
 
 def test_crossings_are_priced_with_pinned_lines_where_the_profile_has_them():

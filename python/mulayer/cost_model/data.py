@@ -156,6 +156,7 @@ def profile_data(
     parts = [r for r in mine if r["row"] == "part"]
     anchors = [r for r in rows if r["row"] == "anchor" and r.get("profile_id") == profile_id]
     data.run_scales, data.unanchored_runs = run_scales(parts, anchors, statistic)
+    specs = {r["key"]: r["spec"] for r in rows if r["row"] == "shape"}
     for row in mine:
         if row["row"] == "transfer":
             data.transfers.append(row)
@@ -167,7 +168,7 @@ def profile_data(
                 PartSample(
                     key=row["key"],
                     processor=row["processor"],
-                    layer=layer_from_json(row["layer"], row.get("spec")),
+                    layer=layer_from_json(row["layer"], specs.get(row["key"])),
                     channels=int(row["channels"]),
                     latency_us=_latency(row, statistic) * scale,
                     samples_us=tuple(t * scale for t in row.get("samples_us") or ()),
@@ -227,9 +228,9 @@ def run_scales(
 
 def layer_from_json(raw: dict, spec: dict | None = None) -> Layer:
     """A layer-table entry from JSON; with the :class:`~mulayer.profiler.LayerSpec` JSON of
-    the part timed, its epilogue and input sign are those timed (the spec's key leaves the
-    epilogue out, so a layer may share the part of one with another epilogue; older profiles'
-    layer entries also lack both)."""
+    the layer's shape row, its epilogue and input sign are those timed (the key leaves the
+    epilogue out, so layers with other epilogues share the parts of the first one; older
+    profiles' layer entries also lack both)."""
     fields = dict(raw)
     for name in ("input_shape", "output_shape", "weight_shape", "strides", "epilogue"):
         if fields.get(name) is not None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mulayer.errors import MuLayerError
+from mulayer.frontend.epilogue import CLAMPS
+from mulayer.frontend.layers import Layer
 
 from .data import ProfileData
 from .kernels import kernel_info, normalize_rule
@@ -41,6 +43,7 @@ class Prediction:
     measured_us: float
     predicted_us: float
     rule: str = ""  # the schedule rule of the part's main kernel (:func:`.kernels.kernel_info`)
+    epilogue: str = ""  # :func:`epilogue_kind` of the layer
 
 
 @dataclass
@@ -62,17 +65,17 @@ class EvalReport:
 
     def by_group(self, predictor: str, tolerance: float = 0.10) -> dict:
         """Where ``predictor``'s errors are: ``{"rule": {processor/rule: metrics},
-        "latency": {processor/bucket: metrics}}`` (buckets of the measured latency)."""
+        "latency": {processor/bucket: metrics}, "epilogue": {processor/kind: metrics}}``
+        (buckets of the measured latency; kinds of :func:`epilogue_kind`)."""
         mine = [p for p in self.predictions if p.predictor == predictor]
-        rules: dict[str, list[Prediction]] = {}
-        sizes: dict[str, list[Prediction]] = {}
+        groups: dict[str, dict[str, list[Prediction]]] = {"rule": {}, "latency": {}, "epilogue": {}}
         for p in mine:
-            rules.setdefault(f"{p.processor}/{p.rule}", []).append(p)
             bucket = next(name for name, top in LATENCY_BUCKETS if p.measured_us < top)
-            sizes.setdefault(f"{p.processor}/{bucket}", []).append(p)
+            for group, value in (("rule", p.rule), ("latency", bucket), ("epilogue", p.epilogue)):
+                groups[group].setdefault(f"{p.processor}/{value}", []).append(p)
         return {
-            "rule": {k: _metrics(v, tolerance) for k, v in sorted(rules.items())},
-            "latency": {k: _metrics(v, tolerance) for k, v in sorted(sizes.items())},
+            group: {k: _metrics(v, tolerance) for k, v in sorted(rows.items())}
+            for group, rows in groups.items()
         }
 
     def per_model(self, tolerance: float = 0.10) -> dict:
@@ -90,11 +93,22 @@ def _metrics(rows: list[Prediction], tolerance: float) -> dict:
     err = relative_errors(
         np.array([r.predicted_us for r in rows]), np.array([r.measured_us for r in rows])
     )
+    ratios = np.array([r.predicted_us / r.measured_us for r in rows])
     return {
         "within": float(np.mean(err <= tolerance)),
         "mape": float(np.mean(err) * 100.0),
+        "median_ratio": float(np.median(ratios)),  # predicted / measured: the bias
         "n": len(rows),
     }
+
+
+def epilogue_kind(layer: Layer) -> str:
+    """``relu6`` (a clamp from above), ``relu``, ``bias`` (other ops only) or ``none``."""
+    if any(op in CLAMPS for op in layer.epilogue):
+        return "relu6"
+    if "relax.nn.relu" in layer.epilogue:
+        return "relu"
+    return "bias" if layer.epilogue else "none"
 
 
 def repeatability(data: ProfileData, tolerance: float = 0.10) -> dict:
@@ -223,13 +237,14 @@ def holdout_eval(
             samples = [(p.layer, p.channels) for p in train]
             test_samples = [(p.layer, p.channels) for p in test]
             rules = [kernel_info(p.layer, p.channels, processor, traits).rule for p in test]
+            epilogues = [epilogue_kind(p.layer) for p in test]
             for name in predictors:
                 predictor = make_predictor(name, xgboost, processor, traits)
                 predicted = predictor.fit(samples, y).predict(test_samples)
                 report.predictions += [
                     Prediction(
-                        model, name, processor, p.key, p.channels, p.latency_us, float(t), rule
+                        model, name, processor, p.key, p.channels, p.latency_us, float(t), *tags
                     )
-                    for p, t, rule in zip(test, predicted, rules, strict=True)
+                    for p, t, *tags in zip(test, predicted, rules, epilogues, strict=True)
                 ]
     return report
