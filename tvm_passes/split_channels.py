@@ -35,6 +35,7 @@ from tvm import relax
 from tvm.ir.expr import Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from mulayer.frontend.epilogue import const_operand
 from mulayer.frontend.layers import Layer, classify, splittable_layers, static_shape
 from mulayer.plan import Plan
 
@@ -92,13 +93,10 @@ def _epilogue_builder(mod: tvm.IRModule, call: relax.Expr, src: relax.Var, rank:
     if name in ("relax.nn.relu", "relax.clip") and call.args[0].same_as(src):
         return lambda x, lo, hi: relax.Call(call.op, [x, *call.args[1:]], call.attrs)
     if name in _BINARY:
-        lhs, rhs = call.args
-        if lhs.same_as(src) and isinstance(rhs, Constant):
-            const, const_first = rhs, False
-        elif rhs.same_as(src) and isinstance(lhs, Constant):
-            const, const_first = lhs, True
-        else:
+        operand = const_operand(call, src)
+        if operand is None:
             return None
+        const, const_first = operand
         axis = _channel_axis_of_const(const, shape, rank)
         if axis is False or static_shape(call) != shape:
             return None

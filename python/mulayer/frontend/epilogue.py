@@ -41,6 +41,16 @@ _NONNEG_PRESERVING = (
 )
 
 
+def const_operand(call: relax.Call, src: relax.Var) -> tuple[Constant, bool] | None:
+    """``(constant, whether it comes first)`` of a binary ``call`` of ``src`` and a constant."""
+    lhs, rhs = call.args
+    if lhs.same_as(src) and isinstance(rhs, Constant):
+        return rhs, False
+    if rhs.same_as(src) and isinstance(lhs, Constant):
+        return lhs, True
+    return None
+
+
 def epilogue_step(call: relax.Expr, src: relax.Var, out_shape: tuple[int, ...]) -> dict | None:
     """The JSON form of ``call`` if it is a channel-wise epilogue op applied to ``src``."""
     if not isinstance(call, relax.Call):
@@ -52,13 +62,10 @@ def epilogue_step(call: relax.Expr, src: relax.Var, out_shape: tuple[int, ...]) 
         return {"op": name, "min": float(call.args[1].value), "max": float(call.args[2].value)}
     if name not in CHANNELWISE_BINARY or static_shape(call) != out_shape:
         return None
-    lhs, rhs = call.args
-    if lhs.same_as(src) and isinstance(rhs, Constant):
-        const, const_first = rhs, False
-    elif rhs.same_as(src) and isinstance(lhs, Constant):
-        const, const_first = lhs, True
-    else:
+    operand = const_operand(call, src)
+    if operand is None:
         return None
+    const, const_first = operand
     shape = list(const.value.shape)
     aligned = [1] * (len(out_shape) - len(shape)) + shape
     if len(aligned) != len(out_shape) or any(
