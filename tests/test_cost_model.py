@@ -9,6 +9,7 @@ import runpy
 import sys
 import warnings
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,8 @@ from mulayer.profiler.fingerprint import fingerprint
 from mulayer.target import parse_target
 
 ROOT = Path(__file__).resolve().parents[1]
+RELU = ("relax.add", "relax.nn.relu")
+RELU6 = ("relax.add", "relax.maximum", "relax.minimum")
 FAST_XGB = XGBoostConfig(n_estimators=60, max_depth=4, learning_rate=0.2)
 
 
@@ -96,6 +99,7 @@ def law(layer: Layer, k: int, processor: str) -> float:
     """A made-up machine: launch cost + compute + memory, the CPU 8x slower than the GPU."""
     p = part_shape(layer, k)
     scale = 8.0 if processor == "cpu" else 1.0
+    scale *= 1.3 if "relax.minimum" in layer.epilogue else 1.0  # an unfused ReLU6
     return scale * (3.0 + p.flops / 2e4 + (p.bytes_in + p.bytes_out) / 4e3)
 
 
@@ -116,6 +120,7 @@ def synthetic_data(seed: int = 0) -> ProfileData:
             )
             for _ in range(12)
         ]
+        layers = [replace(c, epilogue=RELU6 if i % 2 else RELU) for i, c in enumerate(layers)]
         layers += [pool(64 * (m + 1), 28), dense(256 * (m + 1), 100)]
         for i, layer in enumerate(layers):
             key = f"m{m}-l{i}"
@@ -168,11 +173,9 @@ def test_features_of_depthwise_pool_and_dense_parts():
 
 
 def test_features_see_the_epilogue_and_input_sign_that_were_timed():
-    from dataclasses import replace
-
     from mulayer.cost_model.data import layer_from_json
 
-    relu6 = ("relax.add", "relax.maximum", "relax.minimum")
+    relu6 = RELU6
     layer = replace(conv(32, 64, 28), epilogue=relu6, input_nonneg=False)
     values = dict(zip(FEATURE_NAMES, part_features(layer, 32, "cpu"), strict=True))
     assert values["epilogue_ops"] == 3 and values["epilogue_clamps"] == 1
@@ -363,6 +366,12 @@ def test_predictions_are_memoised_and_batched(trained):
     renamed = conv(32, 64, 14, name="conv2d.7")  # same shape, another layer: same answer
     assert trained.layer_time_us(renamed, "cpu", 16) == one[1]
     assert trained.layer_time_us(layer, "cpu", 500) == one[2]  # clipped to the layer's 64
+    # Another epilogue is another part: not answered from the first one's memo.
+    relu, relu6 = replace(layer, epilogue=RELU), replace(layer, epilogue=RELU6)
+    assert trained.layer_time_us(relu, "cpu", 16) < trained.layer_time_us(relu6, "cpu", 16)
+    for other in (relu, relu6, replace(layer, input_nonneg=not layer.input_nonneg)):
+        fresh = float(trained.predictors["cpu"].predict([(other, 16)])[0])
+        assert trained.layer_time_us(other, "cpu", 16) == fresh
 
 
 def test_profile_data_selects_one_profile():

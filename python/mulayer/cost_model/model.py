@@ -116,6 +116,8 @@ def _layer_identity(layer: Layer) -> tuple:
         layer.flops,
         layer.bytes_in,
         layer.bytes_out,
+        tuple(layer.epilogue),
+        layer.input_nonneg,
     )
 
 
