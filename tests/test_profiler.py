@@ -164,12 +164,32 @@ def test_part_computes_its_slice_of_the_layer(processor):
     assert rel < 0.05, rel
 
 
-def test_part_weights_become_parameters():
-    func, _ = part_function(_conv_spec(), "cpu", 16)
+@pytest.mark.parametrize(
+    "processor, channels, dtype",
+    [("cpu", 16, "int8"), ("gpu", 16, "float16"), ("gpu", 32, "float16")],
+    ids=["int8-half", "fp16-half", "fp16-whole"],
+)
+def test_part_weights_become_parameters(processor, channels, dtype):
+    """The weights are parameters the part reads (no large constant is left), already in the
+    part's precision: a whole-layer fp16 part does not cast its weights on every call."""
+    from tvm.ir.expr import Constant
+
+    func, _ = part_function(_conv_spec(), processor, channels)
     shapes = [tuple(int(d) for d in p.ty.shape.values) for p in func.params]
     dtypes = [str(p.ty.dtype) for p in func.params]
     assert shapes[0] == (1, 16, 8, 8) and dtypes[0] == "float32"
-    assert (16, 16, 3, 3) in shapes and "int8" in dtypes
+    assert shapes[1] == (channels, 16, 3, 3) and dtypes[1] == dtype
+    used = {v.name for v in relax.analysis.free_vars(func.body)}
+    assert used == {p.name for p in func.params}
+    large = []
+
+    def visit(expr):
+        value = getattr(expr, "value", None) if isinstance(expr, Constant) else None
+        if isinstance(value, tvm.runtime.Tensor) and int(np.prod(value.shape)) > 256:
+            large.append(tuple(value.shape))
+
+    relax.analysis.post_order_visit(func.body, visit)
+    assert large == []
 
 
 def test_part_of_a_grouped_conv_reads_its_input_slice():

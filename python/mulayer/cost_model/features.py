@@ -7,9 +7,10 @@ table entry) and the partitioner's queries go through the same :func:`part_featu
 features (shapes, work, alignment) come first, then those of the kernel the schedule rules build
 for the part (:mod:`.kernels`: rule, tensor-core / AMX / VNNI path, tiles, CPU tasks per thread,
 GPU blocks and waves, bytes moved). The layer's epilogue (how many ops, how many clamp from
-above as ReLU6 does) and its input's sign count too: ReLU6 parts took 18-31% longer than a model
-without them predicted (docs/results.md). The processor's precision (CPU int8, GPU fp16) is
-implied by which regressor is asked (one per processor) and recorded in :data:`FEATURE_SCHEMA`.
+above as ReLU6 does) and its input's sign count too: in profiles whose parts ran unfused, ReLU6
+parts took 20-27% longer than a model without them predicted (docs/results.md). The
+processor's precision (CPU int8, GPU fp16) is implied by which regressor is asked (one per
+processor) and recorded in :data:`FEATURE_SCHEMA`.
 
 Bump :data:`FEATURE_SCHEMA_VERSION` whenever :data:`FEATURE_NAMES` or their meaning changes: a
 saved model with another schema is refused on load.

@@ -106,13 +106,15 @@ def schedule_parts(functions: dict, target, prepack: bool = False):
     scheduled the part's main kernel.
     """
     import tvm
-    from tvm import relax
 
+    from mulayer.compiler.build import legalize_and_fuse
     from mulayer.schedules import apply_schedules
 
     mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in functions.items()})
-    with target:
-        mod = relax.transform.LegalizeOps()(mod)
+    # Fused as a build fuses each device's region (FuseOpsPerDevice): the epilogue runs inside
+    # the layer's kernel and constant weight casts fold (parts timed before 2026-12-07 20:50
+    # UTC ran every op as its own kernel, the GPU whole-layer part's weight cast included).
+    mod = legalize_and_fuse(mod, target)
     log = logging.getLogger("mulayer.schedules")
     handler, level, propagate = _RuleLog(), log.level, log.propagate
     # The debug records are collected here; they reach the user only where debug logging is

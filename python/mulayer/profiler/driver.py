@@ -117,8 +117,14 @@ def channel_grid(spec: LayerSpec, slices, align: int) -> list[int]:
     return sorted(k for k in snapped if 0 < k <= total)
 
 
+# How parts are built: "fused" as a cooperative build fuses them. Rows of profiles whose
+# parts ran unfused (before this key) have other ids, so a resumed run never mixes the two.
+PART_FORM = "fused"
+
+
 def _profile_id(fp: dict, spec: TargetSpec, prepack: bool) -> str:
     core = {"fp": fp, "host": spec.host, "device": spec.device, "prepack": prepack}
+    core["parts"] = PART_FORM
     return hashlib.sha1(json.dumps(core, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -8,9 +8,11 @@ of a :class:`~mulayer.profiler.layer_spec.LayerSpec` is split by
 the CPU side is quantized by :class:`~mulayer.passes.quantize_cpu.QuantizeCPU` (uint8 x int8,
 calibration stats synthesized from the spec; pooling stays float32, as in a real build) or the GPU
 side cast by :class:`~mulayer.passes.cast_gpu.CastGPU`, and the other side is cut away. The part's
-input is float32 on its own processor (the cross-device copy is a separate transfer cost). Weights
-become parameters (``lift_weights``) so a library of many parts stays small; cooperative builds pack
-CPU weights on every call anyway (``schedules`` module doc).
+input is float32 on its own processor (the cross-device copy is a separate transfer cost).
+Constant casts fold first (a build folds a whole-layer fp16 part's weight cast too); then the
+weights become parameters in the part's precision (``lift_weights``) so a library of many parts
+stays small; cooperative builds pack CPU weights on every call anyway (``schedules`` module doc).
+The builder fuses each part as a build does (:mod:`.builder`).
 """
 
 from __future__ import annotations
@@ -147,7 +149,7 @@ def _lift_weights(func: relax.Function) -> relax.Function:
 
     @relax.expr_functor.mutator
     class _Lift(relax.PyExprMutator):
-        def visit_constant_(self, const):
+        def visit_generic_const_(self, const):  # TVM 0.27's name for constants
             for c, p in binds.items():
                 if c.same_as(const):
                     return p
@@ -193,7 +195,10 @@ def part_function(
         # changes of a whole channels-last chain (input, output and weight transposes).
         mod = CastGPU(layout="NCHW")(mod)
         precision = "float16"
-    # Step 3. Keep only this side.
+    # Step 3. Constant casts fold (a whole-layer GPU part casts its weights to fp16 at build
+    # time, not on every call), as a build folds them before fusing.
+    mod = relax.transform.FoldConstant()(mod)
+    # Step 4. Keep only this side.
     func = mod["main"]
     if channels < total:
         func = _cut(func, _part_result(func, layer, processor))
