@@ -285,6 +285,16 @@ def test_profile_stand_in(stand_in_profile):
         assert row["fingerprint"]["gpu_kind"] == "llvm"
         assert row["fingerprint"]["tvm_version"] == tvm.__version__
         assert row["schedule"]["rule"] and row["schedule"]["target"] == "llvm"
+        # Fused as a build makes it: the epilogue and input quantization are no kernels of
+        # their own (unfused, an int8 conv part ran 8-12).
+        assert row["schedule"]["kernels"] <= 3
+    # A part row's layer carries the epilogue and input sign of the spec that was timed.
+    specs = {r["key"]: r["spec"] for r in rows if r["row"] == "shape"}
+    for row in parts:
+        spec = specs[row["key"]]
+        assert row["layer"]["epilogue"] == [step["op"] for step in spec["epilogue"]]
+        assert row["layer"]["input_nonneg"] == spec["input_nonneg"]
+    assert any(r["layer"]["epilogue"] for r in parts)
     conv = [r for r in parts if r["layer"]["kind"] == "conv2d"]
     assert {r["precision"] for r in conv} == {"int8", "float16"}
     transfers = [r for r in rows if r["row"] == "transfer"]

@@ -156,7 +156,12 @@ def profile_data(
     parts = [r for r in mine if r["row"] == "part"]
     anchors = [r for r in rows if r["row"] == "anchor" and r.get("profile_id") == profile_id]
     data.run_scales, data.unanchored_runs = run_scales(parts, anchors, statistic)
-    specs = {r["key"]: r["spec"] for r in rows if r["row"] == "shape"}
+    # Rows written before part rows recorded their timed epilogue take it from the key's
+    # first shape row (the profiler times the first spec of a key, too).
+    specs: dict[str, dict] = {}
+    for r in rows:
+        if r["row"] == "shape":
+            specs.setdefault(r["key"], r["spec"])
     for row in mine:
         if row["row"] == "transfer":
             data.transfers.append(row)
@@ -168,7 +173,9 @@ def profile_data(
                 PartSample(
                     key=row["key"],
                     processor=row["processor"],
-                    layer=layer_from_json(row["layer"], specs.get(row["key"])),
+                    layer=layer_from_json(
+                        row["layer"], None if "epilogue" in row["layer"] else specs.get(row["key"])
+                    ),
                     channels=int(row["channels"]),
                     latency_us=_latency(row, statistic) * scale,
                     samples_us=tuple(t * scale for t in row.get("samples_us") or ()),
@@ -227,10 +234,10 @@ def run_scales(
 
 
 def layer_from_json(raw: dict, spec: dict | None = None) -> Layer:
-    """A layer-table entry from JSON; with the :class:`~mulayer.profiler.LayerSpec` JSON of
-    the layer's shape row, its epilogue and input sign are those timed (the key leaves the
-    epilogue out, so layers with other epilogues share the parts of the first one; older
-    profiles' layer entries also lack both)."""
+    """A layer-table entry from JSON; with ``spec`` (the :class:`~mulayer.profiler.LayerSpec`
+    JSON of the layer's shape row), the epilogue and input sign are the spec's: the key leaves
+    both out, so layers with other epilogues share the parts of the first one, and part rows
+    of older profiles recorded the first model's layer, not what was timed."""
     fields = dict(raw)
     for name in ("input_shape", "output_shape", "weight_shape", "strides", "epilogue"):
         if fields.get(name) is not None:

@@ -89,7 +89,7 @@ class EvalReport:
 
 def _metrics(rows: list[Prediction], tolerance: float) -> dict:
     if not rows:
-        return {"within": 0.0, "mape": 0.0, "n": 0}
+        return {"within": 0.0, "mape": 0.0, "median_ratio": 0.0, "n": 0}
     err = relative_errors(
         np.array([r.predicted_us for r in rows]), np.array([r.measured_us for r in rows])
     )

@@ -6,9 +6,11 @@ builder/runner split of TVM's tuners). :func:`build_chunk` takes and returns pla
 can run in a worker.
 
 Lowering mirrors :func:`mulayer.passes.pipeline.build_two_device` for one device:
-``LegalizeOps``, :func:`mulayer.schedules.apply_schedules` (no fusion; no folding of the CPU
-weight packing, as in a two-device module), then ``tvm.compile`` with the ``default_build``
-pipeline. The rule that scheduled each part's main kernel is read from the schedules' debug log.
+:func:`mulayer.compiler.build.legalize_and_fuse` (legalized, constants folded, fused as
+``FuseOpsPerDevice`` fuses a device's region), :func:`mulayer.schedules.apply_schedules` (no
+folding of the CPU weight packing, as in a two-device module), then ``tvm.compile`` with the
+``default_build`` pipeline. The rule that scheduled each part's main kernel is read from the
+schedules' debug log.
 """
 
 from __future__ import annotations

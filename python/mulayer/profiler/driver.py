@@ -128,6 +128,16 @@ def _profile_id(fp: dict, spec: TargetSpec, prepack: bool) -> str:
     return hashlib.sha1(json.dumps(core, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def timed_layer(layer: dict, spec: LayerSpec) -> dict:
+    """A part row's layer entry: the first model's layer of the key, with the epilogue and
+    input sign of the spec that is timed (the key leaves both out)."""
+    return {
+        **layer,
+        "epilogue": [step["op"] for step in spec.epilogue],
+        "input_nonneg": spec.input_nonneg,
+    }
+
+
 def part_key(shape_key: str, processor: str, channels: int) -> str:
     return f"{shape_key}/{processor}/{channels}"
 
@@ -229,7 +239,7 @@ def _todo(cfg, specs, layers, done: set[str]) -> list[dict]:
                         "processor": processor,
                         "channels": channels,
                         "spec": spec.to_json(),
-                        "layer": layers[key],
+                        "layer": timed_layer(layers[key], spec),
                     }
                 )
     return parts
@@ -260,7 +270,7 @@ def anchor_parts(rows: list[dict], pid: str, specs, layers, cfg) -> list[dict]:
                     "processor": row["processor"],
                     "channels": row["channels"],
                     "spec": specs[row["key"]].to_json(),
-                    "layer": layers[row["key"]],
+                    "layer": timed_layer(layers[row["key"]], specs[row["key"]]),
                     "anchor_of": earliest,
                 }
             )
