@@ -123,8 +123,13 @@ PART_FORM = "fused"
 
 
 def _profile_id(fp: dict, spec: TargetSpec, prepack: bool) -> str:
-    core = {"fp": fp, "host": spec.host, "device": spec.device, "prepack": prepack}
-    core["parts"] = PART_FORM
+    core = {
+        "fp": fp,
+        "host": spec.host,
+        "device": spec.device,
+        "prepack": prepack,
+        "parts": PART_FORM,
+    }
     return hashlib.sha1(json.dumps(core, sort_keys=True).encode()).hexdigest()[:12]
 
 
