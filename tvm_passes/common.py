@@ -30,7 +30,6 @@ import numpy as np
 from tvm import relax
 from tvm.ir.expr import Constant
 
-from mulayer.frontend.dataflow import consumers, count_uses  # noqa: F401  (the passes' helpers)
 from mulayer.frontend.epilogue import CHANNELWISE_BINARY
 from mulayer.frontend.layers import SPLITTABLE_KINDS
 

@@ -44,7 +44,9 @@ from tvm import relax
 from tvm.ir.expr import Constant
 from tvm.target import Target
 
-from .common import SIDES, consumers, has_cpu_part, join_of, part_role
+from mulayer.frontend.dataflow import consumers
+
+from .common import SIDES, has_cpu_part, join_of, part_role
 
 log = logging.getLogger(__name__)
 # QuantizeCPU's input quantization of a CPU part (``<layer>_cpu_qin``, ``..._qin1``, ...).

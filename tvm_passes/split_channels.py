@@ -35,6 +35,7 @@ from tvm import relax
 from tvm.ir.expr import Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from mulayer.frontend.dataflow import consumers, count_uses
 from mulayer.frontend.epilogue import const_operand
 from mulayer.frontend.layers import Layer, classify, splittable_layers, static_shape
 from mulayer.plan import Plan
@@ -42,9 +43,7 @@ from mulayer.plan import Plan
 from .common import (
     CHANNELWISE_BINARY_OPS,
     const_slice,
-    consumers,
     conv2d_like,
-    count_uses,
     input_slice_name,
     join_name,
     op_name,
